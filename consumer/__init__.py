@@ -1,0 +1,1 @@
+"""The processes that consume the queues: the send worker and its supervisor."""

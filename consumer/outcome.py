@@ -1,0 +1,150 @@
+"""What became of one delivery, and the messages that record it.
+
+The worker acks a delivery only after every publication of its outcome is confirmed:
+a crash in between leaves a duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from shared.broker import Delivery, Publication
+from shared.container import MailContainer
+from shared.events import EventKind, MailEvent
+from shared.topology import Topology
+from shared.wire import (
+    ATTEMPTS_HEADER,
+    DEAD_AT_HEADER,
+    ERROR_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    header_text,
+    mail_properties,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The SMTP server accepted the mail."""
+
+    reply: str
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A transient failure; try again after ``delay_seconds``."""
+
+    delay_seconds: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redelay:
+    """Arrived before its ``not_before`` (clock skew, or a delay longer than one pass)."""
+
+    delay_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """Past ``expires_at``: not sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Will not be sent: moved to the dead-letter queue with the reason."""
+
+    reason: str
+    error: str
+
+
+Outcome = Sent | Retry | Redelay | Expired | DeadLetter
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """A delivery, the mail in it (None if unreadable), its attempt number and outcome."""
+
+    delivery: Delivery
+    mail: MailContainer | None
+    attempt: int
+    outcome: Outcome
+    tenant: str
+    app: str
+
+
+def publications(topology: Topology, processed: Processed) -> list[Publication]:
+    """Every message to publish (and have confirmed) before acking the delivery."""
+    out = []
+    if (mail := _mail_publication(topology, processed)) is not None:
+        out.append(mail)
+    if (event := _event(processed)) is not None:
+        out.append(
+            Publication(
+                topology.events_exchange,
+                event.routing_key,
+                event.model_dump_json(exclude_none=True).encode(),
+                event.properties(),
+                mandatory=False,
+            )
+        )
+    return out
+
+
+def _mail_publication(topology: Topology, processed: Processed) -> Publication | None:
+    """The mail itself, moved on: into the delay levels, or to the dead-letter queue."""
+    outcome = processed.outcome
+    delivery = processed.delivery
+    mail_id = str(processed.mail.id) if processed.mail else delivery.properties.message_id
+    headers: dict[str, object] = {}
+    match outcome:
+        case Retry(delay, error):
+            headers[ERROR_HEADER] = header_text(error)
+            properties = mail_properties(mail_id, attempt=processed.attempt + 1, headers=headers)
+        case Redelay(delay):
+            properties = mail_properties(mail_id, attempt=processed.attempt)
+        case DeadLetter(reason, error):
+            headers = {
+                REASON_HEADER: reason,
+                ERROR_HEADER: header_text(error),
+                ATTEMPTS_HEADER: processed.attempt,
+                DEAD_AT_HEADER: int(time.time()),
+                QUEUE_HEADER: delivery.queue,
+            }
+            return Publication(
+                topology.dead_exchange,
+                topology.route_key(processed.tenant, processed.app),
+                delivery.body,
+                mail_properties(mail_id, attempt=processed.attempt, headers=headers),
+            )
+        case _:
+            return None
+    key = topology.delay.routing_key(delay, processed.tenant, processed.app)
+    return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
+
+
+def _event(processed: Processed) -> MailEvent | None:
+    outcome = processed.outcome
+    common = {
+        "mail_id": processed.mail.id if processed.mail else None,
+        "tenant": processed.tenant,
+        "app": processed.app,
+        "attempt": processed.attempt,
+        "at": datetime.now(UTC),
+    }
+    match outcome:
+        case Sent(reply, message_id):
+            return MailEvent(kind=EventKind.SENT, smtp_reply=reply, message_id=message_id, **common)
+        case Retry(delay, error):
+            return MailEvent(
+                kind=EventKind.ATTEMPT_FAILED, error=error, retry_in_seconds=delay, **common
+            )
+        case Expired():
+            return MailEvent(kind=EventKind.EXPIRED, **common)
+        case DeadLetter(reason, error):
+            return MailEvent(kind=EventKind.DEAD_LETTERED, reason=reason, error=error, **common)
+        case Redelay():
+            return None

@@ -1,0 +1,122 @@
+"""Turns one delivery into an outcome: the single place that decides send, retry or dead-letter."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from email.utils import getaddresses
+
+import structlog
+
+from consumer.mime import build_message, message_id
+from consumer.outcome import DeadLetter, Expired, Outcome, Processed, Redelay, Retry, Sent
+from consumer.render import TemplateRenderer
+from consumer.smtp import Transport
+from shared.broker import Delivery
+from shared.container import MailContainer, decode_container
+from shared.errors import (
+    ContainerError,
+    PermanentDeliveryError,
+    RenderError,
+    TransientDeliveryError,
+)
+from shared.settings import AppConfig, Settings
+from shared.topology import Topology
+from shared.wire import attempt_of
+
+log = structlog.get_logger(__name__)
+
+
+def envelope_address(address: str) -> str:
+    """The bare address of ``Name <addr>``."""
+    return getaddresses([address])[0][1]
+
+
+class MailProcessor:
+    """Validates, checks timing, renders and sends one delivery; never raises for a bad mail."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topology: Topology,
+        renderer: TemplateRenderer,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._topology = topology
+        self._renderer = renderer
+        self._now = clock
+        self._rng = rng or random.Random()
+        self._queue_routes = {
+            topology.send_queue(tenant, app): (tenant, app) for tenant, app in topology.routes
+        }
+
+    def process(self, delivery: Delivery, transport: Transport) -> Processed:
+        """Decide what to do with ``delivery``, sending it if it is due."""
+        tenant, app = self._queue_routes[delivery.queue]
+        attempt = attempt_of(delivery.properties)
+        structlog.contextvars.bind_contextvars(
+            mail_id=delivery.properties.message_id, tenant=tenant, app=app, attempt=attempt
+        )
+        try:
+            mail = decode_container(delivery.body)
+        except ContainerError as exc:
+            return Processed(delivery, None, attempt, DeadLetter("invalid", str(exc)), tenant, app)
+        structlog.contextvars.bind_contextvars(mail_id=str(mail.id))
+        try:
+            outcome = self._decide(mail, attempt, tenant, app, transport)
+        except Exception as exc:
+            # A bug or an unforeseen environment failure: never crash the worker, never
+            # spin on the message; treat it like a transient failure.
+            log.exception("unexpected error while processing a mail")
+            outcome = self._transient(mail, attempt, tenant, app, f"{type(exc).__name__}: {exc}")
+        return Processed(delivery, mail, attempt, outcome, tenant, app)
+
+    def _decide(
+        self, mail: MailContainer, attempt: int, tenant: str, app: str, transport: Transport
+    ) -> Outcome:
+        if (mail.tenant, mail.app) != (tenant, app):
+            return DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
+        config = self._settings.app(tenant, app)
+        assert config is not None  # we only consume queues of configured apps
+        if (not_due := self._not_due(mail)) is not None:
+            return not_due
+        try:
+            return self._send(mail, config, transport)
+        except RenderError as exc:
+            return DeadLetter("template_error", str(exc))
+        except PermanentDeliveryError as exc:
+            return DeadLetter("rejected", str(exc))
+        except TransientDeliveryError as exc:
+            return self._transient(mail, attempt, tenant, app, str(exc))
+
+    def _not_due(self, mail: MailContainer) -> Expired | Redelay | None:
+        now = self._now()
+        if mail.expires_at is not None and mail.expires_at.timestamp() <= now:
+            return Expired()
+        if mail.not_before is not None and mail.not_before.timestamp() > now:
+            return Redelay(math.ceil(mail.not_before.timestamp() - now))
+        return None
+
+    def _transient(
+        self, mail: MailContainer, attempt: int, tenant: str, app: str, error: str
+    ) -> Outcome:
+        config = self._settings.app(tenant, app)
+        assert config is not None
+        if attempt >= (mail.max_attempts or config.max_attempts):
+            return DeadLetter("max_attempts", error)
+        delay = config.backoff.delay(attempt, self._rng)
+        return Retry(self._topology.delay.seconds(delay), error)
+
+    def _send(self, mail: MailContainer, config: AppConfig, transport: Transport) -> Sent:
+        rendered = self._renderer.render(mail)
+        sender = mail.from_ or config.sender
+        msg_id = message_id(mail, sender)
+        message = build_message(mail, rendered, sender=sender, msg_id=msg_id)
+        recipients = list(dict.fromkeys(envelope_address(r) for r in mail.recipients))
+        reply = transport.send(config.smtp, envelope_address(sender), recipients, message)
+        return Sent(reply, msg_id)

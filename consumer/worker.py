@@ -1,0 +1,206 @@
+"""The send worker: consumes every enabled send queue, sends, and records each outcome.
+
+Threads in one worker process:
+
+* the broker's I/O thread (``shared.broker.Broker``) receives deliveries, publishes,
+  acks, and keeps heartbeats going however long an SMTP conversation takes;
+* ``threads`` sender threads, each with its own SMTP connections, take deliveries
+  from an in-process queue, render and send them, then hand the outcome's
+  publications back to the broker. The delivery is acked once they are confirmed.
+
+``stop()`` (SIGTERM) cancels the consumers and finishes every mail already
+delivered to this process before it returns, so nothing is redelivered needlessly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import structlog
+
+from consumer.outcome import DeadLetter, Expired, Processed, Redelay, Retry, Sent, publications
+from consumer.processor import MailProcessor
+from consumer.render import TemplateRenderer
+from consumer.smtp import SmtpTransport, Transport
+from shared.broker import Broker, Delivery, admin_channel
+from shared.settings import Settings
+from shared.topology import Topology, queue_depths
+
+log = structlog.get_logger(__name__)
+
+_POLL_SECONDS = 0.2
+#: Drain mode: queues must look empty this many polls in a row; a message being
+#: dead-lettered from one delay level to the next is briefly in neither queue.
+_EMPTY_POLLS_TO_DRAIN = 3
+
+
+class SendWorker:
+    """One worker process's worth of consuming and sending."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport_factory: Callable[[], Transport] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._topology = Topology.from_settings(settings)
+        renderer = TemplateRenderer(settings.templates_dir)
+        self._processor = MailProcessor(settings, self._topology, renderer, clock=clock)
+        self._transport_factory = transport_factory or (lambda: SmtpTransport(settings.smtp))
+        self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._stopping = False
+        self._broker: Broker | None = None
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish in-flight mails and return; safe from a signal handler."""
+        self._stopping = True
+
+    @property
+    def in_flight(self) -> int:
+        """Mails received and not yet acked."""
+        return self._in_flight
+
+    def run(self, *, drain: bool = False) -> None:
+        """Consume until ``stop()``, or with ``drain`` until send and delay queues are empty."""
+        url = self._settings.broker_url.get_secret_value()
+        with admin_channel(url) as channel:
+            self._topology.declare(channel)
+        broker = Broker(url, name="rohrpost-worker", republish=False)
+        broker.start()
+        self._broker = broker
+        threads = [
+            threading.Thread(target=self._send_loop, name=f"sender-{i}", daemon=True)
+            for i in range(self._settings.threads)
+        ]
+        for thread in threads:
+            thread.start()
+        for tenant, app in self._topology.routes:
+            broker.consume(
+                self._topology.send_queue(tenant, app), self._settings.prefetch, self._receive
+            )
+        log.info("worker started", queues=len(self._topology.routes), threads=len(threads))
+        try:
+            if drain:
+                with admin_channel(url) as channel:
+                    self._wait(channel)
+            else:
+                self._wait(None)
+        finally:
+            self._shutdown(broker, threads)
+
+    def _wait(self, drain_channel: object | None) -> None:
+        empty_polls = 0
+        watched = [self._topology.send_queue(t, a) for t, a in self._topology.routes]
+        watched += self._topology.delay_queues()
+        while not self._stopping:
+            time.sleep(_POLL_SECONDS)
+            if drain_channel is None:
+                continue
+            assert self._broker is not None
+            idle = self._in_flight == 0 and self._broker.pending() == 0
+            if idle and not any(queue_depths(drain_channel, watched).values()):
+                empty_polls += 1
+                if empty_polls >= _EMPTY_POLLS_TO_DRAIN:
+                    log.info("queues drained")
+                    return
+            else:
+                empty_polls = 0
+
+    def _shutdown(self, broker: Broker, threads: list[threading.Thread]) -> None:
+        try:
+            broker.cancel_consumers().result(timeout=10)
+        except Exception as exc:
+            log.warning("could not cancel consumers cleanly", error=str(exc))
+        for _ in threads:
+            self._inbox.put(None)
+        for thread in threads:
+            thread.join()
+        broker.close(timeout=self._settings.publish_timeout.total_seconds())
+        self._broker = None
+        log.info("worker stopped")
+
+    # -- I/O thread ----------------------------------------------------------------
+
+    def _receive(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._in_flight += 1
+        self._inbox.put(delivery)
+
+    # -- sender threads --------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        transport = self._transport_factory()
+        try:
+            while (delivery := self._inbox.get()) is not None:
+                structlog.contextvars.clear_contextvars()
+                processed = self._processor.process(delivery, transport)
+                self._record(processed)
+        finally:
+            transport.close()
+
+    def _record(self, processed: Processed) -> None:
+        """Publish the outcome; ack once confirmed (nack to retry if it was not)."""
+        broker = self._broker
+        assert broker is not None
+        _log_outcome(processed)
+        futures = [broker.publish(p) for p in publications(self._topology, processed)]
+        if not futures:
+            self._settle(processed, ok=True)
+            return
+        remaining = len(futures)
+        errors: list[BaseException] = []
+
+        def on_done(future: Future[None]) -> None:
+            nonlocal remaining
+            if (error := future.exception()) is not None:
+                errors.append(error)
+            remaining -= 1  # futures resolve on the broker's single I/O thread
+            if remaining == 0:
+                self._settle(processed, ok=not errors, errors=errors)
+
+        for future in futures:
+            future.add_done_callback(on_done)
+
+    def _settle(
+        self, processed: Processed, *, ok: bool, errors: list[BaseException] | None = None
+    ) -> None:
+        broker = self._broker
+        assert broker is not None
+        mail_id = str(processed.mail.id) if processed.mail else None
+        if ok or isinstance(processed.outcome, Sent):
+            # A sent mail is acked even if its event was not confirmed: sending it
+            # again would be worse than a gap in its history.
+            if errors:
+                log.error("sent event not confirmed", mail_id=mail_id, error=str(errors[0]))
+            broker.ack(processed.delivery)
+        else:
+            log.warning(
+                "outcome not confirmed; the mail will be redelivered",
+                mail_id=mail_id,
+                error=str(errors[0]) if errors else None,
+            )
+            broker.nack(processed.delivery, requeue=True)
+        with self._lock:
+            self._in_flight -= 1
+
+
+def _log_outcome(processed: Processed) -> None:
+    match processed.outcome:
+        case Sent(reply, message_id):
+            log.info("mail sent", outcome="sent", smtp_reply=reply, message_id=message_id)
+        case Retry(delay, error):
+            log.info("mail attempt failed", outcome="retry", retry_in_seconds=delay, error=error)
+        case DeadLetter(reason, error):
+            log.warning("mail dead-lettered", outcome="dead_lettered", reason=reason, error=error)
+        case Expired():
+            log.info("mail expired", outcome="expired")
+        case Redelay(delay):
+            log.debug("mail early; delayed again", outcome="redelayed", delay_seconds=delay)

@@ -1,0 +1,1 @@
+"""The ``rohrpost`` command line, the demo, and the local SMTP catcher."""

@@ -1,0 +1,5 @@
+"""``python -m rohrpost`` is the ``rohrpost`` command."""
+
+from rohrpost.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""A local SMTP server that keeps what it receives, and can be told to misbehave.
+
+Used by ``rohrpost demo`` and by the tests: a real SMTP conversation over TCP
+(aiosmtpd), with scripted replies per recipient (``421`` twice, then accept; always
+``550``) and optional latency, so failure handling is tested against a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any, Literal
+
+from aiosmtpd.controller import Controller
+
+Stage = Literal["rcpt", "data"]
+
+
+@dataclass(frozen=True)
+class CaughtMail:
+    """One message the catcher accepted."""
+
+    envelope_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    received_at: float
+
+    def parsed(self) -> EmailMessage:
+        """The message parsed with the modern email API (decoded headers)."""
+        message = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        return message
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One transaction the catcher saw, accepted or not."""
+
+    recipient: str
+    reply: str
+    at: float
+
+
+class _Handler:
+    def __init__(self, catcher: MailCatcher) -> None:
+        self._catcher = catcher
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, _options: Any
+    ) -> str:
+        reply = self._catcher._scripted(address, "rcpt")
+        if reply is not None:
+            self._catcher._note(address, reply)
+            self._close_if_421(server, reply)
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self._catcher.latency:
+            await asyncio.sleep(self._catcher.latency)
+        for address in envelope.rcpt_tos:
+            reply = self._catcher._scripted(address, "data")
+            if reply is not None:
+                self._catcher._note(address, reply)
+                self._close_if_421(server, reply)
+                return reply
+        self._catcher._accept(envelope)
+        return "250 2.0.0 Ok: queued"
+
+    @staticmethod
+    def _close_if_421(server: Any, reply: str) -> None:
+        # A real server closes the connection after 421; so does this one.
+        if reply.startswith("421") and server.transport is not None:
+            asyncio.get_running_loop().call_later(0.01, server.transport.close)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class MailCatcher:
+    """An SMTP server on 127.0.0.1 that records mail; use as a context manager."""
+
+    def __init__(self, port: int = 0, *, latency: float = 0.0) -> None:
+        self.latency = latency
+        self._requested_port = port
+        self._controller: Controller | None = None
+        self._cond = threading.Condition()
+        self._mails: list[CaughtMail] = []
+        self._attempts: list[Attempt] = []
+        self._scripts: dict[tuple[str, Stage], deque[str]] = defaultdict(deque)
+        self._always: dict[tuple[str, Stage], str] = {}
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        assert self._controller is not None, "catcher not started"
+        return int(self._controller.port)
+
+    def start(self) -> MailCatcher:
+        """Start listening."""
+        port = self._requested_port or _free_port()
+        controller = Controller(_Handler(self), hostname="127.0.0.1", port=port)
+        controller.start()
+        self._controller = controller
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def __enter__(self) -> MailCatcher:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def script(self, recipient: str, replies: Iterable[str], stage: Stage = "data") -> None:
+        """Answer the next transactions for ``recipient`` with ``replies``, then accept."""
+        with self._cond:
+            self._scripts[(recipient.lower(), stage)].extend(replies)
+
+    def always(self, recipient: str, reply: str, stage: Stage = "rcpt") -> None:
+        """Answer every transaction for ``recipient`` with ``reply``."""
+        with self._cond:
+            self._always[(recipient.lower(), stage)] = reply
+
+    @property
+    def mails(self) -> list[CaughtMail]:
+        """Every accepted mail so far."""
+        with self._cond:
+            return list(self._mails)
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        """Every transaction so far, accepted or refused, in order."""
+        with self._cond:
+            return list(self._attempts)
+
+    def wait_for(
+        self, predicate: Callable[[list[CaughtMail]], bool], timeout: float = 30.0
+    ) -> list[CaughtMail]:
+        """Block until ``predicate(mails)`` holds; raise TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._mails):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"mail catcher: condition not met; {len(self._mails)} mails")
+                self._cond.wait(remaining)
+            return list(self._mails)
+
+    def _scripted(self, recipient: str, stage: Stage) -> str | None:
+        key = (recipient.lower(), stage)
+        with self._cond:
+            if key in self._always:
+                return self._always[key]
+            script = self._scripts.get(key)
+            return script.popleft() if script else None
+
+    def _note(self, recipient: str, reply: str) -> None:
+        with self._cond:
+            self._attempts.append(Attempt(recipient, reply, time.time()))
+
+    def _accept(self, envelope: Any) -> None:
+        data = envelope.original_content or envelope.content
+        mail = CaughtMail(envelope.mail_from, tuple(envelope.rcpt_tos), bytes(data), time.time())
+        with self._cond:
+            for recipient in mail.recipients:
+                self._attempts.append(Attempt(recipient, "250", mail.received_at))
+            self._mails.append(mail)
+            self._cond.notify_all()

@@ -1,0 +1,1 @@
+"""The contract producer and consumers agree on: container, events, settings, topology."""

@@ -1,0 +1,485 @@
+"""One RabbitMQ connection on its own I/O thread: confirmed publishes, manual-ack consumes.
+
+pika connections are not thread-safe and pika's blocking adapter waits for every
+confirm (~1,200 msg/s here) and services heartbeats only while it is called. So the
+connection runs a ``SelectConnection`` on a private thread; other threads hand it work
+through ``add_callback_threadsafe`` (the only thread-safe pika call) and get a
+``Future`` per publish, resolved when the broker acks, nacks or returns the message.
+Windowed asynchronous confirms measured ~37,500 msg/s on a quorum queue here.
+
+pika does not reconnect by itself. After a lost connection this class reconnects with
+backoff, re-opens consumers and, if asked to, re-publishes whatever was unconfirmed
+(at-least-once). Deliveries from an earlier connection can no longer be acked; the
+broker redelivers them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+import structlog
+from pika.adapters.select_connection import IOLoop
+
+from shared.errors import BrokerError, BrokerUnavailable, NotConfirmed, TopologyMissing
+from shared.settings import redact_url
+
+log = structlog.get_logger(__name__)
+
+_RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 15)
+
+
+def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:
+    """pika parameters for ``url`` with bounded connect and socket timeouts."""
+    params = pika.URLParameters(url)
+    params.socket_timeout = timeout
+    params.stack_timeout = timeout
+    params.blocked_connection_timeout = None
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
+    """A BrokerUnavailable naming the broker (without its password) and the cause."""
+    cause = str(exc) or type(exc).__name__
+    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {cause}")
+
+
+@contextlib.contextmanager
+def admin_channel(url: str, *, timeout: float = 10.0) -> Iterator[Any]:
+    """A blocking channel on a short-lived connection, for declarations and probes."""
+    try:
+        connection = pika.BlockingConnection(
+            connection_parameters(url, timeout=timeout, name="rohrpost-admin")
+        )
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise unavailable(url, exc) from exc
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One message to publish."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: Any
+    mandatory: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message received from a queue; ack or nack it through its Broker."""
+
+    tag: int
+    generation: int
+    queue: str
+    routing_key: str
+    properties: Any
+    body: bytes
+    redelivered: bool
+
+
+@dataclass(slots=True)
+class _Pending:
+    publication: Publication
+    future: Future[None]
+    returned: str | None = None
+
+
+@dataclass(slots=True)
+class _Consumer:
+    queue: str
+    prefetch: int
+    handler: Callable[[Delivery], None]
+    tag: str | None = None
+
+
+@dataclass
+class _State:
+    """Owned by the I/O thread."""
+
+    connection: Any = None
+    channel: Any = None
+    generation: int = 0
+    next_seq: int = 1
+    unconfirmed: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
+    by_message_id: dict[str, deque[int]] = field(default_factory=dict)
+    waiting: deque[_Pending] = field(default_factory=deque)
+    consumers: list[_Consumer] = field(default_factory=list)
+    cancelling: Future[None] | None = None
+    failures: int = 0
+
+
+class Broker:
+    """A RabbitMQ connection with a thread-safe API.
+
+    ``republish`` decides what happens to unconfirmed publishes when the connection is
+    lost: sent again on the next connection (producers), or failed with
+    BrokerUnavailable (workers, whose source message the broker redelivers anyway).
+    """
+
+    def __init__(self, url: str, *, name: str = "rohrpost", republish: bool = True) -> None:
+        self._url = url
+        self._name = name
+        self._republish = republish
+        self._ioloop = IOLoop()
+        self._state = _State()
+        self._ops: deque[Callable[[], None]] = deque()
+        self._ops_lock = threading.Lock()
+        self._wake_pending = False
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and open a confirming channel; raise BrokerUnavailable when that fails."""
+        self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}-io")
+        self._ioloop.add_callback_threadsafe(self._connect)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._start_error is not None:
+            error = self._start_error or TimeoutError(f"no connection within {timeout:g}s")
+            self._stop_loop()
+            raise unavailable(self._url, error)
+
+    def _run_loop(self) -> None:
+        try:
+            self._ioloop.start()
+        finally:
+            self._ioloop.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout``) for outstanding confirms, then close the connection."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+
+        def check() -> None:
+            if not self._state.unconfirmed and not self._state.waiting:
+                done.set()
+            elif not self._closing:
+                self._ioloop.call_later(0.02, check)
+
+        self._call(check)
+        done.wait(timeout)
+        self._call(self._shutdown)
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def connected(self) -> bool:
+        """True while a channel is open."""
+        channel = self._state.channel
+        return channel is not None and channel.is_open
+
+    def pending(self) -> int:
+        """Publishes not yet confirmed (approximate when read from another thread)."""
+        return len(self._state.unconfirmed) + len(self._state.waiting)
+
+    # -- thread-safe API ---------------------------------------------------------------
+
+    def publish(self, publication: Publication) -> Future[None]:
+        """Publish with confirm; the future fails with NotConfirmed if nacked or returned."""
+        pending = _Pending(publication, Future())
+        self._call(lambda: self._publish(pending))
+        return pending.future
+
+    def consume(self, queue: str, prefetch: int, handler: Callable[[Delivery], None]) -> None:
+        """Consume ``queue`` with manual acks; ``handler`` runs on the I/O thread."""
+        consumer = _Consumer(queue, prefetch, handler)
+
+        def add() -> None:
+            self._state.consumers.append(consumer)
+            if self.connected:
+                self._start_consumer(consumer)
+
+        self._call(add)
+
+    def cancel_consumers(self) -> Future[None]:
+        """Stop every consumer; the future resolves once the broker confirmed it."""
+        future: Future[None] = Future()
+
+        def cancel() -> None:
+            consumers, self._state.consumers = self._state.consumers, []
+            tags = [c.tag for c in consumers if c.tag is not None]
+            if not tags or not self.connected:
+                future.set_result(None)
+                return
+            remaining = set(tags)
+
+            def on_cancel_ok(frame: Any) -> None:
+                remaining.discard(frame.method.consumer_tag)
+                if not remaining and not future.done():
+                    future.set_result(None)
+
+            for tag in tags:
+                self._state.channel.basic_cancel(tag, callback=on_cancel_ok)
+
+        self._call(cancel)
+        return future
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge ``delivery`` (ignored if its connection is gone)."""
+        self._call(lambda: self._settle(delivery, ack=True, requeue=False))
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        """Reject ``delivery``; with ``requeue`` the broker delivers it again."""
+        self._call(lambda: self._settle(delivery, ack=False, requeue=requeue))
+
+    # -- I/O thread --------------------------------------------------------------------
+
+    def _call(self, op: Callable[[], None]) -> None:
+        with self._ops_lock:
+            self._ops.append(op)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._ioloop.add_callback_threadsafe(self._run_ops)
+
+    def _run_ops(self) -> None:
+        with self._ops_lock:
+            self._wake_pending = False
+            ops, self._ops = self._ops, deque()
+        for op in ops:
+            try:
+                op()
+            except Exception:
+                log.exception("broker operation failed")
+
+    def _connect(self) -> None:
+        params = connection_parameters(self._url, name=self._name)
+        self._state.connection = pika.SelectConnection(
+            params,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
+        )
+
+    def _on_connection_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_error(self, _connection: Any, error: BaseException) -> None:
+        self._state.connection = None
+        if not self._ready.is_set():
+            self._start_error = error
+            self._ready.set()
+            return
+        self._schedule_reconnect(error)
+
+    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+        state = self._state
+        state.connection = state.channel = None
+        state.generation += 1
+        if self._closing:
+            self._fail_all(BrokerUnavailable("connection closed"))
+            self._ioloop.stop()
+            return
+        log.warning("broker connection lost", reason=str(reason), broker=redact_url(self._url))
+        if self._republish:
+            state.waiting.extendleft(reversed(state.unconfirmed.values()))
+            state.unconfirmed.clear()
+            state.by_message_id.clear()
+        else:
+            self._fail_unconfirmed(unavailable(self._url, reason))
+        self._schedule_reconnect(reason)
+
+    def _schedule_reconnect(self, reason: BaseException) -> None:
+        delay = _RECONNECT_DELAYS[min(self._state.failures, len(_RECONNECT_DELAYS) - 1)]
+        self._state.failures += 1
+        log.info("reconnecting to broker", in_seconds=delay, reason=str(reason))
+        self._ioloop.call_later(delay, self._connect)
+
+    def _on_channel_open(self, channel: Any) -> None:
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(
+            self._on_confirm, callback=lambda _: self._on_channel_ready(channel)
+        )
+
+    def _on_channel_ready(self, channel: Any) -> None:
+        state = self._state
+        state.channel = channel
+        state.next_seq = 1
+        state.failures = 0
+        for consumer in state.consumers:
+            self._start_consumer(consumer)
+        waiting, state.waiting = state.waiting, deque()
+        for pending in waiting:
+            self._publish(pending)
+        self._ready.set()
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        state = self._state
+        if channel is not state.channel:
+            return
+        state.channel = None
+        state.generation += 1
+        connection = state.connection
+        if self._closing or connection is None or not connection.is_open:
+            return
+        error = self._channel_error(reason)
+        log.error("broker closed the channel", reason=str(reason))
+        self._fail_unconfirmed(error)
+        delay = _RECONNECT_DELAYS[min(state.failures, len(_RECONNECT_DELAYS) - 1)]
+        state.failures += 1
+        self._ioloop.call_later(
+            delay,
+            lambda: (
+                connection.is_open and connection.channel(on_open_callback=self._on_channel_open)
+            ),
+        )
+
+    @staticmethod
+    def _channel_error(reason: BaseException) -> BrokerError:
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 404:
+            return TopologyMissing(
+                f"{reason.reply_text}; declare the topology with `rohrpost topology declare`"
+            )
+        return BrokerError(f"channel closed by broker: {reason}")
+
+    def _start_consumer(self, consumer: _Consumer) -> None:
+        channel = self._state.channel
+        generation = self._state.generation
+
+        def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            consumer.handler(
+                Delivery(
+                    tag=method.delivery_tag,
+                    generation=generation,
+                    queue=consumer.queue,
+                    routing_key=method.routing_key,
+                    properties=properties,
+                    body=body,
+                    redelivered=method.redelivered,
+                )
+            )
+
+        channel.basic_qos(prefetch_count=consumer.prefetch)
+        consumer.tag = channel.basic_consume(consumer.queue, on_message, auto_ack=False)
+
+    def _publish(self, pending: _Pending) -> None:
+        state = self._state
+        if pending.future.done():
+            return
+        if not self.connected:
+            if self._closing:
+                pending.future.set_exception(BrokerUnavailable("broker connection is closing"))
+            else:
+                state.waiting.append(pending)
+            return
+        seq = state.next_seq
+        state.next_seq += 1
+        state.unconfirmed[seq] = pending
+        pub = pending.publication
+        if pub.mandatory and pub.properties.message_id:
+            state.by_message_id.setdefault(pub.properties.message_id, deque()).append(seq)
+        state.channel.basic_publish(
+            pub.exchange, pub.routing_key, pub.body, pub.properties, mandatory=pub.mandatory
+        )
+
+    def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
+        seqs = self._state.by_message_id.get(properties.message_id)
+        while seqs:
+            pending = self._state.unconfirmed.get(seqs.popleft())
+            if pending is not None:
+                pending.returned = f"{method.reply_code} {method.reply_text}"
+                return
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        unconfirmed = self._state.unconfirmed
+        if method.multiple:
+            settled = []
+            while unconfirmed:
+                seq = next(iter(unconfirmed))
+                if seq > method.delivery_tag:
+                    break
+                settled.append(unconfirmed.popitem(last=False)[1])
+        else:
+            one = unconfirmed.pop(method.delivery_tag, None)
+            settled = [one] if one is not None else []
+        for pending in settled:
+            self._resolve(pending, acked)
+
+    def _resolve(self, pending: _Pending, acked: bool) -> None:
+        pub = pending.publication
+        if pub.mandatory and pub.properties.message_id:
+            seqs = self._state.by_message_id.get(pub.properties.message_id)
+            if seqs is not None and not seqs:
+                del self._state.by_message_id[pub.properties.message_id]
+        if pending.future.done():
+            return
+        if not acked:
+            pending.future.set_exception(
+                NotConfirmed(f"broker nacked the publish to {pub.exchange} ({pub.routing_key})")
+            )
+        elif pending.returned is not None:
+            pending.future.set_exception(
+                NotConfirmed(
+                    f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "
+                    f"({pending.returned}); is the tenant/app declared? "
+                    "Run `rohrpost topology declare`"
+                )
+            )
+        else:
+            pending.future.set_result(None)
+
+    def _settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+        if delivery.generation != self._state.generation or not self.connected:
+            return
+        if ack:
+            self._state.channel.basic_ack(delivery.tag)
+        else:
+            self._state.channel.basic_nack(delivery.tag, requeue=requeue)
+
+    def _fail_unconfirmed(self, error: BaseException) -> None:
+        state = self._state
+        failed, state.unconfirmed = list(state.unconfirmed.values()), OrderedDict()
+        state.by_message_id.clear()
+        for pending in failed:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_unconfirmed(error)
+        waiting, self._state.waiting = self._state.waiting, deque()
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _shutdown(self) -> None:
+        self._closing = True
+        connection = self._state.connection
+        if connection is not None and connection.is_open:
+            connection.close()
+        elif connection is not None and connection.is_closing:
+            return
+        else:
+            self._fail_all(BrokerUnavailable("broker connection closed"))
+            self._ioloop.stop()
+
+    def _stop_loop(self) -> None:
+        self._closing = True
+        self._ioloop.add_callback_threadsafe(self._shutdown)
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

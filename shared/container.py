@@ -1,0 +1,245 @@
+"""The mail container: the one message services hand to rohrpost (wire format v1).
+
+A container is JSON, validated by the frozen model below. Its JSON Schema lives in
+``shared/schema/`` so producers in any language can validate before publishing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from datetime import UTC, datetime
+from email.utils import getaddresses
+from typing import Annotated, Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from shared.errors import ContainerError
+
+SCHEMA_VERSION = 1
+#: Decoded size of all attachments of one mail together.
+MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
+#: Size of the whole container as JSON on the wire (base64 attachments included).
+#: Quorum queues keep every message on disk and in the Raft log; big messages cost
+#: throughput for every tenant, so the cap is deliberately modest.
+MAX_CONTAINER_BYTES = 16 * 1024 * 1024
+
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable ASCII minus ':'
+#: Headers rohrpost writes itself; a container may not set them.
+RESERVED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+    )
+)
+
+
+def _no_crlf(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("must not contain CR or LF (header injection)")
+    return value
+
+
+def _address(value: str) -> str:
+    _no_crlf(value)
+    parsed = getaddresses([value])
+    if len(parsed) != 1 or not parsed[0][1]:
+        raise ValueError(f"{value!r} is not one e-mail address")
+    _, addr = parsed[0]
+    try:
+        validate_email(addr, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{addr!r} is not a valid e-mail address: {exc}") from None
+    return value.strip()
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid header name")
+    if value.lower() in RESERVED_HEADERS:
+        raise ValueError(f"{value!r} is set by rohrpost and cannot be overridden")
+    return value
+
+
+def _template_name(value: str) -> str:
+    if ".." in value.split("/") or value.startswith("/"):
+        raise ValueError("must be a relative name without '..'")
+    return value
+
+
+Name = Annotated[str, StringConstraints(pattern=_NAME_PATTERN)]
+Address = Annotated[
+    str,
+    StringConstraints(max_length=998),
+    AfterValidator(_address),
+    Field(description="One address: 'anna@example.com' or 'Anna Müller <anna@example.com>'."),
+]
+HeaderText = Annotated[str, StringConstraints(max_length=998), AfterValidator(_no_crlf)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_crlf)]
+TemplateName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"),
+    AfterValidator(_template_name),
+]
+
+
+def _base64_size(value: str) -> int:
+    try:
+        return len(base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        raise ValueError("content is not valid base64") from None
+
+
+class Attachment(BaseModel):
+    """A document attached to the mail, carried inline as base64."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    filename: HeaderText = Field(min_length=1, max_length=255)
+    content_type: str = Field(
+        default="application/octet-stream",
+        pattern=r"^[A-Za-z0-9][\w!#$&^.+-]*/[A-Za-z0-9][\w!#$&^.+-]*$",
+    )
+    content: str = Field(description="The document, base64-encoded (RFC 4648, with padding).")
+
+    def decoded(self) -> bytes:
+        """Return the document's bytes."""
+        return base64.b64decode(self.content)
+
+
+class MailContainer(BaseModel):
+    """One mail, with everything needed to send it and the settings that govern it.
+
+    Either finished content (``subject`` plus ``text`` and/or ``html``) or a
+    ``template`` rendered with ``data`` at send time.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, title="MailContainer"
+    )
+
+    id: uuid.UUID = Field(
+        default_factory=uuid.uuid4, description="Idempotency key; also the Message-ID."
+    )
+    schema_version: Literal[1] = 1
+    tenant: Name
+    app: Name
+    from_: Address | None = Field(
+        default=None, alias="from", description="Sender; defaults to the app's sender."
+    )
+    to: tuple[Address, ...] = Field(default=(), max_length=1000)
+    cc: tuple[Address, ...] = Field(default=(), max_length=1000)
+    bcc: tuple[Address, ...] = Field(default=(), max_length=1000)
+    reply_to: tuple[Address, ...] = Field(default=(), max_length=10)
+    headers: dict[HeaderName, HeaderText] = Field(default_factory=dict, max_length=50)
+    subject: HeaderText | None = None
+    text: str | None = None
+    html: str | None = None
+    template: TemplateName | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    attachments: tuple[Attachment, ...] = Field(default=(), max_length=50)
+    not_before: AwareDatetime | None = Field(default=None, description="Earliest send time.")
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="Not sent after this; ends as 'expired'."
+    )
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=100, description="Defaults to the app's max_attempts."
+    )
+    history: Literal["keep", "delete"] = "keep"
+    tags: tuple[Tag, ...] = Field(default=(), max_length=20)
+    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> MailContainer:
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("at least one recipient is needed in to, cc or bcc")
+        if self.template is not None:
+            if self.subject is not None or self.text is not None or self.html is not None:
+                raise ValueError("give either template (+ data) or subject/text/html, not both")
+        else:
+            if self.subject is None:
+                raise ValueError("subject is required when no template is given")
+            if self.text is None and self.html is None:
+                raise ValueError("text or html is required when no template is given")
+            if self.data:
+                raise ValueError("data is only used with a template")
+        if self.not_before and self.expires_at and self.not_before >= self.expires_at:
+            raise ValueError("not_before must be before expires_at")
+        total = sum(_base64_size(a.content) for a in self.attachments)
+        if total > MAX_ATTACHMENT_BYTES:
+            raise ValueError(
+                f"attachments total {total} bytes, more than the cap of {MAX_ATTACHMENT_BYTES}"
+            )
+        return self
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """Every envelope recipient: to, cc and bcc."""
+        return self.to + self.cc + self.bcc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Render pydantic errors as ``field.path: message`` lines."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"] if p != "[key]") or "container"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def parse_container(data: Any) -> MailContainer:
+    """Validate a mapping into a container; ContainerError names the bad field."""
+    if isinstance(data, MailContainer):
+        return data
+    try:
+        return MailContainer.model_validate(data)
+    except ValidationError as exc:
+        raise ContainerError(describe_validation_error(exc)) from exc
+
+
+def encode_container(container: MailContainer) -> bytes:
+    """Serialize to wire JSON; raise ContainerError when it exceeds the size cap."""
+    body = container.model_dump_json(by_alias=True, exclude_none=True).encode()
+    if len(body) > MAX_CONTAINER_BYTES:
+        raise ContainerError(
+            f"container: {len(body)} bytes as JSON, more than the cap of {MAX_CONTAINER_BYTES}"
+        )
+    return body
+
+
+def decode_container(body: bytes) -> MailContainer:
+    """Parse wire JSON into a container; raise ContainerError naming what is wrong."""
+    if len(body) > MAX_CONTAINER_BYTES:
+        raise ContainerError(
+            f"container: {len(body)} bytes, more than the cap of {MAX_CONTAINER_BYTES}"
+        )
+    try:
+        return MailContainer.model_validate_json(body)
+    except ValidationError as exc:
+        raise ContainerError(describe_validation_error(exc)) from exc

@@ -1,0 +1,80 @@
+"""Every error rohrpost raises, under one root.
+
+    RohrpostError
+    ├── ConfigError                 the configuration is invalid; names the key
+    ├── ContainerError              a mail container is invalid; names the field
+    ├── UnknownRoute                tenant/app is not configured, or disabled
+    ├── BrokerError                 RabbitMQ did not do what we asked
+    │   ├── BrokerUnavailable       cannot connect (or lost the connection)
+    │   ├── TopologyMissing         an exchange or queue we need does not exist
+    │   ├── TopologyConflict        a queue exists with other arguments
+    │   └── NotConfirmed            a publish was nacked, returned or timed out
+    ├── RenderError                 a template is missing, broken or needs data it lacks
+    └── DeliveryError               the SMTP server did not take the mail
+        ├── TransientDeliveryError  4xx, refused connection, timeout: retry later
+        └── PermanentDeliveryError  5xx: retrying will not help
+
+Third-party exceptions (pika, smtplib, jinja2, pydantic) are translated where they
+occur, with ``raise Ours(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class RohrpostError(Exception):
+    """Root of every error rohrpost raises."""
+
+
+class ConfigError(RohrpostError):
+    """The configuration is invalid or inconsistent."""
+
+
+class ContainerError(RohrpostError, ValueError):
+    """A mail container failed validation; the message names the field."""
+
+
+class UnknownRoute(RohrpostError):
+    """A mail names a tenant/app that is not configured or not enabled."""
+
+
+class BrokerError(RohrpostError):
+    """RabbitMQ refused or failed an operation."""
+
+
+class BrokerUnavailable(BrokerError):
+    """No connection to RabbitMQ could be made, or it was lost."""
+
+
+class TopologyMissing(BrokerError):
+    """An exchange or queue rohrpost needs does not exist on the broker."""
+
+
+class TopologyConflict(BrokerError):
+    """A queue or exchange exists with arguments different from the configuration."""
+
+
+class NotConfirmed(BrokerError):
+    """The broker did not confirm a publish: nacked, unroutable, or no answer in time."""
+
+
+class RenderError(RohrpostError):
+    """A template could not be rendered."""
+
+
+class DeliveryError(RohrpostError):
+    """The SMTP server did not accept the mail.
+
+    ``code`` is the SMTP reply code when the server gave one, else ``None``.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientDeliveryError(DeliveryError):
+    """A failure that may pass: 4xx reply, refused connection, timeout."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A failure that will not pass by retrying: 5xx reply."""

@@ -1,0 +1,61 @@
+"""Mail events: every state change of a mail, published on ``{namespace}.events``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+import pika
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+EVENT_SCHEMA_VERSION = 1
+
+
+class EventKind(StrEnum):
+    """What happened to a mail."""
+
+    SUBMITTED = "submitted"
+    SCHEDULED = "scheduled"
+    ATTEMPT_FAILED = "attempt_failed"
+    SENT = "sent"
+    EXPIRED = "expired"
+    DEAD_LETTERED = "dead_lettered"
+    RESUBMITTED = "resubmitted"
+    RESENT = "resent"
+    CANCELLED = "cancelled"
+
+
+class MailEvent(BaseModel):
+    """One state change of one mail."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="MailEvent")
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Idempotency key.")
+    schema_version: Literal[1] = 1
+    kind: EventKind
+    mail_id: uuid.UUID | None = Field(description="None only when the mail was unreadable.")
+    tenant: str
+    app: str
+    at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    attempt: int | None = None
+    reason: str | None = Field(default=None, description="Why it was dead-lettered.")
+    error: str | None = Field(default=None, description="The SMTP reply or exception.")
+    smtp_reply: str | None = Field(default=None, description="The server's reply when sent.")
+    message_id: str | None = Field(default=None, description="The Message-ID header sent.")
+    retry_in_seconds: int | None = None
+
+    @property
+    def routing_key(self) -> str:
+        """``{kind}.{tenant}.{app}``."""
+        return f"{self.kind.value}.{self.tenant}.{self.app}"
+
+    def properties(self) -> pika.BasicProperties:
+        """AMQP properties for publishing this event."""
+        return pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=str(self.event_id),
+            type=f"rohrpost.event.{self.kind.value}",
+        )

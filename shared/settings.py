@@ -1,0 +1,238 @@
+"""Configuration: one TOML file, every top-level value overridable by ``ROHRPOST_*``.
+
+Built once at the entry point (``load_settings``) and passed down; nothing here reads
+the environment at import time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.container import Address, Name, describe_validation_error
+from shared.errors import ConfigError
+from shared.timeparse import parse_duration
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(lambda d: f"{d.total_seconds():g}s", return_type=str),
+]
+DEFAULT_CONFIG_FILE = Path("rohrpost.toml")
+
+
+class Backoff(BaseModel):
+    """Exponential backoff between attempts: ``min(cap, base * factor**(attempt-1))`` ± jitter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: Duration = timedelta(seconds=30)
+    factor: float = Field(default=2.0, ge=1.0)
+    cap: Duration = timedelta(hours=1)
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0, description="Fraction of the delay.")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> timedelta:
+        """Return the wait after failed attempt number ``attempt`` (1-based)."""
+        raw = self.base.total_seconds() * self.factor ** (attempt - 1)
+        delay = min(self.cap.total_seconds(), raw)
+        spread = delay * self.jitter
+        delay += (rng or random).uniform(-spread, spread)
+        return timedelta(seconds=max(1.0, delay))
+
+
+class SmtpServer(BaseModel):
+    """An SMTP server mails are sent through."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    security: Literal["none", "starttls", "tls"] = "none"
+    user: str | None = None
+    password_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the password."
+    )
+    timeout: Duration = timedelta(seconds=30)
+
+    def password(self) -> SecretStr | None:
+        """Read the password from its environment variable; ConfigError when it is unset."""
+        if self.password_env is None:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise ConfigError(
+                f"smtp server {self.host}:{self.port}: environment variable "
+                f"{self.password_env} (password_env) is not set"
+            )
+        return SecretStr(value)
+
+
+class AppConfig(BaseModel):
+    """What applies to one tenant's application."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    smtp: str = Field(description="Name of a server in [smtp].")
+    sender: Address = Field(description="Default From address.")
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff: Backoff = Backoff()
+
+
+class TenantConfig(BaseModel):
+    """One tenant and its applications."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    apps: dict[Name, AppConfig] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    """Everything a rohrpost process needs to know."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROHRPOST_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    namespace: Name = "rohrpost"
+    templates_dir: Path = Path("templates")
+    max_delay: Duration = Field(
+        default=timedelta(days=90),
+        description="Longest delay one pass through the delay levels holds; longer ones take "
+        "several passes.",
+    )
+    delivery_limit: int = Field(
+        default=20,
+        ge=1,
+        description="x-delivery-limit of send queues: deliveries before the "
+        "broker dead-letters a mail that keeps crashing workers.",
+    )
+    prefetch: int = Field(default=100, ge=1, description="Unacked mails per send queue consumer.")
+    threads: int = Field(default=4, ge=1, description="SMTP sender threads per worker process.")
+    publish_timeout: Duration = timedelta(seconds=30)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    smtp: dict[str, SmtpServer] = Field(default_factory=dict)
+    tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init kwargs; the environment overrides them.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        for tenant, config in self.tenants.items():
+            for app, app_config in config.apps.items():
+                if app_config.smtp not in self.smtp:
+                    known = ", ".join(sorted(self.smtp)) or "none"
+                    raise ValueError(
+                        f"tenants.{tenant}.apps.{app}.smtp: no SMTP server named "
+                        f"{app_config.smtp!r} (known: {known})"
+                    )
+        return self
+
+    @property
+    def delay_levels(self) -> int:
+        """Number of binary delay levels needed for ``max_delay``."""
+        return max(1, math.ceil(math.log2(self.max_delay.total_seconds() + 1)))
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every enabled (tenant, app) pair, sorted."""
+        return sorted(
+            (tenant, app)
+            for tenant, config in self.tenants.items()
+            for app, app_config in config.apps.items()
+            if app_config.enabled
+        )
+
+    def app(self, tenant: str, app: str) -> AppConfig | None:
+        """The configuration of tenant/app, or None when it is not configured."""
+        config = self.tenants.get(tenant)
+        return config.apps.get(app) if config else None
+
+    def secrets(self) -> list[str]:
+        """Every secret value the configuration refers to, for scrubbing logs."""
+        found = []
+        password = urlsplit(self.broker_url.get_secret_value()).password
+        if password:
+            found.append(password)
+        for server in self.smtp.values():
+            if server.password_env and os.environ.get(server.password_env):
+                found.append(os.environ[server.password_env])
+        return found
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """Pick the config file: ``--config``, else ``$ROHRPOST_CONFIG``, else ``./rohrpost.toml``."""
+    if explicit is not None:
+        return Path(explicit)
+    if env := os.environ.get("ROHRPOST_CONFIG"):
+        return Path(env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def load_settings(explicit: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), then ``overrides``, then ``ROHRPOST_*`` variables.
+
+    Raises ConfigError naming the file and the bad key.
+    """
+    path = config_path(explicit)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        where = f"config file {path}" if path else "configuration"
+        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from exc
+
+
+def settings_from_mapping(data: dict[str, Any]) -> Settings:
+    """Validate a mapping into Settings without reading the environment (tests, the demo)."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"configuration: {describe_validation_error(exc)}") from exc

@@ -1,0 +1,217 @@
+"""Every exchange, queue and binding of one namespace, and how to declare them.
+
+    producer ─► {ns}.submit ──"T.A"────────────────────────────────► {ns}.send ─► {ns}.send.T.A
+                    └────"bits.T.A"──► {ns}.delay.{N-1} ─► … ─► {ns}.delay.0 ─┘        │
+    worker (retry) ─► {ns}.delay.{N-1}                                                 │
+    worker (dead-letter), x-delivery-limit ─► {ns}.dead ─► {ns}.dead.T.A  ◄────────────┘
+    worker (every outcome) ─► {ns}.events, key "{kind}.T.A"
+
+(T.A is tenant.app; "bits" is the delay in seconds as N binary words, see shared.delay.)
+Every queue is a durable quorum queue. Delay and send queues dead-letter with the
+``at-least-once`` strategy (which needs ``x-overflow=reject-publish``), so a message
+moving between queues is held by the source until the target confirmed it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from shared.broker import admin_channel
+from shared.delay import DelayLevels
+from shared.errors import TopologyConflict
+from shared.settings import Settings
+
+_SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A quorum queue and its arguments."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """``source`` exchange routes ``pattern`` to a queue or (``to_exchange``) an exchange."""
+
+    source: str
+    destination: str
+    pattern: str
+    to_exchange: bool = False
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The broker objects of one namespace for a set of (tenant, app) routes."""
+
+    namespace: str
+    routes: tuple[tuple[str, str], ...]
+    delay: DelayLevels
+    delivery_limit: int = 20
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        """The topology for every enabled route of ``settings``."""
+        return cls(
+            namespace=settings.namespace,
+            routes=tuple(settings.routes()),
+            delay=DelayLevels(settings.namespace, settings.delay_levels),
+            delivery_limit=settings.delivery_limit,
+        )
+
+    @property
+    def submit_exchange(self) -> str:
+        """Where producers publish: routes due mails to send, future ones to delay."""
+        return f"{self.namespace}.submit"
+
+    @property
+    def send_exchange(self) -> str:
+        """Routes ``…tenant.app`` to that pair's send queue."""
+        return f"{self.namespace}.send"
+
+    @property
+    def dead_exchange(self) -> str:
+        """Routes ``…tenant.app`` to that pair's dead-letter queue."""
+        return f"{self.namespace}.dead"
+
+    @property
+    def events_exchange(self) -> str:
+        """Every state change of a mail, key ``{kind}.{tenant}.{app}``."""
+        return f"{self.namespace}.events"
+
+    def send_queue(self, tenant: str, app: str) -> str:
+        """The queue workers consume for tenant/app."""
+        return f"{self.namespace}.send.{tenant}.{app}"
+
+    def dead_queue(self, tenant: str, app: str) -> str:
+        """The dead-letter queue of tenant/app."""
+        return f"{self.namespace}.dead.{tenant}.{app}"
+
+    def route_key(self, tenant: str, app: str) -> str:
+        """Routing key that sends a mail for tenant/app without delay."""
+        return f"{tenant}.{app}"
+
+    def exchanges(self) -> list[str]:
+        """Every exchange (all topic exchanges)."""
+        levels = [self.delay.exchange(k) for k in reversed(range(self.delay.count))]
+        return [
+            self.submit_exchange,
+            self.send_exchange,
+            self.dead_exchange,
+            self.events_exchange,
+            *levels,
+        ]
+
+    def queues(self) -> list[Queue]:
+        """Every queue: delay levels, then each route's send and dead-letter queue."""
+        queues = [
+            Queue(
+                self.delay.queue(k),
+                {
+                    "x-message-ttl": self.delay.ttl_ms(k),
+                    "x-dead-letter-exchange": self._after_level(k),
+                    **_SAFE_DEAD_LETTERING,
+                },
+            )
+            for k in reversed(range(self.delay.count))
+        ]
+        for tenant, app in self.routes:
+            queues.append(
+                Queue(
+                    self.send_queue(tenant, app),
+                    {
+                        "x-delivery-limit": self.delivery_limit,
+                        "x-dead-letter-exchange": self.dead_exchange,
+                        **_SAFE_DEAD_LETTERING,
+                    },
+                )
+            )
+            queues.append(Queue(self.dead_queue(tenant, app)))
+        return queues
+
+    def delay_queues(self) -> list[str]:
+        """Names of the delay level queues."""
+        return [self.delay.queue(k) for k in range(self.delay.count)]
+
+    def bindings(self) -> list[Binding]:
+        """Every binding, in the order they must be declared."""
+        bindings = [
+            Binding(self.submit_exchange, self.send_exchange, "*.*", to_exchange=True),
+            Binding(
+                self.submit_exchange,
+                self.delay.entry_exchange,
+                self.delay.entry_pattern(),
+                to_exchange=True,
+            ),
+        ]
+        for k in range(self.delay.count):
+            exchange = self.delay.exchange(k)
+            bindings.append(Binding(exchange, self.delay.queue(k), self.delay.keep_pattern(k)))
+            bindings.append(
+                Binding(
+                    exchange, self._after_level(k), self.delay.pass_pattern(k), to_exchange=True
+                )
+            )
+        for tenant, app in self.routes:
+            bindings.append(
+                Binding(self.send_exchange, self.send_queue(tenant, app), f"#.{tenant}.{app}")
+            )
+            bindings.append(
+                Binding(self.dead_exchange, self.dead_queue(tenant, app), f"#.{tenant}.{app}")
+            )
+        return bindings
+
+    def _after_level(self, level: int) -> str:
+        return self.delay.exchange(level - 1) if level > 0 else self.send_exchange
+
+    def declare(self, channel: Any) -> None:
+        """Declare everything on a blocking channel; idempotent.
+
+        Raises TopologyConflict when a queue exists with different arguments (the broker
+        refuses to change them; delete the queue or use a policy).
+        """
+        for name in self.exchanges():
+            channel.exchange_declare(name, exchange_type="topic", durable=True)
+        for queue in self.queues():
+            try:
+                channel.queue_declare(
+                    queue.name,
+                    durable=True,
+                    arguments={"x-queue-type": "quorum", **queue.arguments},
+                )
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                raise TopologyConflict(
+                    f"queue {queue.name} exists with other arguments than {queue.arguments}: "
+                    f"{exc.reply_text}"
+                ) from exc
+        for binding in self.bindings():
+            if binding.to_exchange:
+                channel.exchange_bind(binding.destination, binding.source, binding.pattern)
+            else:
+                channel.queue_bind(binding.destination, binding.source, binding.pattern)
+
+    def delete(self, channel: Any) -> None:
+        """Delete every queue and exchange of this topology, messages included."""
+        for queue in self.queues():
+            channel.queue_delete(queue.name)
+        for name in self.exchanges():
+            channel.exchange_delete(name)
+
+
+def declare_topology(settings: Settings) -> Topology:
+    """Declare the topology for ``settings`` on its broker and return it."""
+    topology = Topology.from_settings(settings)
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        topology.declare(channel)
+    return topology
+
+
+def queue_depths(channel: Any, names: list[str]) -> dict[str, int]:
+    """Ready messages in each queue (passive declare)."""
+    return {name: channel.queue_declare(name, passive=True).method.message_count for name in names}

@@ -1,0 +1,57 @@
+"""AMQP properties and headers of mail messages, shared by producer, worker and tools."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pika
+
+#: Which attempt the next delivery of this message is (1-based).
+ATTEMPT_HEADER = "x-rohrpost-attempt"
+#: Dead letters: why (``invalid``, ``rejected``, ``max_attempts``, ``template_error`` …).
+REASON_HEADER = "x-rohrpost-reason"
+#: Dead letters and retries: the last SMTP reply or exception.
+ERROR_HEADER = "x-rohrpost-error"
+#: Dead letters: how many attempts were made.
+ATTEMPTS_HEADER = "x-rohrpost-attempts"
+#: Dead letters: when (Unix seconds).
+DEAD_AT_HEADER = "x-rohrpost-dead-at"
+#: Dead letters: the send queue the mail came from.
+QUEUE_HEADER = "x-rohrpost-queue"
+
+MAIL_CONTENT_TYPE = "application/json"
+_MAX_HEADER_TEXT = 2000
+
+
+def mail_properties(
+    mail_id: str | None, *, attempt: int = 1, headers: Mapping[str, Any] | None = None
+) -> pika.BasicProperties:
+    """Properties for a mail message: persistent, JSON, ``message_id`` = mail id.
+
+    Headers are built fresh, never copied: brokers before 4.0.1 drop a message whose
+    ``x-death`` shows it already expired from the same queue, so a republished mail
+    must not carry the old ``x-death`` / ``x-first-death-*`` headers.
+    """
+    return pika.BasicProperties(
+        content_type=MAIL_CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=mail_id,
+        timestamp=int(time.time()),
+        type="rohrpost.mail.v1",
+        headers={ATTEMPT_HEADER: attempt, **(headers or {})},
+    )
+
+
+def attempt_of(properties: Any) -> int:
+    """The attempt number a delivered mail carries (1 when absent or malformed)."""
+    headers = properties.headers or {}
+    value = headers.get(ATTEMPT_HEADER, 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def header_text(value: object) -> str:
+    """A value made safe for an AMQP header: one line, bounded length."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= _MAX_HEADER_TEXT else text[: _MAX_HEADER_TEXT - 1] + "…"

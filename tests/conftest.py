@@ -1,0 +1,307 @@
+"""Shared fixtures: a real RabbitMQ, a real SMTP server, one namespace per test.
+
+The broker is found as a user's machine offers it: ``ROHRPOST_TEST_BROKER_URL`` if
+set; else a RabbitMQ answering on 127.0.0.1:5672; else, where Docker runs, a
+RabbitMQ container started with testcontainers; else the run fails saying how to
+provide one. Never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import tomli_w
+
+from consumer.worker import SendWorker
+from rohrpost.catcher import MailCatcher
+from shared.broker import admin_channel
+from shared.errors import BrokerUnavailable
+from shared.events import MailEvent
+from shared.settings import Settings, settings_from_mapping
+from shared.topology import Topology
+
+LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
+RABBITMQ_IMAGE = "rabbitmq:3.13-management"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with admin_channel(url, timeout=3):
+            return True
+    except BrokerUnavailable:
+        return False
+
+
+def _docker_runs() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    result = subprocess.run(["docker", "info"], capture_output=True, check=False, timeout=20)
+    return result.returncode == 0
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's ROHRPOST_* variables must not leak into tests or their subprocesses."""
+    for name in list(os.environ):
+        if name.startswith("ROHRPOST_") and not name.startswith("ROHRPOST_TEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """The AMQP URL of the RabbitMQ the tests use."""
+    if url := os.environ.get("ROHRPOST_TEST_BROKER_URL"):
+        yield url
+        return
+    if _answers(LOCAL_BROKER):
+        yield LOCAL_BROKER
+        return
+    if _docker_runs():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer(RABBITMQ_IMAGE) as container:
+            params = container.get_connection_params()
+            yield (f"amqp://guest:guest@{params.host}:{params.port}/%2F")
+        return
+    pytest.fail(
+        "No RabbitMQ for the tests. Set ROHRPOST_TEST_BROKER_URL=amqp://user:pass@host:5672/%2F, "
+        "or start one on 127.0.0.1:5672 (`rabbitmq-server -detached`), or install Docker so "
+        "the tests can start a container.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of this test's own, so tests never see each other's queues."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def catcher() -> Iterator[MailCatcher]:
+    """A real SMTP server on 127.0.0.1 that records what it receives."""
+    with MailCatcher() as server:
+        yield server
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Path:
+    """An empty templates directory for this test."""
+    path = tmp_path / "templates"
+    path.mkdir()
+    return path
+
+
+def write_template(templates: Path, name: str, **parts: str) -> Path:
+    """Write ``subject``/``text``/``html`` parts of template ``name`` for acme/billing."""
+    folder = templates / "acme" / "billing" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, body in parts.items():
+        (folder / f"{part}.j2").write_text(body)
+    return folder
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def base_config(broker_url: str, namespace: str, templates: Path, smtp_port: int) -> dict[str, Any]:
+    """The configuration tests start from: tenant acme, app billing, fast backoff."""
+    return {
+        "broker_url": broker_url,
+        "namespace": namespace,
+        "templates_dir": str(templates),
+        "max_delay": "127s",
+        "threads": 2,
+        "prefetch": 50,
+        "publish_timeout": "20s",
+        "smtp": {"catcher": {"host": "127.0.0.1", "port": smtp_port, "timeout": "5s"}},
+        "tenants": {
+            "acme": {
+                "apps": {
+                    "billing": {
+                        "smtp": "catcher",
+                        "sender": "Acme Billing <billing@acme.example>",
+                        "max_attempts": 3,
+                        "backoff": {"base": "1s", "factor": 2, "jitter": 0},
+                    }
+                }
+            }
+        },
+    }
+
+
+@pytest.fixture
+def make_settings(
+    broker_url: str, namespace: str, templates: Path, catcher: MailCatcher
+) -> Iterator[Callable[..., Settings]]:
+    """Build Settings for this test's namespace; deletes everything declared afterwards."""
+    made: list[Settings] = []
+
+    def make(**overrides: Any) -> Settings:
+        config = _merge(base_config(broker_url, namespace, templates, catcher.port), overrides)
+        settings = settings_from_mapping(config)
+        made.append(settings)
+        return settings
+
+    yield make
+    with admin_channel(broker_url) as channel:
+        for settings in made:
+            Topology.from_settings(settings).delete(channel)
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """The default test settings, with the topology declared."""
+    settings = make_settings()
+    declare(settings)
+    return settings
+
+
+def declare(settings: Settings) -> Topology:
+    """Declare the topology of ``settings``."""
+    topology = Topology.from_settings(settings)
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        topology.declare(channel)
+    return topology
+
+
+def write_config(settings: Settings, path: Path) -> Path:
+    """Write ``settings`` as a TOML file a ``rohrpost`` process can read."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    data["broker_url"] = settings.broker_url.get_secret_value()
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def rohrpost_command(config: Path, *args: str) -> list[str]:
+    """argv running the ``rohrpost`` command with ``config``."""
+    return [
+        sys.executable,
+        "-m",
+        "rohrpost",
+        "--config",
+        str(config),
+        "--log-format",
+        "json",
+        *args,
+    ]
+
+
+def drain(settings: Settings, **worker_options: Any) -> None:
+    """Run a worker until the send and delay queues are empty."""
+    SendWorker(settings, **worker_options).run(drain=True)
+
+
+class WorkerThread:
+    """A SendWorker running in a background thread until ``stop()``."""
+
+    def __init__(self, settings: Settings, **options: Any) -> None:
+        self.worker = SendWorker(settings, **options)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-worker")
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> WorkerThread:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "worker did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def worker_thread(
+    make_settings: Callable[..., Settings],
+) -> Iterator[Callable[..., WorkerThread]]:
+    """Start workers in threads; each is stopped before the namespace is deleted."""
+    started: list[WorkerThread] = []
+
+    def start(settings: Settings, **options: Any) -> WorkerThread:
+        handle = WorkerThread(settings, **options).start()
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+class EventLog:
+    """A quorum queue bound to the events exchange, read on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = settings.broker_url.get_secret_value()
+        self.queue = f"{settings.namespace}.test-events"
+        with admin_channel(self._url) as channel:
+            channel.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(self.queue, f"{settings.namespace}.events", "#")
+        self.events: list[MailEvent] = []
+
+    def read(self) -> list[MailEvent]:
+        """Every event published so far (accumulated over calls)."""
+        with admin_channel(self._url) as channel:
+            while True:
+                method, _props, body = channel.basic_get(self.queue, auto_ack=True)
+                if method is None:
+                    break
+                self.events.append(MailEvent.model_validate_json(body))
+        return self.events
+
+    def delete(self) -> None:
+        with admin_channel(self._url) as channel:
+            channel.queue_delete(self.queue)
+
+
+@pytest.fixture
+def event_log(settings: Settings) -> Iterator[EventLog]:
+    """Events of this test's namespace (topology declared)."""
+    log = EventLog(settings)
+    yield log
+    log.delete()
+
+
+def dead_letters(settings: Settings, tenant: str = "acme", app: str = "billing") -> list[Any]:
+    """Every message in tenant/app's dead-letter queue as (properties, body), removed."""
+    found = []
+    queue = Topology.from_settings(settings).dead_queue(tenant, app)
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append((properties, body))
+
+
+def publish_raw(settings: Settings, routing_key: str, body: bytes, exchange: str = "") -> None:
+    """Publish bytes as any client could, with confirms."""
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        channel.confirm_delivery()
+        channel.basic_publish(
+            exchange, routing_key, body, pika.BasicProperties(delivery_mode=2), mandatory=True
+        )

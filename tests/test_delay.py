@@ -1,0 +1,132 @@
+"""Delay levels: routing keys, the declared bindings, and a real 30-day delay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from producer.client import Producer
+from shared.broker import admin_channel
+from shared.delay import DelayLevels
+from shared.settings import Settings
+from shared.topology import Topology, queue_depths
+from tests.conftest import declare
+
+NAMES = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,10}\Z")
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more."""
+
+    def match(p: list[str], k: list[str]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        return bool(k) and p[0] in ("*", k[0]) and match(p[1:], k[1:])
+
+    return match(pattern.split("."), key.split("."))
+
+
+def route(topology: Topology, exchange: str, key: str) -> tuple[list[str], str]:
+    """Follow the declared bindings and dead-letter settings from ``exchange``.
+
+    Returns the delay queues visited, in order, and the queue the message ends in.
+    """
+    dead_letter_to = {q.name: q.arguments.get("x-dead-letter-exchange") for q in topology.queues()}
+    delay_queues = set(topology.delay_queues())
+    visited = []
+    for _ in range(10 * topology.delay.count + 10):
+        targets = [
+            b for b in topology.bindings() if b.source == exchange and topic_matches(b.pattern, key)
+        ]
+        assert len(targets) == 1, f"{key} on {exchange} routes to {targets}"
+        target = targets[0]
+        if target.to_exchange:
+            exchange = target.destination
+            continue
+        if target.destination not in delay_queues:
+            return visited, target.destination
+        visited.append(target.destination)
+        exchange = dead_letter_to[target.destination]
+    raise AssertionError("routing loop")
+
+
+def ttl_seconds(topology: Topology, queues: list[str]) -> int:
+    ttl = {q.name: q.arguments.get("x-message-ttl", 0) for q in topology.queues()}
+    return sum(ttl[q] for q in queues) // 1000
+
+
+def topology_for(levels: int, tenant: str = "acme", app: str = "billing") -> Topology:
+    return Topology("ns", ((tenant, app),), DelayLevels("ns", levels))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), levels=st.integers(min_value=1, max_value=26), tenant=NAMES, app=NAMES)
+def test_every_delay_waits_exactly_its_seconds_then_reaches_its_send_queue(
+    data: st.DataObject, levels: int, tenant: str, app: str
+) -> None:
+    topology = topology_for(levels, tenant, app)
+    seconds = data.draw(st.integers(min_value=0, max_value=topology.delay.max_seconds))
+    key = topology.delay.routing_key(seconds, tenant, app)
+    visited, final = route(topology, topology.submit_exchange, key)
+    assert final == topology.send_queue(tenant, app)
+    assert ttl_seconds(topology, visited) == seconds
+    assert len(visited) == bin(seconds).count("1")
+    # Highest level first: each queue's TTL is smaller than the one before.
+    assert visited == sorted(visited, key=lambda q: -int(q.rsplit(".", 1)[1]))
+
+
+def test_every_bit_pattern_of_ten_levels_routes_correctly() -> None:
+    topology = topology_for(10)
+    for seconds in range(2**10):
+        key = topology.delay.routing_key(seconds, "acme", "billing")
+        visited, final = route(topology, topology.submit_exchange, key)
+        assert final == "ns.send.acme.billing"
+        assert ttl_seconds(topology, visited) == seconds
+
+
+def test_a_due_mail_goes_straight_to_its_send_queue() -> None:
+    topology = topology_for(8)
+    assert route(topology, topology.submit_exchange, "acme.billing") == ([], "ns.send.acme.billing")
+
+
+def test_delays_round_up_to_whole_seconds_and_cap_at_one_pass() -> None:
+    levels = DelayLevels("ns", 4)
+    assert levels.seconds(timedelta(seconds=2.01)) == 3
+    assert levels.seconds(timedelta(seconds=-5)) == 0
+    assert levels.seconds(timedelta(days=1)) == 15
+    with pytest.raises(ValueError, match="outside"):
+        levels.routing_key(16, "acme", "billing")
+
+
+def test_the_default_maximum_delay_is_at_least_sixty_days() -> None:
+    assert DelayLevels("ns", Settings().delay_levels).max_seconds >= 60 * 86400
+
+
+def test_a_mail_delayed_30_days_waits_in_level_21(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(max_delay="90d")
+    topology = declare(settings)
+    assert topology.delay.count == 23
+    not_before = datetime.now(UTC) + timedelta(days=30)
+    with Producer(settings) as producer:
+        producer.submit(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["a@example.com"],
+                "subject": "later",
+                "text": "in 30 days",
+                "not_before": not_before.isoformat(),
+            }
+        )
+    # 30 days = 2,592,000 s: highest bit 2**21 = 2,097,152, so the first stop is level 21.
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        depths = queue_depths(
+            channel, [*topology.delay_queues(), topology.send_queue("acme", "billing")]
+        )
+    assert {name: n for name, n in depths.items() if n} == {f"{settings.namespace}.delay.21": 1}

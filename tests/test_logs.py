@@ -1,0 +1,106 @@
+"""Logs: one line per mail outcome, carrying the mail's fields; never a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from structlog.testing import capture_logs
+
+from producer.client import Producer
+from rohrpost.catcher import MailCatcher
+from shared.logs import SecretScrubber
+from shared.settings import Settings
+from tests.conftest import declare, drain, rohrpost_command, write_config
+
+PASSWORD = "pw-Zq8!x-not-for-logs"
+
+
+def test_each_mail_outcome_is_one_info_line_with_the_mail_fields(
+    settings: Settings, catcher: MailCatcher
+) -> None:
+    catcher.always("gone@example.com", "550 5.1.1 gone", stage="rcpt")
+    with Producer(settings) as producer:
+        ok = producer.submit(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["a@example.com"],
+                "subject": "s",
+                "text": "t",
+            }
+        )
+        bad = producer.submit(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["gone@example.com"],
+                "subject": "s",
+                "text": "t",
+            }
+        )
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        drain(settings)
+    outcomes = [entry for entry in logs if "outcome" in entry]
+    assert sorted((e["outcome"], e["mail_id"]) for e in outcomes) == sorted(
+        [("sent", str(ok)), ("dead_lettered", str(bad))]
+    )
+    for entry in outcomes:
+        assert entry["tenant"] == "acme" and entry["app"] == "billing" and entry["attempt"] == 1
+        assert entry["log_level"] in ("info", "warning")
+
+
+def test_the_scrubber_removes_secret_values_from_every_field() -> None:
+    scrub = SecretScrubber([PASSWORD])
+    line = scrub(None, "info", {"event": f"login as u:{PASSWORD}", "n": 3})
+    assert line == {"event": "login as u:***", "n": 3}
+
+
+def test_json_lines_are_rendered_through_the_scrubber() -> None:
+    stream = io.StringIO()
+    structlog.configure(
+        processors=[SecretScrubber([PASSWORD]), structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        structlog.get_logger().info("connecting", url=f"smtp://u:{PASSWORD}@host")
+    finally:
+        structlog.reset_defaults()
+    assert json.loads(stream.getvalue()) == {"event": "connecting", "url": "smtp://u:***@host"}
+
+
+def test_an_smtp_password_appears_in_no_log_line_of_a_worker(
+    make_settings: Callable[..., Settings], catcher: MailCatcher, tmp_path: Path
+) -> None:
+    settings = make_settings(smtp={"catcher": {"user": "mailer", "password_env": "SMTP_PW"}})
+    declare(settings)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    with Producer(settings) as producer:
+        producer.submit(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["a@example.com"],
+                "subject": "s",
+                "text": "t",
+                "max_attempts": 1,
+            }
+        )
+    result = subprocess.run(
+        rohrpost_command(config, "--log-level", "debug", "worker", "--drain"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SMTP_PW": PASSWORD},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(line.get("outcome") == "dead_lettered" for line in lines)
+    assert PASSWORD not in result.stderr and PASSWORD not in result.stdout

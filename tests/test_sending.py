@@ -1,0 +1,225 @@
+"""Mails arrive as submitted: headers, bodies, templates, attachments, encodings, timing."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from producer.client import Producer
+from rohrpost.catcher import MailCatcher
+from shared.settings import Settings
+from tests.conftest import EventLog, WorkerThread, drain, write_template
+
+# A minimal valid PDF with a binary comment line (bytes >= 0x80 must survive).
+PDF = (
+    b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Count 0/Kids[]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+    + bytes(range(256))
+)
+
+
+def finished(**fields: Any) -> dict[str, Any]:
+    return {
+        "tenant": "acme",
+        "app": "billing",
+        "to": ["Anna Schmidt <anna@example.com>"],
+        "subject": "Your invoice",
+        "text": "Hello Anna, your invoice is attached.",
+        **fields,
+    }
+
+
+def only(catcher: MailCatcher) -> EmailMessage:
+    mails = catcher.mails
+    assert len(mails) == 1, f"expected one mail, got {len(mails)}"
+    return mails[0].parsed()
+
+
+def test_a_finished_mail_arrives_with_its_headers_and_body(
+    settings: Settings, catcher: MailCatcher
+) -> None:
+    with Producer(settings) as producer:
+        mail_id = producer.submit(
+            finished(
+                cc=["Bob <bob@example.com>"],
+                bcc=["audit@example.com"],
+                reply_to=["help@acme.example"],
+                headers={"X-Campaign": "winter"},
+            )
+        )
+    drain(settings)
+    caught = catcher.mails[0]
+    message = caught.parsed()
+    assert message["From"] == "Acme Billing <billing@acme.example>"
+    assert message["To"] == "Anna Schmidt <anna@example.com>"
+    assert message["Cc"] == "Bob <bob@example.com>"
+    assert message["Bcc"] is None
+    assert message["Reply-To"] == "help@acme.example"
+    assert message["Subject"] == "Your invoice"
+    assert message["X-Campaign"] == "winter"
+    assert message["Message-ID"] == f"<{mail_id}@acme.example>"
+    assert message.get_content().strip() == "Hello Anna, your invoice is attached."
+    assert caught.envelope_from == "billing@acme.example"
+    assert set(caught.recipients) == {"anna@example.com", "bob@example.com", "audit@example.com"}
+    assert b"\r\n" in caught.data and b"\n" not in caught.data.replace(b"\r\n", b"")
+
+
+def test_a_template_mail_is_rendered_with_its_data(
+    settings: Settings, catcher: MailCatcher, templates: Path
+) -> None:
+    write_template(
+        templates,
+        "invoice",
+        subject="Invoice {{ number }}",
+        text="Dear {{ name }}, you owe {{ amount }} EUR.",
+        html="<p>Dear {{ name }}</p>",
+    )
+    with Producer(settings) as producer:
+        producer.submit(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["anna@example.com"],
+                "template": "invoice",
+                "data": {"number": 42, "name": "<Anna & Co>", "amount": "12.50"},
+            }
+        )
+    drain(settings)
+    message = only(catcher)
+    assert message["Subject"] == "Invoice 42"
+    assert (
+        message.get_body(("plain",)).get_content().strip() == "Dear <Anna & Co>, you owe 12.50 EUR."
+    )
+    # HTML is autoescaped; plain text is not.
+    assert message.get_body(("html",)).get_content().strip() == "<p>Dear &lt;Anna &amp; Co&gt;</p>"
+
+
+def test_a_template_edited_after_submit_applies_to_the_queued_mail(
+    settings: Settings, catcher: MailCatcher, templates: Path
+) -> None:
+    write_template(templates, "notice", subject="Old subject", text="old body")
+    with Producer(settings) as producer:
+        producer.submit(
+            {"tenant": "acme", "app": "billing", "to": ["anna@example.com"], "template": "notice"}
+        )
+    write_template(templates, "notice", subject="New subject", text="new body {{ 1 + 1 }}")
+    drain(settings)
+    message = only(catcher)
+    assert message["Subject"] == "New subject"
+    assert message.get_content().strip() == "new body 2"
+
+
+def test_a_template_edited_while_the_worker_runs_applies_to_the_next_mail(
+    settings: Settings,
+    catcher: MailCatcher,
+    templates: Path,
+    worker_thread: Callable[..., WorkerThread],
+) -> None:
+    folder = write_template(templates, "notice", subject="Version 1", text="v1")
+    worker_thread(settings)
+    with Producer(settings) as producer:
+        producer.submit(
+            {"tenant": "acme", "app": "billing", "to": ["a@example.com"], "template": "notice"}
+        )
+        catcher.wait_for(lambda mails: len(mails) == 1)
+        (folder / "subject.j2").write_text("Version 2")
+        producer.submit(
+            {"tenant": "acme", "app": "billing", "to": ["a@example.com"], "template": "notice"}
+        )
+        mails = catcher.wait_for(lambda mails: len(mails) == 2)
+    assert [m.parsed()["Subject"] for m in mails] == ["Version 1", "Version 2"]
+
+
+def test_a_pdf_attachment_arrives_intact(settings: Settings, catcher: MailCatcher) -> None:
+    attachment = {
+        "filename": "Rechnung Nr. 7 — März.pdf",
+        "content_type": "application/pdf",
+        "content": base64.b64encode(PDF).decode(),
+    }
+    with Producer(settings) as producer:
+        producer.submit(finished(attachments=[attachment]))
+    drain(settings)
+    message = only(catcher)
+    parts = list(message.iter_attachments())
+    assert len(parts) == 1
+    assert parts[0].get_content_type() == "application/pdf"
+    assert parts[0].get_filename() == "Rechnung Nr. 7 — März.pdf"
+    assert parts[0].get_content() == PDF
+    assert message.get_body(("plain",)).get_content().strip().startswith("Hello Anna")
+
+
+def test_non_ascii_subjects_names_and_bodies_arrive_correctly_encoded(
+    settings: Settings, catcher: MailCatcher
+) -> None:
+    with Producer(settings) as producer:
+        producer.submit(
+            finished(
+                **{"from": "Jürgen Groß <billing@acme.example>"},
+                to=["日本 太郎 <taro@example.jp>", "Zoë Ünal <zoe@example.com>"],
+                subject="Grüße aus Köln — 日本へようこそ",
+                text="Liebe Grüße,\n日本語のテキスト ✓",
+                html="<p>Grüße — 日本</p>",
+            )
+        )
+    drain(settings)
+    caught = catcher.mails[0]
+    assert caught.data.isascii(), "headers and bodies are transfer-encoded for 7-bit transport"
+    message = caught.parsed()
+    assert message["Subject"] == "Grüße aus Köln — 日本へようこそ"
+    assert message["From"] == "Jürgen Groß <billing@acme.example>"
+    assert message["To"] == "日本 太郎 <taro@example.jp>, Zoë Ünal <zoe@example.com>"
+    assert message.get_body(("plain",)).get_content() == "Liebe Grüße,\n日本語のテキスト ✓"
+    assert message.get_body(("html",)).get_content().strip() == "<p>Grüße — 日本</p>"
+
+
+def test_a_mail_due_in_3_seconds_is_not_sent_before_and_sent_within_2_seconds_after(
+    settings: Settings, catcher: MailCatcher, worker_thread: Callable[..., WorkerThread]
+) -> None:
+    worker_thread(settings)
+    not_before = datetime.now(UTC) + timedelta(seconds=3)
+    with Producer(settings) as producer:
+        producer.submit(finished(not_before=not_before.isoformat()))
+    mails = catcher.wait_for(lambda mails: len(mails) == 1, timeout=15)
+    lateness = mails[0].received_at - not_before.timestamp()
+    assert 0 <= lateness <= 2, f"sent {lateness:+.2f}s relative to not_before"
+
+
+def test_an_expired_mail_is_not_sent_and_ends_as_expired(
+    settings: Settings, catcher: MailCatcher, event_log: EventLog
+) -> None:
+    with Producer(settings) as producer:
+        mail_id = producer.submit(
+            finished(expires_at=(datetime.now(UTC) + timedelta(seconds=30)).isoformat())
+        )
+    drain(settings, clock=lambda: time.time() + 60)  # the worker sees it a minute later
+    assert catcher.mails == []
+    assert [(e.kind, e.mail_id) for e in event_log.read()] == [("expired", mail_id)]
+
+
+def test_the_producer_refuses_a_mail_already_expired(settings: Settings) -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    with Producer(settings) as producer:
+        try:
+            producer.submit(finished(expires_at=past))
+        except ValueError as exc:
+            assert "expires_at" in str(exc)
+        else:
+            raise AssertionError("an expired mail was accepted")
+
+
+def test_an_early_arrival_is_delayed_again_never_sent_early(
+    settings: Settings, catcher: MailCatcher, event_log: EventLog
+) -> None:
+    # A worker whose clock runs 2 s behind sees a due mail as early, and delays it.
+    with Producer(settings) as producer:
+        producer.submit(finished(not_before=datetime.now(UTC).isoformat()))
+    started = time.time()
+    drain(settings, clock=lambda: time.time() - 2)
+    assert len(catcher.mails) == 1
+    assert catcher.mails[0].received_at - started >= 1
+    assert [e.kind for e in event_log.read()] == ["sent"]

@@ -1,0 +1,154 @@
+"""Configuration: the TOML file, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import Backoff, load_settings, redact_url
+
+EXAMPLE = """
+broker_url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+namespace = "rohrpost"
+templates_dir = "templates"
+[smtp.local]
+host = "127.0.0.1"
+port = 2525
+[tenants.acme.apps.billing]
+enabled = true
+smtp = "local"
+sender = "billing@acme.example"
+max_attempts = 4
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("ROHRPOST_CONFIG", "ROHRPOST_NAMESPACE", "ROHRPOST_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "example.toml"
+    path.write_text(EXAMPLE)
+    return path
+
+
+def test_the_documented_example_loads(config: Path) -> None:
+    settings = load_settings(config)
+    assert settings.namespace == "rohrpost"
+    assert settings.smtp["local"].port == 2525
+    app = settings.app("acme", "billing")
+    assert app is not None and app.max_attempts == 4
+    assert settings.routes() == [("acme", "billing")]
+    assert settings.max_delay >= timedelta(days=60)
+
+
+def test_environment_variables_override_the_file(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROHRPOST_NAMESPACE", "staging")
+    monkeypatch.setenv("ROHRPOST_BROKER_URL", "amqp://u:p@broker.internal:5672/%2F")
+    monkeypatch.setenv("ROHRPOST_PREFETCH", "7")
+    settings = load_settings(config)
+    assert settings.namespace == "staging"
+    assert settings.broker_url.get_secret_value() == "amqp://u:p@broker.internal:5672/%2F"
+    assert settings.prefetch == 7
+
+
+def test_the_config_file_is_found_by_flag_then_variable_then_working_directory(
+    config: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "rohrpost.toml").write_text('namespace = "from-cwd"\n')
+    assert load_settings().namespace == "from-cwd"
+    other = tmp_path / "other.toml"
+    other.write_text('namespace = "from-env"\n')
+    monkeypatch.setenv("ROHRPOST_CONFIG", str(other))
+    assert load_settings().namespace == "from-env"
+    assert load_settings(config).namespace == "rohrpost"
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ("colour = 'blue'\n", "colour"),
+        ("[smtp.other]\nhost = 'x'\nprot = 25\n", "smtp.other.prot"),
+        (
+            "[tenants.acme.apps.shop]\nsmtp = 'local'\nsender = 's@acme.example'\nretries = 3\n",
+            "tenants.acme.apps.shop.retries",
+        ),
+    ],
+)
+def test_unknown_keys_are_errors_that_name_the_key(config: Path, extra: str, named: str) -> None:
+    config.write_text(EXAMPLE + extra if extra.startswith("[") else extra + EXAMPLE)
+    with pytest.raises(ConfigError, match=rf"{named}: Extra inputs are not permitted"):
+        load_settings(config)
+
+
+def test_an_app_must_name_a_configured_smtp_server(config: Path) -> None:
+    config.write_text(EXAMPLE.replace('smtp = "local"', 'smtp = "nowhere"'))
+    with pytest.raises(ConfigError, match=r"tenants\.acme\.apps\.billing\.smtp.*'nowhere'"):
+        load_settings(config)
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_broken_toml_is_a_clear_error(config: Path) -> None:
+    config.write_text("namespace = \n")
+    with pytest.raises(ConfigError, match=str(config)):
+        load_settings(config)
+
+
+def test_durations_take_units(config: Path) -> None:
+    config.write_text(EXAMPLE.replace('namespace = "rohrpost"', 'max_delay = "3d"'))
+    settings = load_settings(config)
+    assert settings.max_delay == timedelta(days=3)
+    assert settings.delay_levels == 18  # 2**18 - 1 s >= 259,200 s
+
+
+def test_the_smtp_password_comes_from_the_named_variable(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config.write_text(
+        EXAMPLE.replace("port = 2525", 'port = 2525\nuser = "u"\npassword_env = "PW"')
+    )
+    settings = load_settings(config)
+    with pytest.raises(ConfigError, match="PW"):
+        settings.smtp["local"].password()
+    monkeypatch.setenv("PW", "s3cret-value")
+    password = settings.smtp["local"].password()
+    assert password is not None and password.get_secret_value() == "s3cret-value"
+    assert "s3cret-value" not in repr(settings)
+    assert "s3cret-value" in settings.secrets()
+
+
+def test_broker_passwords_are_redacted_for_display() -> None:
+    assert redact_url("amqp://user:hunter2@host:5672/%2F") == "amqp://user:***@host:5672/%2F"
+    assert redact_url("amqp://host/") == "amqp://host/"
+
+
+def test_backoff_grows_exponentially_up_to_the_cap() -> None:
+    backoff = Backoff(base=timedelta(seconds=10), factor=3, cap=timedelta(seconds=60), jitter=0)
+    delays = [backoff.delay(attempt).total_seconds() for attempt in (1, 2, 3, 4)]
+    assert delays == [10, 30, 60, 60]
+
+
+def test_backoff_jitter_stays_within_its_fraction() -> None:
+    backoff = Backoff(base=timedelta(seconds=100), jitter=0.2)
+    rng = random.Random(7)
+    delays = {backoff.delay(1, rng).total_seconds() for _ in range(200)}
+    assert min(delays) >= 80 and max(delays) <= 120 and len(delays) > 100
+
+
+def test_the_example_in_deploy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ROHRPOST_CONFIG", "ROHRPOST_NAMESPACE", "ROHRPOST_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    example = Path(__file__).parent.parent / "deploy" / "rohrpost.example.toml"
+    settings = load_settings(example)
+    assert settings.routes() == [("acme", "billing"), ("globex", "shop")]
+    assert settings.smtp["relay"].security == "starttls"
