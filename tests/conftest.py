@@ -71,7 +71,8 @@ def broker_url() -> Iterator[str]:
 
         with RabbitMqContainer(RABBITMQ_IMAGE) as container:
             params = container.get_connection_params()
-            yield (f"amqp://guest:guest@{params.host}:{params.port}/%2F")
+            credentials = f"{container.username}:{container.password}"
+            yield f"amqp://{credentials}@{params.host}:{params.port}/%2F"
         return
     pytest.fail(
         "No RabbitMQ for the tests. Set ROHRPOST_TEST_BROKER_URL=amqp://user:pass@host:5672/%2F, "
