@@ -22,6 +22,7 @@ from shared.wire import (
     REASON_HEADER,
     header_text,
     mail_properties,
+    round_of,
 )
 
 
@@ -31,6 +32,7 @@ class Sent:
 
     reply: str
     message_id: str
+    subject: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,11 @@ class Processed:
     tenant: str
     app: str
 
+    @property
+    def round(self) -> int:
+        """How often an operator re-submitted this mail."""
+        return round_of(self.delivery.properties)
+
 
 def publications(topology: Topology, processed: Processed) -> list[Publication]:
     """Every message to publish (and have confirmed) before acking the delivery."""
@@ -103,9 +110,11 @@ def _mail_publication(topology: Topology, processed: Processed) -> Publication |
     match outcome:
         case Retry(delay, error):
             headers[ERROR_HEADER] = header_text(error)
-            properties = mail_properties(mail_id, attempt=processed.attempt + 1, headers=headers)
+            properties = mail_properties(
+                mail_id, attempt=processed.attempt + 1, round=processed.round, headers=headers
+            )
         case Redelay(delay):
-            properties = mail_properties(mail_id, attempt=processed.attempt)
+            properties = mail_properties(mail_id, attempt=processed.attempt, round=processed.round)
         case DeadLetter(reason, error):
             headers = {
                 REASON_HEADER: reason,
@@ -118,7 +127,9 @@ def _mail_publication(topology: Topology, processed: Processed) -> Publication |
                 topology.dead_exchange,
                 topology.route_key(processed.tenant, processed.app),
                 delivery.body,
-                mail_properties(mail_id, attempt=processed.attempt, headers=headers),
+                mail_properties(
+                    mail_id, attempt=processed.attempt, round=processed.round, headers=headers
+                ),
             )
         case _:
             return None
@@ -133,11 +144,18 @@ def _event(processed: Processed) -> MailEvent | None:
         "tenant": processed.tenant,
         "app": processed.app,
         "attempt": processed.attempt,
+        "round": processed.round,
         "at": datetime.now(UTC),
     }
     match outcome:
-        case Sent(reply, message_id):
-            return MailEvent(kind=EventKind.SENT, smtp_reply=reply, message_id=message_id, **common)
+        case Sent(reply, message_id, subject):
+            return MailEvent(
+                kind=EventKind.SENT,
+                smtp_reply=reply,
+                message_id=message_id,
+                subject=subject,
+                **common,
+            )
         case Retry(delay, error):
             return MailEvent(
                 kind=EventKind.ATTEMPT_FAILED, error=error, retry_in_seconds=delay, **common

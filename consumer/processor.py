@@ -119,4 +119,4 @@ class MailProcessor:
         message = build_message(mail, rendered, sender=sender, msg_id=msg_id)
         recipients = list(dict.fromkeys(envelope_address(r) for r in mail.recipients))
         reply = transport.send(config.smtp, envelope_address(sender), recipients, message)
-        return Sent(reply, msg_id)
+        return Sent(reply, msg_id, rendered.subject)

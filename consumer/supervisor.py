@@ -1,7 +1,11 @@
-"""Runs send workers: in this process, or as N child processes that are restarted if they die.
+"""Runs rohrpost's processes: send workers and the history consumer, restarted if they die.
 
-Python threads share one core (the GIL), so using both cores of a machine takes
-processes. Workers are stateless; the broker spreads mails across their consumers.
+Python threads share one core (the GIL), so using every core takes processes.
+Workers are stateless; the broker spreads mails across their consumers.
+
+In drain mode the workers exit once the send and delay queues are empty; then the
+history consumer is told (through a shared event) to exit once it has archived what
+is left, so ``rohrpost run --drain`` returns with every mail sent *and* archived.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ import multiprocessing
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Protocol
 
 import structlog
 
+from consumer.history import HistoryConsumer
 from consumer.worker import SendWorker
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -24,69 +31,125 @@ log = structlog.get_logger(__name__)
 _RESTART_DELAY_SECONDS = 1.0
 
 
-def _on_stop_signals(stop: Callable[[], None]) -> None:
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop()
+def _on_signals(handlers: dict[signal.Signals, Callable[[], None]]) -> None:
+    for signum, action in handlers.items():
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+        def handler(
+            _signum: int, _frame: FrameType | None, action: Callable[[], None] = action
+        ) -> None:
+            action()
+
+        signal.signal(signum, handler)
 
 
 def run_worker(settings: Settings, *, drain: bool = False) -> None:
     """Run one SendWorker in this process until SIGTERM/SIGINT (or drained)."""
     worker = SendWorker(settings)
-    _on_stop_signals(worker.stop)
+    _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
     worker.run(drain=drain)
 
 
-def _child_main(settings: Settings, drain: bool) -> None:
+def run_history_consumer(
+    settings: Settings, *, drain: bool = False, drain_when: Callable[[], bool] | None = None
+) -> None:
+    """Run the history consumer in this process until SIGTERM/SIGINT (or drained)."""
+    consumer = HistoryConsumer(settings)
+    _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
+    consumer.run(drain=drain, drain_when=drain_when)
+
+
+def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     run_worker(settings, drain=drain)
 
 
-class WorkerSupervisor:
-    """Keeps ``processes`` worker processes running; SIGTERM stops them all gracefully."""
+def _history_main(settings: Settings, drain: bool, workers_done: EventLike) -> None:
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    run_history_consumer(settings, drain=drain, drain_when=workers_done.is_set)
 
-    def __init__(self, settings: Settings, processes: int, *, drain: bool = False) -> None:
+
+class EventLike(Protocol):
+    """A multiprocessing event, as far as the children use it."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Child:
+    """A kind of process to keep running."""
+
+    name: str
+    main: Callable[[Settings, bool, EventLike], None]
+    #: In drain mode, drains once the workers are done instead of on its own.
+    follows_workers: bool = False
+
+
+WORKER = Child("worker", _worker_main)
+HISTORY = Child("history", _history_main, follows_workers=True)
+
+
+class Supervisor:
+    """Keeps its children running; SIGTERM stops them all gracefully."""
+
+    def __init__(self, settings: Settings, children: list[Child], *, drain: bool = False) -> None:
         self._settings = settings
-        self._count = processes
+        self._children = children
         self._drain = drain
         self._stopping = False
         self._context = multiprocessing.get_context("spawn")
+        self._processes: list[BaseProcess] = []
+        self._workers_done = self._context.Event()
 
     def stop(self) -> None:
-        """Ask every child to finish its in-flight mails and exit."""
+        """Ask every child to finish what it is doing and exit."""
         self._stopping = True
 
     def run(self) -> int:
-        """Supervise until stopped (or, draining, until every child exited); return exit code."""
-        _on_stop_signals(self.stop)
-        children = [self._spawn(i) for i in range(self._count)]
+        """Supervise until stopped or, draining, until every child is done; return exit code."""
+        _on_signals({signal.SIGTERM: self.stop, signal.SIGINT: self.stop})
+        self._processes = [self._spawn(i) for i in range(len(self._children))]
         while not self._stopping:
             time.sleep(0.2)
-            for index, child in enumerate(children):
-                if child.is_alive() or child.exitcode is None:
-                    continue
-                if self._drain and child.exitcode == 0:
-                    continue
-                log.error("worker process died; restarting", pid=child.pid, code=child.exitcode)
-                time.sleep(_RESTART_DELAY_SECONDS)
-                children[index] = self._spawn(index)
-            if self._drain and all(c.exitcode == 0 for c in children):
-                return 0
-        for child in children:
-            if child.is_alive() and child.pid is not None:
-                child.terminate()  # SIGTERM: the child finishes in-flight mails
-        for child in children:
-            child.join()
+            self._restart_dead()
+            if self._drain:
+                self._tell_followers_when_workers_are_done()
+                if all(p.exitcode == 0 for p in self._processes):
+                    return 0
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the child finishes what it holds
+        for process in self._processes:
+            process.join()
         return 0
 
+    def _restart_dead(self) -> None:
+        for index, process in enumerate(self._processes):
+            if process.is_alive() or process.exitcode is None:
+                continue
+            if self._drain and process.exitcode == 0:
+                continue
+            child = self._children[index]
+            log.error(
+                "process died; restarting", child=child.name, pid=process.pid, code=process.exitcode
+            )
+            time.sleep(_RESTART_DELAY_SECONDS)
+            self._processes[index] = self._spawn(index)
+
+    def _tell_followers_when_workers_are_done(self) -> None:
+        leaders = [
+            p for c, p in zip(self._children, self._processes, strict=True) if not c.follows_workers
+        ]
+        if all(p.exitcode == 0 for p in leaders):
+            self._workers_done.set()
+
     def _spawn(self, index: int) -> BaseProcess:
+        child = self._children[index]
+        drain = self._drain and not child.follows_workers
         process = self._context.Process(
-            target=_child_main,
-            args=(self._settings, self._drain),
-            name=f"rohrpost-worker-{index}",
+            target=child.main,
+            args=(self._settings, drain, self._workers_done),
+            name=f"rohrpost-{child.name}-{index}",
         )
         process.start()
-        log.info("worker process started", pid=process.pid, index=index)
+        log.info("process started", child=child.name, pid=process.pid)
         return process

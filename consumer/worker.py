@@ -194,7 +194,7 @@ class SendWorker:
 
 def _log_outcome(processed: Processed) -> None:
     match processed.outcome:
-        case Sent(reply, message_id):
+        case Sent(reply, message_id, _):
             log.info("mail sent", outcome="sent", smtp_reply=reply, message_id=message_id)
         case Retry(delay, error):
             log.info("mail attempt failed", outcome="retry", retry_in_seconds=delay, error=error)

@@ -2,8 +2,8 @@
 
 Starts a local SMTP catcher that misbehaves on purpose, a send worker, submits four
 mails (due now, scheduled a few seconds ahead, one the server refuses once with 421,
-one it rejects with 550), follows their events and prints what became of each. Then
-deletes everything it created.
+one it rejects with 550), and prints each mail's timeline as the history consumer
+archived it in a SQLite store. Then deletes everything it created.
 """
 
 from __future__ import annotations
@@ -13,25 +13,26 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
+from consumer.history import HistoryConsumer
 from consumer.worker import SendWorker
 from producer.client import Producer
 from rohrpost.catcher import MailCatcher
 from shared.broker import admin_channel
 from shared.errors import BrokerUnavailable
-from shared.events import EventKind, MailEvent
 from shared.logs import configure_logging
 from shared.settings import Settings, redact_url, settings_from_mapping
+from shared.store import HistoryStore, MailHistory
 from shared.topology import Topology
 
 TEMPLATES = Path(__file__).parent / "demo_templates"
-TERMINAL = {EventKind.SENT, EventKind.DEAD_LETTERED, EventKind.EXPIRED}
+FINAL = {"sent", "dead_lettered", "expired"}
 _TIMEOUT_SECONDS = 60
 
 _HOW_TO_START = """\
@@ -43,16 +44,11 @@ Start one, then run the demo again:
 """
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Tracked:
     label: str
     asked: str
-    expect: EventKind
-    events: list[MailEvent] = field(default_factory=list)
-
-    @property
-    def final(self) -> MailEvent | None:
-        return next((e for e in self.events if e.kind in TERMINAL), None)
+    expect: str
 
 
 def _order(customer: str, number: int) -> dict[str, Any]:
@@ -69,7 +65,7 @@ def _mails(now: datetime) -> list[tuple[dict[str, Any], _Tracked]]:
     return [
         (
             {**base, "to": ["Anna Schmidt <anna@customer.example>"], "data": _order("Anna", 1001)},
-            _Tracked("order confirmation", "send now", EventKind.SENT),
+            _Tracked("order confirmation", "send now", "sent"),
         ),
         (
             {
@@ -78,25 +74,27 @@ def _mails(now: datetime) -> list[tuple[dict[str, Any], _Tracked]]:
                 "data": _order("Bob", 1002),
                 "not_before": (now + timedelta(seconds=4)).isoformat(),
             },
-            _Tracked("scheduled reminder", "send in 4 s", EventKind.SENT),
+            _Tracked("scheduled reminder", "send in 4 s", "sent"),
         ),
         (
             {**base, "to": ["flaky@customer.example"], "data": _order("Flaky", 1003)},
-            _Tracked("server busy once (421)", "send now", EventKind.SENT),
+            _Tracked("server busy once (421)", "send now", "sent"),
         ),
         (
             {**base, "to": ["nobody@customer.example"], "data": _order("Nobody", 1004)},
-            _Tracked("unknown recipient (550)", "send now", EventKind.DEAD_LETTERED),
+            _Tracked("unknown recipient (550)", "send now", "dead_lettered"),
         ),
     ]
 
 
-def _settings(broker_url: str, templates: Path, smtp_port: int) -> Settings:
+def _settings(broker_url: str, workdir: Path, smtp_port: int) -> Settings:
     return settings_from_mapping(
         {
             "broker_url": broker_url,
             "namespace": f"demo-{uuid.uuid4().hex[:8]}",
-            "templates_dir": str(templates),
+            "templates_dir": str(workdir / "templates"),
+            "store_url": f"sqlite:///{workdir / 'history.db'}",
+            "history_batch_wait": "50ms",
             "max_delay": "1h",
             "threads": 2,
             "smtp": {"catcher": {"host": "127.0.0.1", "port": smtp_port}},
@@ -116,36 +114,33 @@ def _settings(broker_url: str, templates: Path, smtp_port: int) -> Settings:
     )
 
 
-def _describe(tracked: _Tracked, started: float) -> str:
-    parts = []
-    for event in tracked.events:
+def _describe(found: MailHistory | None, started: float) -> list[str]:
+    if found is None:
+        return ["not in the history yet"]
+    lines = []
+    for event in found.events:
         at = event.at.timestamp() - started
-        if event.kind == EventKind.ATTEMPT_FAILED:
-            parts.append(
-                f"attempt {event.attempt} failed at +{at:.1f}s ({event.error}), "
-                f"retry in {event.retry_in_seconds}s"
+        detail = "; ".join(
+            text
+            for text in (
+                f"attempt {event.attempt}" if event.attempt else "",
+                event.reason or "",
+                event.error or "",
+                event.smtp_reply or "",
             )
-        elif event.kind == EventKind.SENT:
-            parts.append(f"sent at +{at:.1f}s on attempt {event.attempt} ({event.smtp_reply})")
-        elif event.kind == EventKind.DEAD_LETTERED:
-            parts.append(f"dead-lettered at +{at:.1f}s: {event.reason} ({event.error})")
-        else:
-            parts.append(f"{event.kind.value} at +{at:.1f}s")
-    return "; ".join(parts) or "no outcome"
+            if text
+        )
+        lines.append(f"+{at:5.1f}s  {event.kind:14} {detail}".rstrip())
+    return lines
 
 
-def _follow(settings: Settings, queue: str, tracked: dict[str, _Tracked]) -> None:
+def _wait_for_outcomes(store: HistoryStore, tracked: dict[uuid.UUID, _Tracked]) -> None:
     deadline = time.monotonic() + _TIMEOUT_SECONDS
-    with admin_channel(settings.broker_url.get_secret_value()) as channel:
-        for method, _props, body in channel.consume(queue, inactivity_timeout=0.5):
-            if method is not None:
-                event = MailEvent.model_validate_json(body)
-                if event.mail_id is not None and str(event.mail_id) in tracked:
-                    tracked[str(event.mail_id)].events.append(event)
-                channel.basic_ack(method.delivery_tag)
-            if all(t.final for t in tracked.values()) or time.monotonic() > deadline:
-                break
-        channel.cancel()
+    while time.monotonic() < deadline:
+        finals = [store.mail(mail_id) for mail_id in tracked]
+        if all(f is not None and f.mail.status in FINAL for f in finals):
+            return
+        time.sleep(0.2)
 
 
 def run_demo(broker_url: str) -> int:
@@ -162,7 +157,7 @@ def run_demo(broker_url: str) -> int:
     with MailCatcher() as catcher:
         catcher.script("flaky@customer.example", ["421 4.3.2 busy, try again later"])
         catcher.always("nobody@customer.example", "550 5.1.1 no such user here", stage="rcpt")
-        settings = _settings(broker_url, workdir / "templates", catcher.port)
+        settings = _settings(broker_url, workdir, catcher.port)
         try:
             return _run(settings, catcher)
         finally:
@@ -170,48 +165,70 @@ def run_demo(broker_url: str) -> int:
 
 
 def _run(settings: Settings, catcher: MailCatcher) -> int:
-    topology = Topology.from_settings(settings)
-    observer = f"{settings.namespace}.demo-events"
     url = settings.broker_url.get_secret_value()
+    topology = Topology.from_settings(settings)
+    store = HistoryStore.open(settings.store_url.get_secret_value(), migrate_schema=True)
     worker = SendWorker(settings)
-    thread = threading.Thread(target=worker.run, name="demo-worker")
+    history = HistoryConsumer(settings, store)
+    threads = [
+        threading.Thread(target=worker.run, name="demo-worker"),
+        threading.Thread(target=history.run, name="demo-history"),
+    ]
     try:
         with admin_channel(url) as channel:
             topology.declare(channel)
-            channel.queue_declare(observer, durable=True, arguments={"x-queue-type": "quorum"})
-            channel.queue_bind(observer, topology.events_exchange, "#")
         click.echo(f"rohrpost demo: namespace {settings.namespace!r} on {redact_url(url)}")
-        click.echo(f"  SMTP catcher on 127.0.0.1:{catcher.port}, one send worker\n")
-        thread.start()
+        click.echo(
+            f"  SMTP catcher on 127.0.0.1:{catcher.port}, a send worker, a history "
+            "consumer (SQLite)\n"
+        )
+        for thread in threads:
+            thread.start()
         started = time.time()
         tracked = {}
         with Producer(settings) as producer:
             for container, info in _mails(datetime.now(UTC)):
-                tracked[str(producer.submit(container))] = info
+                tracked[producer.submit(container)] = info
                 click.echo(f"  submitted {info.label:<26} ({info.asked})")
         click.echo("\nwaiting for every mail to reach a final state …\n")
-        _follow(settings, observer, tracked)
-        return _report(tracked, started, catcher)
+        _wait_for_outcomes(store, tracked)
+        return _report(store, tracked, started, catcher, topology)
     finally:
         worker.stop()
-        if thread.is_alive():
-            thread.join()
+        history.stop()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join()
+        store.close()
         with admin_channel(url) as channel:
-            channel.queue_delete(observer)
             topology.delete(channel)
 
 
-def _report(tracked: dict[str, _Tracked], started: float, catcher: MailCatcher) -> int:
+def _report(
+    store: HistoryStore,
+    tracked: dict[uuid.UUID, _Tracked],
+    started: float,
+    catcher: MailCatcher,
+    topology: Topology,
+) -> int:
     ok = True
     for mail_id, info in tracked.items():
-        final = info.final
-        as_expected = final is not None and final.kind == info.expect
+        found = store.mail(mail_id)
+        as_expected = found is not None and found.mail.status == info.expect
         ok = ok and as_expected
-        mark = "ok " if as_expected else "!! "
-        click.echo(f"{mark} {info.label} [{mail_id}]\n      {_describe(info, started)}")
+        status = found.mail.status if found else "unknown"
+        click.echo(f"{'ok ' if as_expected else '!! '} {info.label}: {status}  [{mail_id}]")
+        for line in _describe(found, started):
+            click.echo(f"       {line}")
+    dead = topology.dead_queue("acme", "shop")
     click.echo(f"\nthe SMTP catcher received {len(catcher.mails)} mails:")
     for mail in catcher.mails:
         message = mail.parsed()
         click.echo(f"  To: {message['To']}  Subject: {message['Subject']}")
-    click.echo("\nall mails ended as expected" if ok else "\nsome mails did not end as expected")
+    click.echo(f"the refused mail waits in the dead-letter queue {dead}")
+    click.echo(
+        "\nall mails ended as expected (timelines read back from the history store)"
+        if ok
+        else "\nsome mails did not end as expected"
+    )
     return 0 if ok else 1

@@ -235,9 +235,12 @@ class Broker:
         self._call(cancel)
         return future
 
-    def ack(self, delivery: Delivery) -> None:
-        """Acknowledge ``delivery`` (ignored if its connection is gone)."""
-        self._call(lambda: self._settle(delivery, ack=True, requeue=False))
+    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
+        """Acknowledge ``delivery`` (with ``multiple``, every earlier one of its channel too).
+
+        Ignored if its connection is gone: the broker redelivers it.
+        """
+        self._call(lambda: self._settle(delivery, ack=True, requeue=False, multiple=multiple))
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Reject ``delivery``; with ``requeue`` the broker delivers it again."""
@@ -443,11 +446,13 @@ class Broker:
         else:
             pending.future.set_result(None)
 
-    def _settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+    def _settle(
+        self, delivery: Delivery, *, ack: bool, requeue: bool, multiple: bool = False
+    ) -> None:
         if delivery.generation != self._state.generation or not self.connected:
             return
         if ack:
-            self._state.channel.basic_ack(delivery.tag)
+            self._state.channel.basic_ack(delivery.tag, multiple=multiple)
         else:
             self._state.channel.basic_nack(delivery.tag, requeue=requeue)
 

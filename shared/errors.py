@@ -9,6 +9,8 @@
     │   ├── TopologyMissing         an exchange or queue we need does not exist
     │   ├── TopologyConflict        a queue exists with other arguments
     │   └── NotConfirmed            a publish was nacked, returned or timed out
+    ├── StoreError                  the history store failed
+    │   └── StoreUnavailable        cannot reach it (down, locked, read-only): try later
     ├── RenderError                 a template is missing, broken or needs data it lacks
     └── DeliveryError               the SMTP server did not take the mail
         ├── TransientDeliveryError  4xx, refused connection, timeout: retry later
@@ -55,6 +57,14 @@ class TopologyConflict(BrokerError):
 
 class NotConfirmed(BrokerError):
     """The broker did not confirm a publish: nacked, unroutable, or no answer in time."""
+
+
+class StoreError(RohrpostError):
+    """The history store refused or failed an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The history store cannot be reached or written right now; retrying may help."""
 
 
 class RenderError(RohrpostError):

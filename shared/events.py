@@ -39,10 +39,14 @@ class MailEvent(BaseModel):
     tenant: str
     app: str
     at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    round: int = Field(
+        default=0, ge=0, description="Re-submissions of the mail before this event (0 = first)."
+    )
     attempt: int | None = None
     reason: str | None = Field(default=None, description="Why it was dead-lettered.")
     error: str | None = Field(default=None, description="The SMTP reply or exception.")
     smtp_reply: str | None = Field(default=None, description="The server's reply when sent.")
+    subject: str | None = Field(default=None, description="The subject as sent (rendered).")
     message_id: str | None = Field(default=None, description="The Message-ID header sent.")
     retry_in_seconds: int | None = None
 

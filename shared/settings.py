@@ -23,6 +23,7 @@ from pydantic import (
     PlainSerializer,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -95,6 +96,9 @@ class AppConfig(BaseModel):
     sender: Address = Field(description="Default From address.")
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff: Backoff = Backoff()
+    retention_days: int = Field(
+        default=30, ge=1, description="Days the history keeps a finished mail of this app."
+    )
 
 
 class TenantConfig(BaseModel):
@@ -129,6 +133,18 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=100, ge=1, description="Unacked mails per send queue consumer.")
     threads: int = Field(default=4, ge=1, description="SMTP sender threads per worker process.")
     publish_timeout: Duration = timedelta(seconds=30)
+    store_url: SecretStr = Field(
+        default=SecretStr("sqlite:///rohrpost.db"),
+        description="History store: sqlite:///file.db or postgresql+psycopg://user@host/db.",
+    )
+    history_enabled: bool = Field(
+        default=True, description="Declare the history queue; run a history consumer for it."
+    )
+    history_batch_size: int = Field(default=500, ge=1, le=10_000)
+    history_batch_wait: Duration = timedelta(milliseconds=200)
+    purge_interval: Duration = Field(
+        default=timedelta(hours=1), description="How often the history consumer purges."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     smtp: dict[str, SmtpServer] = Field(default_factory=dict)
@@ -145,6 +161,24 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's contents arrive as init kwargs; the environment overrides them.
         return (env_settings, init_settings)
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_url(cls, value: SecretStr) -> SecretStr:
+        # Imported here: SQLAlchemy costs ~0.3 s to import, and most commands never need it.
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL; use sqlite:///path/to/file.db or "
+                "postgresql+psycopg://user:password@host:5432/database"
+            ) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"{url.get_backend_name()} is not supported; use sqlite or postgresql")
+        return value
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:
@@ -180,9 +214,10 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value the configuration refers to, for scrubbing logs."""
         found = []
-        password = urlsplit(self.broker_url.get_secret_value()).password
-        if password:
-            found.append(password)
+        for url in (self.broker_url, self.store_url):
+            password = urlsplit(url.get_secret_value()).password
+            if password:
+                found.append(password)
         for server in self.smtp.values():
             if server.password_env and os.environ.get(server.password_env):
                 found.append(os.environ[server.password_env])

@@ -27,16 +27,18 @@ def parse_duration(value: str | float | timedelta) -> timedelta:
 
 
 def parse_when(value: str, now: datetime | None = None) -> datetime:
-    """Parse an ISO 8601 time (naive means UTC) or ``+DURATION`` relative to now."""
+    """Parse an ISO 8601 time (naive means UTC), or ``+DURATION`` / ``-DURATION`` from now."""
     now = now or datetime.now(UTC)
     text = value.strip()
     if text.startswith("+"):
         return now + parse_duration(text[1:])
+    if text.startswith("-"):
+        return now - parse_duration(text[1:])
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
             f"{value!r} is neither an ISO 8601 time (2026-12-24T18:00:00+01:00) "
-            "nor a relative time (+30s, +2h, +3d)"
+            "nor a relative time (+30s, +2h, -3d)"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -4,7 +4,8 @@
                     └────"bits.T.A"──► {ns}.delay.{N-1} ─► … ─► {ns}.delay.0 ─┘        │
     worker (retry) ─► {ns}.delay.{N-1}                                                 │
     worker (dead-letter), x-delivery-limit ─► {ns}.dead ─► {ns}.dead.T.A  ◄────────────┘
-    worker (every outcome) ─► {ns}.events, key "{kind}.T.A"
+    worker (every outcome) ─► {ns}.events, key "{kind}.T.A" ─► {ns}.history ◄── {ns}.submit
+                                             (the history queue also gets every submitted mail)
 
 (T.A is tenant.app; "bits" is the delay in seconds as N binary words, see shared.delay.)
 Every queue is a durable quorum queue. Delay and send queues dead-letter with the
@@ -54,6 +55,7 @@ class Topology:
     routes: tuple[tuple[str, str], ...]
     delay: DelayLevels
     delivery_limit: int = 20
+    history: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -63,6 +65,7 @@ class Topology:
             routes=tuple(settings.routes()),
             delay=DelayLevels(settings.namespace, settings.delay_levels),
             delivery_limit=settings.delivery_limit,
+            history=settings.history_enabled,
         )
 
     @property
@@ -84,6 +87,16 @@ class Topology:
     def events_exchange(self) -> str:
         """Every state change of a mail, key ``{kind}.{tenant}.{app}``."""
         return f"{self.namespace}.events"
+
+    @property
+    def history_queue(self) -> str:
+        """Every event and every submitted mail, for the history consumer."""
+        return f"{self.namespace}.history"
+
+    @property
+    def history_rejected_queue(self) -> str:
+        """History messages the consumer could not read, kept for inspection."""
+        return f"{self.namespace}.history.rejected"
 
     def send_queue(self, tenant: str, app: str) -> str:
         """The queue workers consume for tenant/app."""
@@ -133,6 +146,18 @@ class Topology:
                 )
             )
             queues.append(Queue(self.dead_queue(tenant, app)))
+        if self.history:
+            queues.append(
+                Queue(
+                    self.history_queue,
+                    {
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": self.history_rejected_queue,
+                        **_SAFE_DEAD_LETTERING,
+                    },
+                )
+            )
+            queues.append(Queue(self.history_rejected_queue))
         return queues
 
     def delay_queues(self) -> list[str]:
@@ -165,6 +190,15 @@ class Topology:
             bindings.append(
                 Binding(self.dead_exchange, self.dead_queue(tenant, app), f"#.{tenant}.{app}")
             )
+        if self.history:
+            bindings.append(Binding(self.events_exchange, self.history_queue, "#"))
+            # A submitted mail reaches the history through the broker: one publish, two
+            # queues. Bound per route, so a mail for an undeclared route stays unroutable
+            # (and the producer's mandatory publish fails) instead of reaching history only.
+            bindings += [
+                Binding(self.submit_exchange, self.history_queue, f"#.{tenant}.{app}")
+                for tenant, app in self.routes
+            ]
         return bindings
 
     def _after_level(self, level: int) -> str:

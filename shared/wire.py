@@ -10,6 +10,8 @@ import pika
 
 #: Which attempt the next delivery of this message is (1-based).
 ATTEMPT_HEADER = "x-rohrpost-attempt"
+#: How often an operator re-submitted this mail (0 = never); orders its history.
+ROUND_HEADER = "x-rohrpost-round"
 #: Dead letters: why (``invalid``, ``rejected``, ``max_attempts``, ``template_error`` …).
 REASON_HEADER = "x-rohrpost-reason"
 #: Dead letters and retries: the last SMTP reply or exception.
@@ -26,7 +28,11 @@ _MAX_HEADER_TEXT = 2000
 
 
 def mail_properties(
-    mail_id: str | None, *, attempt: int = 1, headers: Mapping[str, Any] | None = None
+    mail_id: str | None,
+    *,
+    attempt: int = 1,
+    round: int = 0,
+    headers: Mapping[str, Any] | None = None,
 ) -> pika.BasicProperties:
     """Properties for a mail message: persistent, JSON, ``message_id`` = mail id.
 
@@ -40,15 +46,23 @@ def mail_properties(
         message_id=mail_id,
         timestamp=int(time.time()),
         type="rohrpost.mail.v1",
-        headers={ATTEMPT_HEADER: attempt, **(headers or {})},
+        headers={ATTEMPT_HEADER: attempt, ROUND_HEADER: round, **(headers or {})},
     )
 
 
 def attempt_of(properties: Any) -> int:
     """The attempt number a delivered mail carries (1 when absent or malformed)."""
-    headers = properties.headers or {}
-    value = headers.get(ATTEMPT_HEADER, 1)
-    return value if isinstance(value, int) and value >= 1 else 1
+    return _int_header(properties, ATTEMPT_HEADER, 1)
+
+
+def round_of(properties: Any) -> int:
+    """The re-submission round a delivered mail carries (0 when absent or malformed)."""
+    return _int_header(properties, ROUND_HEADER, 0)
+
+
+def _int_header(properties: Any, name: str, default: int) -> int:
+    value = (properties.headers or {}).get(name, default)
+    return value if isinstance(value, int) and value >= default else default
 
 
 def header_text(value: object) -> str:

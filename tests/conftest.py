@@ -8,6 +8,7 @@ provide one. Never a silent skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any
 import pika
 import pytest
 import tomli_w
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 
 from consumer.worker import SendWorker
 from rohrpost.catcher import MailCatcher
@@ -28,10 +31,13 @@ from shared.broker import admin_channel
 from shared.errors import BrokerUnavailable
 from shared.events import MailEvent
 from shared.settings import Settings, settings_from_mapping
+from shared.store import HistoryStore
 from shared.topology import Topology
 
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 RABBITMQ_IMAGE = "rabbitmq:3.13-management"
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+POSTGRES_IMAGE = "postgres:16"
 
 
 def _answers(url: str) -> bool:
@@ -82,6 +88,73 @@ def broker_url() -> Iterator[str]:
     )
 
 
+def _postgres_answers(url: str) -> bool:
+    engine = create_engine(url)
+    try:
+        with engine.connect():
+            return True
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database URL whose user may create databases (one per test)."""
+    if url := os.environ.get("ROHRPOST_TEST_DATABASE_URL"):
+        yield url
+        return
+    if _postgres_answers(LOCAL_POSTGRES):
+        yield LOCAL_POSTGRES
+        return
+    if _docker_runs():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer(POSTGRES_IMAGE, driver="psycopg") as container:
+            yield container.get_connection_url()
+        return
+    pytest.fail(
+        "No PostgreSQL for the tests. Set ROHRPOST_TEST_DATABASE_URL="
+        "postgresql+psycopg://user@host:5432/db (a user that may CREATE DATABASE), or start "
+        "one on 127.0.0.1:5432, or install Docker so the tests can start a container.",
+        pytrace=False,
+    )
+
+
+@contextlib.contextmanager
+def postgres_database(server_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty history store: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'history.db'}"
+        return
+    with postgres_database(request.getfixturevalue("postgres_url")) as url:
+        yield url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[HistoryStore]:
+    """A migrated history store on each backend."""
+    opened = HistoryStore.open(store_url, migrate_schema=True)
+    yield opened
+    opened.close()
+
+
 @pytest.fixture
 def namespace() -> str:
     """A namespace of this test's own, so tests never see each other's queues."""
@@ -128,6 +201,8 @@ def base_config(broker_url: str, namespace: str, templates: Path, smtp_port: int
         "broker_url": broker_url,
         "namespace": namespace,
         "templates_dir": str(templates),
+        "store_url": f"sqlite:///{templates.parent / 'history.db'}",
+        "history_batch_wait": "50ms",
         "max_delay": "127s",
         "threads": 2,
         "prefetch": 50,
@@ -187,6 +262,7 @@ def write_config(settings: Settings, path: Path) -> Path:
     """Write ``settings`` as a TOML file a ``rohrpost`` process can read."""
     data = settings.model_dump(mode="json", exclude_none=True)
     data["broker_url"] = settings.broker_url.get_secret_value()
+    data["store_url"] = settings.store_url.get_secret_value()
     path.write_text(tomli_w.dumps(data))
     return path
 
@@ -299,10 +375,20 @@ def dead_letters(settings: Settings, tenant: str = "acme", app: str = "billing")
             found.append((properties, body))
 
 
-def publish_raw(settings: Settings, routing_key: str, body: bytes, exchange: str = "") -> None:
+def publish_raw(
+    settings: Settings,
+    routing_key: str,
+    body: bytes,
+    exchange: str = "",
+    properties: pika.BasicProperties | None = None,
+) -> None:
     """Publish bytes as any client could, with confirms."""
     with admin_channel(settings.broker_url.get_secret_value()) as channel:
         channel.confirm_delivery()
         channel.basic_publish(
-            exchange, routing_key, body, pika.BasicProperties(delivery_mode=2), mandatory=True
+            exchange,
+            routing_key,
+            body,
+            properties or pika.BasicProperties(delivery_mode=2),
+            mandatory=True,
         )

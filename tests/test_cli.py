@@ -247,7 +247,7 @@ def test_the_demo_runs_the_whole_pipeline(broker_url: str) -> None:
     result = run("demo", "--broker-url", broker_url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all mails ended as expected" in result.stdout
-    assert "attempt 1 failed" in result.stdout and "550 5.1.1" in result.stdout
+    assert "attempt_failed attempt 1" in result.stdout and "550 5.1.1" in result.stdout
     namespace = result.stdout.split("namespace '")[1].split("'")[0]
     with admin_channel(broker_url) as channel, pytest.raises(ChannelClosedByBroker):
         channel.queue_declare(f"{namespace}.send.acme.shop", passive=True)  # cleaned up
@@ -260,8 +260,58 @@ def test_every_command_has_help() -> None:
         ["worker", "--help"],
         ["demo", "--help"],
         ["topology", "declare", "--help"],
+        ["run", "--help"],
+        ["history-consumer", "--help"],
+        ["history", "list", "--help"],
+        ["history", "show", "--help"],
+        ["history", "purge", "--help"],
+        ["store", "migrate", "--help"],
         ["schema", "--help"],
     ):
         result = run(*argv)
         assert result.returncode == 0, (argv, result.stderr)
         assert "Usage:" in result.stdout
+
+
+def test_history_commands_list_show_and_purge(
+    config: Path, settings: Settings, catcher: MailCatcher
+) -> None:
+    from consumer.history import HistoryConsumer
+    from shared.store import HistoryStore
+
+    assert run("store", "migrate", config=config).returncode == 0
+    migrated = run("store", "migrate", config=config)
+    assert migrated.returncode == 0 and "is at schema" in migrated.stdout
+    submitted = run(
+        "submit",
+        "--tenant",
+        "acme",
+        "--app",
+        "billing",
+        "--to",
+        "zoe@example.com",
+        "--subject",
+        "Table test",
+        "--text",
+        "x",
+        "--tag",
+        "t1",
+        config=config,
+    )
+    mail_id = submitted.stdout.strip()
+    drain(settings)
+    store = HistoryStore.open(settings.store_url.get_secret_value())
+    HistoryConsumer(settings, store).run(drain=True)
+    store.close()
+
+    table = run("history", "list", "--to", "zoe@example.com", "--since", "-1h", config=config)
+    assert table.returncode == 0, table.stderr
+    assert mail_id in table.stdout and "sent" in table.stdout and "Table test" in table.stdout
+    assert run("history", "list", "--tag", "nope", "--json", config=config).stdout.strip() == "[]"
+    shown = run("history", "show", mail_id, config=config)
+    assert shown.returncode == 0
+    assert "status      sent" in shown.stdout and "submitted" in shown.stdout
+    missing = run("history", "show", "00000000-0000-4000-8000-000000000000", config=config)
+    assert missing.returncode == 1 and "has no mail" in missing.stderr
+    assert "purged 0 mails" in run("history", "purge", "--older-than", "30d", config=config).stdout
+    assert "purged 1 mails" in run("history", "purge", "--older-than", "0s", config=config).stdout

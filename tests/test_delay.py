@@ -42,7 +42,11 @@ def route(topology: Topology, exchange: str, key: str) -> tuple[list[str], str]:
     visited = []
     for _ in range(10 * topology.delay.count + 10):
         targets = [
-            b for b in topology.bindings() if b.source == exchange and topic_matches(b.pattern, key)
+            b
+            for b in topology.bindings()
+            if b.source == exchange
+            and topic_matches(b.pattern, key)
+            and b.destination != topology.history_queue  # the history copy; see below
         ]
         assert len(targets) == 1, f"{key} on {exchange} routes to {targets}"
         target = targets[0]
@@ -93,6 +97,29 @@ def test_every_bit_pattern_of_ten_levels_routes_correctly() -> None:
 def test_a_due_mail_goes_straight_to_its_send_queue() -> None:
     topology = topology_for(8)
     assert route(topology, topology.submit_exchange, "acme.billing") == ([], "ns.send.acme.billing")
+
+
+@pytest.mark.parametrize("seconds", [0, 1, 77, 255])
+def test_a_submitted_mail_also_reaches_the_history_queue_once(seconds: int) -> None:
+    topology = topology_for(8)
+    key = topology.delay.routing_key(seconds, "acme", "billing") if seconds else "acme.billing"
+    to_history = [
+        b
+        for b in topology.bindings()
+        if b.source == topology.submit_exchange
+        and b.destination == topology.history_queue
+        and topic_matches(b.pattern, key)
+    ]
+    assert len(to_history) == 1
+    # …but not a mail for a route nobody declared: that one stays unroutable.
+    stray = key.replace("acme.billing", "globex.billing")
+    assert not [
+        b
+        for b in topology.bindings()
+        if b.source == topology.submit_exchange
+        and topic_matches(b.pattern, stray)
+        and not b.to_exchange
+    ]
 
 
 def test_delays_round_up_to_whole_seconds_and_cap_at_one_pass() -> None:

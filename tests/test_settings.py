@@ -152,3 +152,9 @@ def test_the_example_in_deploy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(example)
     assert settings.routes() == [("acme", "billing"), ("globex", "shop")]
     assert settings.smtp["relay"].security == "starttls"
+
+
+def test_a_store_url_that_is_no_database_url_is_named(config: Path) -> None:
+    config.write_text('store_url = "rohrpost.db"\n' + EXAMPLE)
+    with pytest.raises(ConfigError, match="store_url: not a database URL"):
+        load_settings(config)

@@ -1,0 +1,1 @@
+"""The sub-commands of ``rohrpost``, one module per area."""

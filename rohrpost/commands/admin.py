@@ -1,0 +1,78 @@
+"""Administrative commands: topology, schema, demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from rohrpost.commands.context import CliContext, pass_context
+from shared.settings import redact_url
+
+
+@click.group()
+def topology() -> None:
+    """Declare or delete the exchanges and queues."""
+
+
+@topology.command("declare")
+@pass_context
+def topology_declare(ctx: CliContext) -> None:
+    """Declare every exchange, queue and binding (idempotent)."""
+    from shared.topology import declare_topology
+
+    settings = ctx.settings()
+    declared = declare_topology(settings)
+    click.echo(
+        f"declared {len(declared.exchanges())} exchanges, {len(declared.queues())} queues, "
+        f"{len(declared.bindings())} bindings in namespace {settings.namespace!r} "
+        f"on {redact_url(settings.broker_url.get_secret_value())}"
+    )
+
+
+@topology.command("delete")
+@click.option("--yes", is_flag=True, help="Really delete, with every mail in the queues.")
+@pass_context
+def topology_delete(ctx: CliContext, yes: bool) -> None:
+    """Delete every exchange and queue of the namespace, messages included."""
+    from shared.broker import admin_channel
+    from shared.topology import Topology
+
+    if not yes:
+        raise click.UsageError("this deletes queued mails; pass --yes to confirm")
+    settings = ctx.settings()
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        Topology.from_settings(settings).delete(channel)
+    click.echo(f"deleted namespace {settings.namespace!r}")
+
+
+@click.command()
+@click.option(
+    "--broker-url",
+    envvar="ROHRPOST_BROKER_URL",
+    default="amqp://guest:guest@127.0.0.1:5672/%2F",
+    show_default=True,
+    help="RabbitMQ to run the demo on.",
+)
+def demo(broker_url: str) -> None:
+    """Run the whole pipeline once on a local SMTP catcher and report each mail's fate."""
+    from rohrpost.demo import run_demo
+
+    sys.exit(run_demo(broker_url))
+
+
+@click.command()
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory to write into  [default: the package's shared/schema]",
+)
+def schema(output: str | None) -> None:
+    """Write the JSON Schemas of the mail container and the events."""
+    from shared.schema_export import write_schemas
+
+    for path in write_schemas(Path(output) if output else None):
+        click.echo(path)

@@ -1,0 +1,185 @@
+"""``rohrpost history …`` and ``rohrpost store …``: read, purge and migrate the history."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import click
+
+from rohrpost.commands.context import CliContext, pass_context
+from shared.timeparse import parse_duration, parse_when
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only by commands that use it
+    from shared.store import HistoryStore, MailHistory, MailSummary
+
+STATUSES = ["queued", "scheduled", "retrying", "sent", "expired", "dead_lettered", "cancelled"]
+
+
+@contextmanager
+def open_store(ctx: CliContext) -> Iterator[HistoryStore]:
+    """The configured store, closed afterwards."""
+    from shared.store import HistoryStore
+
+    store = HistoryStore.open(ctx.settings().store_url.get_secret_value())
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _when(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from exc
+
+
+def _short(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = text or "-"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@click.group()
+def history() -> None:
+    """Search the history, show one mail's timeline, purge old mails."""
+
+
+@history.command("list")
+@click.option("--tenant")
+@click.option("--app")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--to", help="A recipient address (to, cc or bcc).")
+@click.option("--tag")
+@click.option("--since", help="Last change at or after: ISO 8601 or -2h, -7d.")
+@click.option("--until", help="Last change before: ISO 8601 or -2h, -7d.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+@pass_context
+def list_(
+    ctx: CliContext, /, as_json: bool, since: str | None, until: str | None, **criteria: object
+) -> None:
+    """List mails, newest change first."""
+    from shared.store import MailFilter
+
+    mail_filter = MailFilter.model_validate(
+        {**criteria, "since": _when(since, "--since"), "until": _when(until, "--until")}
+    )
+    with open_store(ctx) as store:
+        found = store.list_mails(mail_filter)
+    if as_json:
+        click.echo(json.dumps([m.model_dump(mode="json") for m in found], indent=2))
+        return
+    click.echo(
+        f"{'id':36}  {'status':13}  {'last change (UTC)':19}  {'tenant/app':20}  {'to':28}  subject"
+    )
+    for mail in found:
+        click.echo(_row(mail))
+    click.echo(f"({len(found)} mails)", err=True)
+
+
+def _row(mail: MailSummary) -> str:
+    return (
+        f"{mail.id}  {mail.status:13}  {_short(mail.updated_at)}  "
+        f"{_clip(f'{mail.tenant}/{mail.app}', 20):20}  {_clip(mail.recipients, 28):28}  "
+        f"{_clip(mail.subject, 40)}"
+    )
+
+
+@history.command("show")
+@click.argument("mail_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True, help="The mail and its timeline as JSON.")
+@pass_context
+def show(ctx: CliContext, mail_id: uuid.UUID, as_json: bool) -> None:
+    """Show one mail and its whole timeline."""
+    with open_store(ctx) as store:
+        found = store.mail(mail_id)
+    if found is None:
+        raise click.ClickException(f"the history has no mail {mail_id}")
+    if as_json:
+        click.echo(found.model_dump_json(indent=2))
+    else:
+        click.echo(_describe(found))
+
+
+def _describe(found: MailHistory) -> str:
+    mail = found.mail
+    lines = [
+        f"mail        {mail.id}",
+        f"status      {mail.status}" + (f" ({mail.reason})" if mail.reason else ""),
+        f"tenant/app  {mail.tenant}/{mail.app}",
+        f"from        {mail.sender or '-'}",
+        f"to          {mail.recipients or '-'}",
+        f"subject     {mail.subject or '-'}",
+        f"attempts    {mail.attempts}",
+    ]
+    if mail.template:
+        lines.append(f"template    {mail.template}")
+    if mail.not_before:
+        lines.append(f"not before  {_short(mail.not_before)} UTC")
+    if mail.message_id:
+        lines.append(f"message-id  {mail.message_id}")
+    if mail.content_deleted:
+        lines.append("content     deleted after sending (history = delete)")
+    lines.append("")
+    lines.append("timeline (UTC)")
+    for event in found.events:
+        details = [
+            f"attempt {event.attempt}" if event.attempt else "",
+            event.reason or "",
+            event.error or "",
+            event.smtp_reply or "",
+            f"by {event.actor}" if event.actor else "",
+            json.dumps(event.detail) if event.detail else "",
+        ]
+        text = "; ".join(d for d in details if d)
+        lines.append(f"  {_short(event.at)}  {event.kind:15} {text}".rstrip())
+    return "\n".join(lines)
+
+
+@history.command("purge")
+@click.option("--older-than", required=True, help="Age of the last change, e.g. 30d.")
+@click.option("--tenant")
+@click.option("--app")
+@pass_context
+def purge(ctx: CliContext, older_than: str, tenant: str | None, app: str | None) -> None:
+    """Delete finished mails whose last change is older than --older-than."""
+    try:
+        cutoff = datetime.now(UTC) - parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from exc
+    with open_store(ctx) as store:
+        count = store.purge(cutoff, tenant=tenant, app=app)
+    click.echo(f"purged {count} mails last changed before {_short(cutoff)} UTC")
+
+
+@click.group()
+def store() -> None:
+    """Manage the history store's schema."""
+
+
+@store.command("migrate")
+@pass_context
+def migrate(ctx: CliContext) -> None:
+    """Create or upgrade the store's schema to this version (idempotent)."""
+    from shared.settings import redact_url
+    from shared.store.database import create_store_engine
+    from shared.store.database import migrate as run_migrations
+
+    url = ctx.settings().store_url.get_secret_value()
+    engine = create_store_engine(url)
+    try:
+        revision = run_migrations(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"history store {redact_url(url)} is at schema {revision}")

@@ -1,0 +1,13 @@
+"""The history store: every mail's fate, in SQLite (default) or PostgreSQL."""
+
+from shared.store.history import EventEntry, HistoryStore, MailFilter, MailHistory, MailSummary
+from shared.store.writer import HistoryRecord
+
+__all__ = [
+    "EventEntry",
+    "HistoryRecord",
+    "HistoryStore",
+    "MailFilter",
+    "MailHistory",
+    "MailSummary",
+]

@@ -1,0 +1,88 @@
+"""Opening the history store and migrating its schema."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from shared.errors import StoreError, StoreUnavailable
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the CLI read while the history consumer writes; foreign keys make
+    # purges cascade; busy_timeout rides out short locks instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def create_store_engine(url: str) -> Engine:
+    """An engine for ``url`` (``sqlite:///file.db`` or ``postgresql+psycopg://…``)."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration this version of rohrpost knows."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration the store is at (None when it has never been migrated)."""
+    with translate_errors(), engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the store's schema to the newest migration; return that revision."""
+    config = _alembic_config()
+    with translate_errors(), engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    return head_revision()
+
+
+def require_migrated(engine: Engine) -> None:
+    """Raise StoreError unless the store's schema is at the newest migration."""
+    current = current_revision(engine)
+    if current != head_revision():
+        raise StoreError(
+            f"the history store is at schema {current or 'none'}, this rohrpost needs "
+            f"{head_revision()}: run `rohrpost store migrate`"
+        )
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn database driver errors into StoreUnavailable (may pass) or StoreError."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
+        raise StoreError(f"history store error: {exc.orig}") from exc

@@ -1,0 +1,197 @@
+"""Reading the history: search mails, show one mail's timeline, purge old ones.
+
+The Python API behind ``rohrpost history …`` and, later, a web console.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import Engine, Select, delete, exists, select
+
+from shared.store.database import (
+    create_store_engine,
+    migrate,
+    require_migrated,
+    translate_errors,
+)
+from shared.store.tables import events, mail_recipients, mail_tags, mails
+from shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
+
+
+class MailFilter(BaseModel):
+    """What ``list_mails`` returns: every given criterion must hold."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str | None = None
+    app: str | None = None
+    status: str | None = None
+    to: str | None = None
+    tag: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 100
+
+
+class MailSummary(BaseModel):
+    """One mail as the history knows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    tenant: str
+    app: str
+    status: str
+    created_at: datetime | None
+    updated_at: datetime
+    not_before: datetime | None
+    sent_at: datetime | None
+    sender: str | None
+    recipients: str | None
+    subject: str | None
+    template: str | None
+    attempts: int
+    last_error: str | None
+    reason: str | None
+    message_id: str | None
+    history: str | None
+    content_deleted: bool
+
+
+class EventEntry(BaseModel):
+    """One step of a mail's timeline."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: uuid.UUID
+    kind: str
+    at: datetime
+    round: int
+    attempt: int | None
+    reason: str | None
+    error: str | None
+    smtp_reply: str | None
+    message_id: str | None
+    actor: str | None
+    detail: dict[str, Any] | None
+
+
+class MailHistory(BaseModel):
+    """One mail, its container (when kept) and its whole timeline, oldest first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mail: MailSummary
+    container: dict[str, Any] | None
+    events: list[EventEntry]
+
+
+_SUMMARY_COLUMNS = [mails.c[name] for name in MailSummary.model_fields]
+_EVENT_RANK = {"submitted": 0, "scheduled": 1, "attempt_failed": 2}
+
+
+class HistoryStore:
+    """The history store: one engine, shared by readers and the writer."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._writer = HistoryWriter(engine)
+
+    @classmethod
+    def open(cls, url: str, *, migrate_schema: bool = False) -> HistoryStore:
+        """Open the store at ``url``; migrate it, or insist that it is migrated."""
+        engine = create_store_engine(url)
+        try:
+            if migrate_schema:
+                migrate(engine)
+            else:
+                require_migrated(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    def write(self, records: Iterable[HistoryRecord]) -> int:
+        """Store records in one transaction; return how many events were new."""
+        return self._writer.write(records)
+
+    def list_mails(self, criteria: MailFilter | None = None) -> list[MailSummary]:
+        """Mails matching ``criteria``, newest first."""
+        query = _filtered(select(*_SUMMARY_COLUMNS), criteria or MailFilter())
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [MailSummary.model_validate(dict(row)) for row in rows]
+
+    def mail(self, mail_id: uuid.UUID) -> MailHistory | None:
+        """One mail with its timeline, or None when the history does not know it."""
+        with translate_errors(), self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    select(*_SUMMARY_COLUMNS, mails.c.container).where(mails.c.id == mail_id)
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            timeline = (
+                conn.execute(select(events).where(events.c.mail_id == mail_id)).mappings().all()
+            )
+        entries = [
+            EventEntry.model_validate(
+                {**dict(e), "detail": json.loads(e["detail"]) if e["detail"] else None}
+            )
+            for e in timeline
+        ]
+        entries.sort(key=lambda e: (e.round, e.at, _EVENT_RANK.get(e.kind, 3)))
+        summary = MailSummary.model_validate({k: row[k] for k in MailSummary.model_fields})
+        container = json.loads(row["container"]) if row["container"] else None
+        return MailHistory(mail=summary, container=container, events=entries)
+
+    def purge(
+        self, older_than: datetime, *, tenant: str | None = None, app: str | None = None
+    ) -> int:
+        """Delete finished mails (and their events) last changed before ``older_than``."""
+        query = delete(mails).where(mails.c.status.in_(TERMINAL), mails.c.updated_at < older_than)
+        if tenant is not None:
+            query = query.where(mails.c.tenant == tenant)
+        if app is not None:
+            query = query.where(mails.c.app == app)
+        with translate_errors(), self.engine.begin() as conn:
+            return conn.execute(query).rowcount
+
+
+def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
+    for column, value in (
+        (mails.c.tenant, criteria.tenant),
+        (mails.c.app, criteria.app),
+        (mails.c.status, criteria.status),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if criteria.since is not None:
+        query = query.where(mails.c.updated_at >= criteria.since)
+    if criteria.until is not None:
+        query = query.where(mails.c.updated_at < criteria.until)
+    if criteria.to is not None:
+        query = query.where(
+            exists().where(
+                mail_recipients.c.mail_id == mails.c.id,
+                mail_recipients.c.address == criteria.to.lower(),
+            )
+        )
+    if criteria.tag is not None:
+        query = query.where(
+            exists().where(mail_tags.c.mail_id == mails.c.id, mail_tags.c.tag == criteria.tag)
+        )
+    return query.order_by(mails.c.updated_at.desc()).limit(criteria.limit)

@@ -1,0 +1,121 @@
+"""The history store's tables (SQLAlchemy Core), for SQLite and PostgreSQL alike.
+
+The schema on disk is created and changed only by migrations (``migrations/``);
+a test checks that the migrated schema matches these definitions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend (SQLite stores naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use an aware one")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+#: One row per mail: its current state, and its content unless history = "delete".
+mails = Table(
+    "mails",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("app", String(63), nullable=False),
+    Column("status", String(20), nullable=False),
+    # (round, status_rank, status_at) orders state changes; see shared.store.writer.
+    Column("round", Integer, nullable=False),
+    Column("status_rank", Integer, nullable=False),
+    Column("status_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("not_before", UtcDateTime),
+    Column("expires_at", UtcDateTime),
+    Column("sent_at", UtcDateTime),
+    Column("sender", Text),
+    Column("recipients", Text),
+    Column("subject", Text),
+    Column("template", Text),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("reason", String(40)),
+    Column("message_id", Text),
+    Column("smtp_reply", Text),
+    Column("history", String(6)),
+    Column("container", Text),
+    Column("content_deleted", Boolean, nullable=False),
+    Index("ix_mails_tenant_app_status", "tenant", "app", "status"),
+    Index("ix_mails_created_at", "created_at"),
+    Index("ix_mails_status_updated_at", "status", "updated_at"),
+)
+
+#: Every recipient of a mail (to, cc, bcc), lower-cased, for ``--to`` searches.
+mail_recipients = Table(
+    "mail_recipients",
+    metadata,
+    Column("mail_id", Uuid, ForeignKey("mails.id", ondelete="CASCADE"), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Index("ix_mail_recipients_address", "address"),
+)
+
+#: Every tag of a mail, for ``--tag`` searches.
+mail_tags = Table(
+    "mail_tags",
+    metadata,
+    Column("mail_id", Uuid, ForeignKey("mails.id", ondelete="CASCADE"), primary_key=True),
+    Column("tag", String(64), primary_key=True),
+    Index("ix_mail_tags_tag", "tag"),
+)
+
+#: Every event of every mail, once (event_id is the idempotency key).
+events = Table(
+    "events",
+    metadata,
+    Column("event_id", Uuid, primary_key=True),
+    Column("mail_id", Uuid, ForeignKey("mails.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("attempt", Integer),
+    Column("reason", String(40)),
+    Column("error", Text),
+    Column("smtp_reply", Text),
+    Column("message_id", Text),
+    Column("actor", Text),
+    Column("detail", Text),
+    Index("ix_events_mail_id", "mail_id"),
+)

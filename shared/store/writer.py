@@ -1,0 +1,279 @@
+"""Writing events into the history store: batched, idempotent, order-tolerant.
+
+Each batch is one transaction. An event already stored (same ``event_id``) changes
+nothing, so a redelivered batch is harmless. Events of one mail may arrive out of
+order (redeliveries, several consumers), so a mail's status comes from its event
+with the greatest ``(round, rank, at)``: a later re-submission round beats an
+earlier one, a terminal state beats a retry, a retry beats submission, and time
+breaks ties. That way clock skew between producers and workers cannot make a sent
+mail look queued again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+
+from shared.container import MailContainer
+from shared.events import EventKind, MailEvent
+from shared.store.database import translate_errors
+from shared.store.tables import events, mail_recipients, mail_tags, mails
+
+#: Status a kind of event puts a mail in, and how strongly (higher wins within a round).
+STATUS_OF: dict[EventKind, tuple[str, int]] = {
+    EventKind.SUBMITTED: ("queued", 0),
+    EventKind.RESUBMITTED: ("queued", 0),
+    EventKind.RESENT: ("queued", 0),
+    EventKind.SCHEDULED: ("scheduled", 1),
+    EventKind.ATTEMPT_FAILED: ("retrying", 2),
+    EventKind.SENT: ("sent", 3),
+    EventKind.EXPIRED: ("expired", 3),
+    EventKind.DEAD_LETTERED: ("dead_lettered", 3),
+    EventKind.CANCELLED: ("cancelled", 3),
+}
+TERMINAL = ("sent", "expired", "dead_lettered", "cancelled")
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    """One event to store; ``container`` and ``sender`` come with ``submitted`` events."""
+
+    event: MailEvent
+    container: MailContainer | None = None
+    sender: str | None = None
+
+    def order(self) -> tuple[int, int, datetime]:
+        """Sort key of the event among its mail's events."""
+        rank = STATUS_OF.get(self.event.kind, ("", -1))[1]
+        return (self.event.round, rank, self.event.at)
+
+
+@dataclass
+class _Mail:
+    """A mail row being updated in memory."""
+
+    row: dict[str, Any]
+    is_new: bool
+    new_content: bool = False
+    tags: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    changed: set[str] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, event: MailEvent) -> _Mail:
+        row = {
+            "id": event.mail_id,
+            "tenant": event.tenant,
+            "app": event.app,
+            "status": "queued",
+            "round": -1,
+            "status_rank": -1,
+            "status_at": event.at,
+            "created_at": None,
+            "updated_at": event.at,
+            "not_before": None,
+            "expires_at": None,
+            "sent_at": None,
+            "sender": None,
+            "recipients": None,
+            "subject": None,
+            "template": None,
+            "attempts": 0,
+            "last_error": None,
+            "reason": None,
+            "message_id": None,
+            "smtp_reply": None,
+            "history": None,
+            "container": None,
+            "content_deleted": False,
+        }
+        return cls(row, is_new=True)
+
+    def set(self, **values: Any) -> None:
+        self.row.update(values)
+        self.changed.update(values)
+
+    def apply(self, record: HistoryRecord) -> None:
+        event = record.event
+        row = self.row
+        self.set(updated_at=max(row["updated_at"], event.at))
+        if record.container is not None:
+            self._apply_container(record)
+        status = STATUS_OF.get(event.kind)
+        key = record.order()
+        is_latest = status is not None and key > (
+            row["round"],
+            row["status_rank"],
+            row["status_at"],
+        )
+        if is_latest and status is not None:
+            self.set(status=status[0], round=key[0], status_rank=key[1], status_at=key[2])
+            if event.error is not None:
+                self.set(last_error=event.error)
+        if event.attempt is not None and event.kind in (
+            EventKind.ATTEMPT_FAILED,
+            EventKind.SENT,
+            EventKind.DEAD_LETTERED,
+        ):
+            self.set(attempts=max(row["attempts"], event.attempt))
+        if event.kind == EventKind.SENT:
+            self.set(sent_at=event.at, message_id=event.message_id, smtp_reply=event.smtp_reply)
+            if row["subject"] is None and event.subject is not None:
+                self.set(subject=event.subject)
+        elif event.kind == EventKind.DEAD_LETTERED:
+            self.set(reason=event.reason)
+
+    def _apply_container(self, record: HistoryRecord) -> None:
+        mail = record.container
+        assert mail is not None
+        self.set(
+            created_at=mail.created_at,
+            not_before=mail.not_before,
+            expires_at=mail.expires_at,
+            template=mail.template,
+            history=mail.history,
+        )
+        if self.row["content_deleted"]:
+            return
+        self.set(
+            sender=record.sender or mail.from_,
+            recipients=", ".join(mail.recipients),
+            subject=self.row["subject"] or mail.subject,
+            container=mail.model_dump_json(by_alias=True, exclude_none=True),
+        )
+        self.new_content = True
+        self.tags = mail.tags
+        self.addresses = tuple(dict.fromkeys(address_of(a).lower() for a in mail.recipients))
+
+    @property
+    def drops_content(self) -> bool:
+        """history = "delete" and sent: keep the outcome, forget the content."""
+        row = self.row
+        return row["history"] == "delete" and row["status"] == "sent" and not row["content_deleted"]
+
+
+def address_of(address: str) -> str:
+    """The bare address of ``Name <addr>``."""
+    from email.utils import getaddresses
+
+    return getaddresses([address])[0][1] or address
+
+
+class HistoryWriter:
+    """Stores batches of history records."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def write(self, records: Iterable[HistoryRecord]) -> int:
+        """Store the records in one transaction; return how many events were new."""
+        unique = {r.event.event_id: r for r in records if r.event.mail_id is not None}
+        if not unique:
+            return 0
+        with translate_errors(), self._engine.begin() as conn:
+            known = _existing(conn, events.c.event_id, list(unique))
+            new = sorted((r for i, r in unique.items() if i not in known), key=HistoryRecord.order)
+            if not new:
+                return 0
+            states = self._load(conn, {r.event.mail_id for r in new if r.event.mail_id})
+            for record in new:
+                mail_id = record.event.mail_id
+                assert mail_id is not None
+                states.setdefault(mail_id, _Mail.create(record.event)).apply(record)
+            self._save(conn, list(states.values()))
+            conn.execute(insert(events), [_event_row(r.event) for r in new])
+            self._drop_content(conn, [m for m in states.values() if m.drops_content])
+        return len(new)
+
+    @staticmethod
+    def _load(conn: Connection, ids: set[uuid.UUID]) -> dict[uuid.UUID, _Mail]:
+        loaded: dict[uuid.UUID, _Mail] = {}
+        ordered = list(ids)
+        for start in range(0, len(ordered), _CHUNK):
+            query = select(mails).where(mails.c.id.in_(ordered[start : start + _CHUNK]))
+            for row in conn.execute(query.with_for_update()).mappings():
+                loaded[row["id"]] = _Mail(dict(row), is_new=False)
+        return loaded
+
+    @staticmethod
+    def _save(conn: Connection, states: Sequence[_Mail]) -> None:
+        created = [m.row for m in states if m.is_new]
+        if created:
+            conn.execute(insert(mails), created)
+        for mail in states:
+            if mail.is_new or not mail.changed:
+                continue
+            values = {name: mail.row[name] for name in mail.changed}
+            conn.execute(update(mails).where(mails.c.id == mail.row["id"]).values(**values))
+        content = [m for m in states if m.new_content]
+        for table, column, attribute in (
+            (mail_recipients, "address", "addresses"),
+            (mail_tags, "tag", "tags"),
+        ):
+            ids = [m.row["id"] for m in content]
+            if ids:
+                conn.execute(delete(table).where(table.c.mail_id.in_(ids)))
+            rows = [
+                {"mail_id": m.row["id"], column: value}
+                for m in content
+                for value in getattr(m, attribute)
+            ]
+            if rows:
+                conn.execute(insert(table), rows)
+
+    @staticmethod
+    def _drop_content(conn: Connection, dropping: Sequence[_Mail]) -> None:
+        ids = [m.row["id"] for m in dropping]
+        if not ids:
+            return
+        conn.execute(
+            update(mails)
+            .where(mails.c.id.in_(ids))
+            .values(
+                sender=None,
+                recipients=None,
+                subject=None,
+                container=None,
+                last_error=None,
+                smtp_reply=None,
+                content_deleted=True,
+            )
+        )
+        conn.execute(delete(mail_recipients).where(mail_recipients.c.mail_id.in_(ids)))
+        conn.execute(delete(mail_tags).where(mail_tags.c.mail_id.in_(ids)))
+        conn.execute(
+            update(events)
+            .where(events.c.mail_id.in_(ids))
+            .values(error=None, smtp_reply=None, detail=None)
+        )
+
+
+def _existing(conn: Connection, column: Any, values: list[Any]) -> set[Any]:
+    found: set[Any] = set()
+    for start in range(0, len(values), _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        found.update(conn.execute(select(column).where(column.in_(chunk))).scalars())
+    return found
+
+
+def _event_row(event: MailEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "mail_id": event.mail_id,
+        "kind": event.kind.value,
+        "at": event.at,
+        "round": event.round,
+        "attempt": event.attempt,
+        "reason": event.reason,
+        "error": event.error,
+        "smtp_reply": event.smtp_reply,
+        "message_id": event.message_id,
+        "actor": None,
+        "detail": None,
+    }

@@ -1,0 +1,279 @@
+"""The history store, on SQLite and on PostgreSQL: schema, idempotent writes, queries, purge."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, select
+
+from shared.container import MailContainer, parse_container
+from shared.errors import StoreError
+from shared.events import EventKind, MailEvent
+from shared.store import HistoryRecord, HistoryStore, MailFilter
+from shared.store.database import create_store_engine, head_revision, migrate
+from shared.store.tables import events, mail_recipients, mail_tags, metadata
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def container(**fields: Any) -> MailContainer:
+    return parse_container(
+        {
+            "tenant": "acme",
+            "app": "billing",
+            "to": ["Anna <Anna@Example.com>"],
+            "cc": ["bob@example.com"],
+            "subject": "Invoice 7",
+            "text": "x",
+            "tags": ["invoice"],
+            "created_at": T0.isoformat(),
+            **fields,
+        }
+    )
+
+
+def submitted(mail: MailContainer, at: datetime = T0) -> HistoryRecord:
+    event = MailEvent(
+        event_id=uuid.uuid5(mail.id, "submitted.0"),
+        kind=EventKind.SUBMITTED,
+        mail_id=mail.id,
+        tenant=mail.tenant,
+        app=mail.app,
+        at=at,
+    )
+    return HistoryRecord(event, mail, "billing@acme.example")
+
+
+def event(mail: MailContainer, kind: EventKind, at: datetime, **fields: Any) -> HistoryRecord:
+    return HistoryRecord(
+        MailEvent(kind=kind, mail_id=mail.id, tenant=mail.tenant, app=mail.app, at=at, **fields)
+    )
+
+
+def retried_then_sent(mail: MailContainer) -> list[HistoryRecord]:
+    return [
+        submitted(mail),
+        event(
+            mail,
+            EventKind.ATTEMPT_FAILED,
+            T0 + timedelta(seconds=1),
+            attempt=1,
+            error="DATA: 421 4.3.2 busy",
+            retry_in_seconds=30,
+        ),
+        event(
+            mail,
+            EventKind.SENT,
+            T0 + timedelta(seconds=31),
+            attempt=2,
+            smtp_reply="250 2.0.0 queued as ABC",
+            message_id=f"<{mail.id}@acme.example>",
+        ),
+    ]
+
+
+def count(store: HistoryStore, table: Any, **where: Any) -> int:
+    query = select(func.count()).select_from(table)
+    for column, value in where.items():
+        query = query.where(table.c[column] == value)
+    with store.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def test_migrations_create_exactly_the_declared_schema(store: HistoryStore) -> None:
+    with store.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert differences == []
+
+
+def test_migrating_again_changes_nothing(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        assert migrate(engine) == head_revision()
+        assert migrate(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_an_unmigrated_store_is_refused_with_the_fix(store_url: str) -> None:
+    with pytest.raises(StoreError, match="rohrpost store migrate"):
+        HistoryStore.open(store_url)
+
+
+def test_a_mail_and_its_timeline_are_stored_in_order(store: HistoryStore) -> None:
+    mail = container()
+    assert store.write(retried_then_sent(mail)) == 3
+    found = store.mail(mail.id)
+    assert found is not None
+    assert found.mail.status == "sent"
+    assert found.mail.attempts == 2
+    assert found.mail.sender == "billing@acme.example"
+    assert found.mail.recipients == "Anna <Anna@Example.com>, bob@example.com"
+    assert found.mail.sent_at == T0 + timedelta(seconds=31)
+    assert found.mail.message_id == f"<{mail.id}@acme.example>"
+    assert [e.kind for e in found.events] == ["submitted", "attempt_failed", "sent"]
+    assert found.events[1].error == "DATA: 421 4.3.2 busy"
+    assert found.container is not None and found.container["subject"] == "Invoice 7"
+
+
+def test_writing_the_same_events_again_changes_nothing(store: HistoryStore) -> None:
+    mail = container()
+    records = retried_then_sent(mail)
+    store.write(records)
+    before = store.mail(mail.id)
+    assert store.write(records) == 0
+    assert store.write(records[1:] + records[:1]) == 0
+    assert store.mail(mail.id) == before
+    assert count(store, events) == 3
+
+
+def test_events_arriving_out_of_order_end_in_the_right_status(store: HistoryStore) -> None:
+    mail = container()
+    records = retried_then_sent(mail)
+    store.write([records[2]])
+    store.write([records[1]])
+    store.write([records[0]])
+    found = store.mail(mail.id)
+    assert found is not None and found.mail.status == "sent"
+    assert found.mail.subject == "Invoice 7" and found.mail.recipients is not None
+
+
+def test_a_worker_clock_behind_the_producer_cannot_make_a_sent_mail_look_queued(
+    store: HistoryStore,
+) -> None:
+    mail = container()
+    store.write(
+        [
+            submitted(mail, at=T0),
+            event(mail, EventKind.SENT, T0 - timedelta(seconds=5), attempt=1, smtp_reply="250"),
+        ]
+    )
+    found = store.mail(mail.id)
+    assert found is not None and found.mail.status == "sent"
+
+
+def test_a_future_not_before_is_scheduled(store: HistoryStore) -> None:
+    mail = container(not_before=(T0 + timedelta(hours=1)).isoformat())
+    store.write(
+        [
+            submitted(mail),
+            HistoryRecord(
+                MailEvent(
+                    event_id=uuid.uuid5(mail.id, "scheduled.0"),
+                    kind=EventKind.SCHEDULED,
+                    mail_id=mail.id,
+                    tenant="acme",
+                    app="billing",
+                    at=T0,
+                )
+            ),
+        ]
+    )
+    found = store.mail(mail.id)
+    assert found is not None and found.mail.status == "scheduled"
+
+
+def test_list_filters_by_every_criterion(store: HistoryStore) -> None:
+    sent = container()
+    dead = container(to=["carol@example.com"], cc=[], tags=["reminder"], app="billing")
+    other = container(tenant="globex", to=["anna@example.com"], cc=[], tags=[])
+    store.write(
+        [
+            *retried_then_sent(sent),
+            submitted(dead),
+            submitted(other),
+            event(
+                dead,
+                EventKind.DEAD_LETTERED,
+                T0 + timedelta(hours=2),
+                attempt=1,
+                reason="rejected",
+                error="550 no such user",
+            ),
+        ]
+    )
+
+    def ids(**criteria: Any) -> set[uuid.UUID]:
+        return {m.id for m in store.list_mails(MailFilter(**criteria))}
+
+    assert ids() == {sent.id, dead.id, other.id}
+    assert ids(tenant="acme") == {sent.id, dead.id}
+    assert ids(tenant="globex", app="billing") == {other.id}
+    assert ids(status="dead_lettered") == {dead.id}
+    assert ids(to="ANNA@example.com") == {sent.id, other.id}
+    assert ids(to="bob@example.com") == {sent.id}
+    assert ids(tag="reminder") == {dead.id}
+    assert ids(since=T0 + timedelta(hours=1)) == {dead.id}
+    assert ids(until=T0 + timedelta(hours=1)) == {sent.id, other.id}
+    assert len(store.list_mails(MailFilter(limit=2))) == 2
+    assert store.list_mails()[0].id == dead.id, "newest change first"
+
+
+def test_a_delete_mail_leaves_no_content_after_it_was_sent(store: HistoryStore) -> None:
+    mail = container(history="delete")
+    records = retried_then_sent(mail)
+    store.write(records)
+    found = store.mail(mail.id)
+    assert found is not None
+    assert found.mail.status == "sent" and found.mail.content_deleted
+    assert found.container is None
+    assert (found.mail.sender, found.mail.recipients, found.mail.subject) == (None, None, None)
+    assert found.mail.last_error is None
+    assert all(e.error is None and e.smtp_reply is None for e in found.events)
+    assert count(store, mail_recipients) == 0 and count(store, mail_tags) == 0
+    assert store.list_mails(MailFilter(to="anna@example.com")) == []
+    # A redelivered submission does not bring the content back.
+    store.write([submitted(mail)])
+    again = store.mail(mail.id)
+    assert again is not None and again.container is None and again.mail.recipients is None
+
+
+def test_a_delete_mail_that_failed_keeps_its_content_for_operators(store: HistoryStore) -> None:
+    mail = container(history="delete")
+    store.write(
+        [
+            submitted(mail),
+            event(mail, EventKind.DEAD_LETTERED, T0, attempt=1, reason="rejected", error="550"),
+        ]
+    )
+    found = store.mail(mail.id)
+    assert found is not None and found.container is not None and not found.mail.content_deleted
+
+
+def test_purge_removes_exactly_the_finished_mails_older_than_the_limit(
+    store: HistoryStore,
+) -> None:
+    now = datetime.now(UTC)
+    old_sent, old_dead, old_pending, new_sent, other_app = (
+        container(created_at=(now - timedelta(days=d)).isoformat(), app=app)
+        for d, app in (
+            (40, "billing"),
+            (35, "billing"),
+            (45, "billing"),
+            (5, "billing"),
+            (50, "shop"),
+        )
+    )
+    records = []
+    for mail, kind, age in (
+        (old_sent, EventKind.SENT, 40),
+        (old_dead, EventKind.DEAD_LETTERED, 35),
+        (new_sent, EventKind.SENT, 5),
+        (other_app, EventKind.SENT, 50),
+    ):
+        records += [
+            submitted(mail, at=mail.created_at),
+            event(mail, kind, now - timedelta(days=age), attempt=1),
+        ]
+    records.append(submitted(old_pending, at=old_pending.created_at))  # still queued
+    store.write(records)
+    assert store.purge(now - timedelta(days=30), tenant="acme", app="billing") == 2
+    remaining = {m.id for m in store.list_mails()}
+    assert remaining == {old_pending.id, new_sent.id, other_app.id}
+    assert count(store, events, mail_id=old_sent.id) == 0, "events go with their mail"
+    assert count(store, mail_recipients, mail_id=old_dead.id) == 0
