@@ -22,5 +22,6 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Three test processes: most tests wait on the broker, SMTP or a timer, not the CPU.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3

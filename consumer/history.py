@@ -26,7 +26,7 @@ from shared.events import EventKind, MailEvent
 from shared.settings import Settings
 from shared.store import HistoryRecord, HistoryStore
 from shared.topology import Topology, queue_depths
-from shared.wire import round_of
+from shared.wire import ACTOR_HEADER, round_of
 
 log = structlog.get_logger(__name__)
 
@@ -42,10 +42,12 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
     mail = decode_container(delivery.body)
     round_ = round_of(delivery.properties)
     common = {"mail_id": mail.id, "tenant": mail.tenant, "app": mail.app, "round": round_}
+    actor = (delivery.properties.headers or {}).get(ACTOR_HEADER)
     submitted = MailEvent(
         event_id=uuid.uuid5(mail.id, f"submitted.{round_}"),
         kind=EventKind.SUBMITTED if round_ == 0 else EventKind.RESUBMITTED,
-        at=mail.created_at,
+        at=mail.created_at if round_ == 0 else _published_at(delivery),
+        actor=actor.decode() if isinstance(actor, bytes) else actor,
         **common,
     )
     app = settings.app(mail.tenant, mail.app)
@@ -59,6 +61,13 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         )
         records.append(HistoryRecord(scheduled))
     return records
+
+
+def _published_at(delivery: Delivery) -> datetime:
+    # A re-submitted container keeps its first creation time; the publish time
+    # (whole seconds, so never after what follows) places the re-submission.
+    stamp = delivery.properties.timestamp
+    return datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, int) else datetime.now(UTC)
 
 
 class HistoryConsumer:
@@ -94,7 +103,7 @@ class HistoryConsumer:
         url = settings.broker_url.get_secret_value()
         with admin_channel(url) as channel:
             self._topology.declare(channel)
-        broker = Broker(url, name="rohrpost-history", republish=False)
+        broker = Broker(url, name=f"rohrpost-history:{settings.namespace}", republish=False)
         broker.start()
         broker.consume(
             self._topology.history_queue, settings.history_batch_size * 2, self._inbox.put

@@ -7,6 +7,7 @@ a crash in between leaves a duplicate, never a loss.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -56,6 +57,11 @@ class Expired:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """An operator cancelled it: not sent."""
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Will not be sent: moved to the dead-letter queue with the reason."""
 
@@ -63,7 +69,7 @@ class DeadLetter:
     error: str
 
 
-Outcome = Sent | Retry | Redelay | Expired | DeadLetter
+Outcome = Sent | Retry | Redelay | Expired | Cancelled | DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +143,11 @@ def _mail_publication(topology: Topology, processed: Processed) -> Publication |
     return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
 
 
+def cancelled_event_id(mail_id: uuid.UUID, round: int) -> uuid.UUID:
+    """The one id of a mail's ``cancelled`` event in a round, whoever records it."""
+    return uuid.uuid5(mail_id, f"cancelled.{round}")
+
+
 def _event(processed: Processed) -> MailEvent | None:
     outcome = processed.outcome
     common = {
@@ -162,6 +173,14 @@ def _event(processed: Processed) -> MailEvent | None:
             )
         case Expired():
             return MailEvent(kind=EventKind.EXPIRED, **common)
+        case Cancelled():
+            # The same id as the event `rohrpost cancel` recorded, so it is stored once.
+            assert processed.mail is not None
+            return MailEvent(
+                kind=EventKind.CANCELLED,
+                event_id=cancelled_event_id(processed.mail.id, processed.round),
+                **common,
+            )
         case DeadLetter(reason, error):
             return MailEvent(kind=EventKind.DEAD_LETTERED, reason=reason, error=error, **common)
         case Redelay():

@@ -5,13 +5,23 @@ from __future__ import annotations
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable
 from email.utils import getaddresses
 
 import structlog
 
 from consumer.mime import build_message, message_id
-from consumer.outcome import DeadLetter, Expired, Outcome, Processed, Redelay, Retry, Sent
+from consumer.outcome import (
+    Cancelled,
+    DeadLetter,
+    Expired,
+    Outcome,
+    Processed,
+    Redelay,
+    Retry,
+    Sent,
+)
 from consumer.render import TemplateRenderer
 from consumer.smtp import Transport
 from shared.broker import Delivery
@@ -45,7 +55,9 @@ class MailProcessor:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        is_cancelled: Callable[[uuid.UUID], bool] = lambda _mail_id: False,
     ) -> None:
+        self._is_cancelled = is_cancelled
         self._settings = settings
         self._topology = topology
         self._renderer = renderer
@@ -83,8 +95,8 @@ class MailProcessor:
             return DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
         config = self._settings.app(tenant, app)
         assert config is not None  # we only consume queues of configured apps
-        if (not_due := self._not_due(mail)) is not None:
-            return not_due
+        if (not_now := self._not_now(mail)) is not None:
+            return not_now
         try:
             return self._send(mail, config, transport)
         except RenderError as exc:
@@ -94,7 +106,10 @@ class MailProcessor:
         except TransientDeliveryError as exc:
             return self._transient(mail, attempt, tenant, app, str(exc))
 
-    def _not_due(self, mail: MailContainer) -> Expired | Redelay | None:
+    def _not_now(self, mail: MailContainer) -> Cancelled | Expired | Redelay | None:
+        """Why ``mail`` is not to be sent now, if it is not."""
+        if self._is_cancelled(mail.id):
+            return Cancelled()
         now = self._now()
         if mail.expires_at is not None and mail.expires_at.timestamp() <= now:
             return Expired()

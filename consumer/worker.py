@@ -22,11 +22,22 @@ from concurrent.futures import Future
 
 import structlog
 
-from consumer.outcome import DeadLetter, Expired, Processed, Redelay, Retry, Sent, publications
+from consumer.control import ControlFollower
+from consumer.outcome import (
+    Cancelled,
+    DeadLetter,
+    Expired,
+    Processed,
+    Redelay,
+    Retry,
+    Sent,
+    publications,
+)
 from consumer.processor import MailProcessor
 from consumer.render import TemplateRenderer
 from consumer.smtp import SmtpTransport, Transport
 from shared.broker import Broker, Delivery, admin_channel
+from shared.control import ControlState
 from shared.settings import Settings
 from shared.topology import Topology, queue_depths
 
@@ -51,7 +62,19 @@ class SendWorker:
         self._settings = settings
         self._topology = Topology.from_settings(settings)
         renderer = TemplateRenderer(settings.templates_dir)
-        self._processor = MailProcessor(settings, self._topology, renderer, clock=clock)
+        self._control = ControlState()
+        self._processor = MailProcessor(
+            settings,
+            self._topology,
+            renderer,
+            clock=clock,
+            is_cancelled=self._control.is_cancelled,
+        )
+        self._routes_by_queue = {
+            self._topology.send_queue(t, a): (t, a) for t, a in self._topology.routes
+        }
+        self._consuming: set[str] = set()
+        self._consuming_started = False
         self._transport_factory = transport_factory or (lambda: SmtpTransport(settings.smtp))
         self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -69,23 +92,26 @@ class SendWorker:
         return self._in_flight
 
     def run(self, *, drain: bool = False) -> None:
-        """Consume until ``stop()``, or with ``drain`` until send and delay queues are empty."""
+        """Consume until ``stop()``, or with ``drain`` until send and delay queues are empty.
+
+        Before any send queue is consumed, the control stream is replayed, so every
+        cancellation and pause recorded so far is known.
+        """
         url = self._settings.broker_url.get_secret_value()
         with admin_channel(url) as channel:
             self._topology.declare(channel)
-        broker = Broker(url, name="rohrpost-worker", republish=False)
+        broker = Broker(url, name=f"rohrpost-worker:{self._settings.namespace}", republish=False)
         broker.start()
         self._broker = broker
+        ControlFollower(broker, self._topology, self._control, self._follow_pauses).start()
         threads = [
             threading.Thread(target=self._send_loop, name=f"sender-{i}", daemon=True)
             for i in range(self._settings.threads)
         ]
         for thread in threads:
             thread.start()
-        for tenant, app in self._topology.routes:
-            broker.consume(
-                self._topology.send_queue(tenant, app), self._settings.prefetch, self._receive
-            )
+        self._consuming_started = True
+        self._follow_pauses()
         log.info("worker started", queues=len(self._topology.routes), threads=len(threads))
         try:
             if drain:
@@ -96,15 +122,39 @@ class SendWorker:
         finally:
             self._shutdown(broker, threads)
 
+    def _follow_pauses(self) -> None:
+        """Consume exactly the send queues of routes that are not paused."""
+        broker = self._broker
+        if broker is None or not self._consuming_started:
+            return
+        with self._lock:
+            for tenant, app in self._topology.routes:
+                queue = self._topology.send_queue(tenant, app)
+                paused = self._control.is_paused(tenant, app)
+                if paused and queue in self._consuming:
+                    broker.cancel_consumer(queue)
+                    self._consuming.discard(queue)
+                    log.info("route paused", tenant=tenant, app=app)
+                elif not paused and queue not in self._consuming:
+                    broker.consume(queue, self._settings.prefetch, self._receive)
+                    self._consuming.add(queue)
+                elif paused:
+                    log.info("route paused", tenant=tenant, app=app)
+
     def _wait(self, drain_channel: object | None) -> None:
         empty_polls = 0
-        watched = [self._topology.send_queue(t, a) for t, a in self._topology.routes]
-        watched += self._topology.delay_queues()
         while not self._stopping:
             time.sleep(_POLL_SECONDS)
             if drain_channel is None:
                 continue
             assert self._broker is not None
+            # A paused route's mails wait for its resume, not for the drain.
+            watched = [
+                self._topology.send_queue(t, a)
+                for t, a in self._topology.routes
+                if not self._control.is_paused(t, a)
+            ]
+            watched += self._topology.delay_queues()
             idle = self._in_flight == 0 and self._broker.pending() == 0
             if idle and not any(queue_depths(drain_channel, watched).values()):
                 empty_polls += 1
@@ -141,10 +191,19 @@ class SendWorker:
         try:
             while (delivery := self._inbox.get()) is not None:
                 structlog.contextvars.clear_contextvars()
+                if self._control.is_paused(*self._routes_by_queue[delivery.queue]):
+                    self._put_back(delivery)  # prefetched before the pause took effect
+                    continue
                 processed = self._processor.process(delivery, transport)
                 self._record(processed)
         finally:
             transport.close()
+
+    def _put_back(self, delivery: Delivery) -> None:
+        assert self._broker is not None
+        self._broker.nack(delivery, requeue=True)
+        with self._lock:
+            self._in_flight -= 1
 
     def _record(self, processed: Processed) -> None:
         """Publish the outcome; ack once confirmed (nack to retry if it was not)."""
@@ -202,5 +261,7 @@ def _log_outcome(processed: Processed) -> None:
             log.warning("mail dead-lettered", outcome="dead_lettered", reason=reason, error=error)
         case Expired():
             log.info("mail expired", outcome="expired")
+        case Cancelled():
+            log.info("mail cancelled", outcome="cancelled")
         case Redelay(delay):
             log.debug("mail early; delayed again", outcome="redelayed", delay_seconds=delay)

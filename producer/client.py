@@ -43,24 +43,35 @@ class Producer:
     Use as a context manager, or call ``connect()`` and ``close()``. Thread-safe.
     """
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        """``broker``: an already started connection to share (then ``close`` leaves it open)."""
         self._settings = settings
         self._topology = Topology.from_settings(settings)
         self._timeout = settings.publish_timeout.total_seconds()
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._broker: Broker | None = None
+        self._broker: Broker | None = broker
+        self._owns_broker = broker is None
 
     def connect(self) -> Producer:
         """Open the connection; raise BrokerUnavailable when the broker cannot be reached."""
         if self._broker is None:
-            broker = Broker(self._settings.broker_url.get_secret_value(), name="rohrpost-producer")
+            broker = Broker(
+                self._settings.broker_url.get_secret_value(),
+                name=f"rohrpost-producer:{self._settings.namespace}",
+            )
             broker.start()
             self._broker = broker
         return self
 
     def close(self) -> None:
         """Wait for outstanding confirms and close the connection."""
-        if self._broker is not None:
+        if self._broker is not None and self._owns_broker:
             self._broker.close()
             self._broker = None
 
@@ -72,7 +83,13 @@ class Producer:
     ) -> None:
         self.close()
 
-    def prepare(self, container: ContainerLike) -> tuple[MailContainer, Publication]:
+    def prepare(
+        self,
+        container: ContainerLike,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        round: int = 0,
+    ) -> tuple[MailContainer, Publication]:
         """Validate ``container`` for this installation and build its publication.
 
         Raises ContainerError or UnknownRoute naming the cause; publishes nothing.
@@ -87,7 +104,7 @@ class Producer:
         if mail.expires_at is not None and mail.expires_at <= now:
             raise ContainerError(f"expires_at: {mail.expires_at.isoformat()} is already past")
         body = encode_container(mail)
-        properties = mail_properties(str(mail.id))
+        properties = mail_properties(str(mail.id), round=round, headers=headers)
         delay = self._topology.delay
         seconds = delay.seconds(mail.not_before - now) if mail.not_before else 0
         routing_key = (
@@ -97,13 +114,16 @@ class Producer:
         )
         return mail, Publication(self._topology.submit_exchange, routing_key, body, properties)
 
-    def submit(self, container: ContainerLike) -> uuid.UUID:
+    def submit(
+        self, container: ContainerLike, *, headers: Mapping[str, Any] | None = None
+    ) -> uuid.UUID:
         """Submit one mail; return its id once the broker confirmed it.
 
         Raises ContainerError / UnknownRoute before publishing, NotConfirmed when the
         broker nacked or could not route it or did not answer within ``publish_timeout``.
+        ``headers`` travel with the message (operator tools record who submitted).
         """
-        mail, publication = self.prepare(container)
+        mail, publication = self.prepare(container, headers=headers)
         self._wait(self._require_broker().publish(publication), mail.id)
         log.debug("mail submitted", mail_id=str(mail.id), tenant=mail.tenant, app=mail.app)
         return mail.id

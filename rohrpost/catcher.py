@@ -109,12 +109,19 @@ class MailCatcher:
         return int(self._controller.port)
 
     def start(self) -> MailCatcher:
-        """Start listening."""
-        port = self._requested_port or _free_port()
-        controller = Controller(_Handler(self), hostname="127.0.0.1", port=port)
-        controller.start()
-        self._controller = controller
-        return self
+        """Start listening (on a free port unless one was given)."""
+        for _ in range(5):
+            port = self._requested_port or _free_port()
+            controller = Controller(_Handler(self), hostname="127.0.0.1", port=port)
+            try:
+                controller.start()
+            except OSError:  # another process took the free port first
+                if self._requested_port:
+                    raise
+                continue
+            self._controller = controller
+            return self
+        raise OSError("mail catcher: found no free port")
 
     def stop(self) -> None:
         """Stop listening."""

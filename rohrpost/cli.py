@@ -9,6 +9,7 @@ import click
 from rohrpost.commands.admin import demo, schema, topology
 from rohrpost.commands.context import CliContext
 from rohrpost.commands.history import history, store
+from rohrpost.commands.operators import cancel, dlq, pause, resend, resume
 from rohrpost.commands.processes import history_consumer, run, worker
 from rohrpost.commands.submit import submit
 from shared.errors import ConfigError, RohrpostError
@@ -38,7 +39,22 @@ def cli(
     ctx.obj = CliContext(config, log_level, log_format)
 
 
-for command in (submit, run, worker, history_consumer, history, store, topology, schema, demo):
+history.add_command(resend)
+for command in (
+    submit,
+    run,
+    worker,
+    history_consumer,
+    history,
+    dlq,
+    cancel,
+    pause,
+    resume,
+    store,
+    topology,
+    schema,
+    demo,
+):
     cli.add_command(command)
 
 

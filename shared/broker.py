@@ -106,6 +106,7 @@ class _Consumer:
     queue: str
     prefetch: int
     handler: Callable[[Delivery], None]
+    arguments: dict[str, Any] | None = None
     tag: str | None = None
 
 
@@ -151,7 +152,7 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect and open a confirming channel; raise BrokerUnavailable when that fails."""
-        self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}-io")
+        self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}/io")
         self._ioloop.add_callback_threadsafe(self._connect)
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
@@ -201,9 +202,19 @@ class Broker:
         self._call(lambda: self._publish(pending))
         return pending.future
 
-    def consume(self, queue: str, prefetch: int, handler: Callable[[Delivery], None]) -> None:
-        """Consume ``queue`` with manual acks; ``handler`` runs on the I/O thread."""
-        consumer = _Consumer(queue, prefetch, handler)
+    def consume(
+        self,
+        queue: str,
+        prefetch: int,
+        handler: Callable[[Delivery], None],
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        """Consume ``queue`` with manual acks; ``handler`` runs on the I/O thread.
+
+        The consumer is re-opened after every reconnect, with the same ``arguments``
+        (a stream consumer with ``x-stream-offset: first`` replays from the start).
+        """
+        consumer = _Consumer(queue, prefetch, handler, arguments)
 
         def add() -> None:
             self._state.consumers.append(consumer)
@@ -212,12 +223,21 @@ class Broker:
 
         self._call(add)
 
-    def cancel_consumers(self) -> Future[None]:
-        """Stop every consumer; the future resolves once the broker confirmed it."""
+    def cancel_consumer(self, queue: str) -> Future[None]:
+        """Stop consuming ``queue``; the future resolves once the broker confirmed it."""
+        return self.cancel_consumers(lambda consumer: consumer.queue == queue)
+
+    def cancel_consumers(self, which: Callable[[_Consumer], bool] | None = None) -> Future[None]:
+        """Stop every consumer (or ``which``); resolves once the broker confirmed it."""
         future: Future[None] = Future()
 
         def cancel() -> None:
-            consumers, self._state.consumers = self._state.consumers, []
+            state = self._state
+            chosen = [which is None or which(c) for c in state.consumers]
+            consumers = [c for c, pick in zip(state.consumers, chosen, strict=True) if pick]
+            state.consumers = [
+                c for c, pick in zip(state.consumers, chosen, strict=True) if not pick
+            ]
             tags = [c.tag for c in consumers if c.tag is not None]
             if not tags or not self.connected:
                 future.set_result(None)
@@ -376,7 +396,9 @@ class Broker:
             )
 
         channel.basic_qos(prefetch_count=consumer.prefetch)
-        consumer.tag = channel.basic_consume(consumer.queue, on_message, auto_ack=False)
+        consumer.tag = channel.basic_consume(
+            consumer.queue, on_message, auto_ack=False, arguments=consumer.arguments
+        )
 
     def _publish(self, pending: _Pending) -> None:
         state = self._state

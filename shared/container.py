@@ -173,6 +173,9 @@ class MailContainer(BaseModel):
     history: Literal["keep", "delete"] = "keep"
     tags: tuple[Tag, ...] = Field(default=(), max_length=20)
     created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    resend_of: uuid.UUID | None = Field(
+        default=None, description="The mail this one re-sends (set by `history resend`)."
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> MailContainer:

@@ -4,6 +4,7 @@
     ├── ConfigError                 the configuration is invalid; names the key
     ├── ContainerError              a mail container is invalid; names the field
     ├── UnknownRoute                tenant/app is not configured, or disabled
+    ├── OperatorError               an operator action cannot be done as asked
     ├── BrokerError                 RabbitMQ did not do what we asked
     │   ├── BrokerUnavailable       cannot connect (or lost the connection)
     │   ├── TopologyMissing         an exchange or queue we need does not exist
@@ -37,6 +38,10 @@ class ContainerError(RohrpostError, ValueError):
 
 class UnknownRoute(RohrpostError):
     """A mail names a tenant/app that is not configured or not enabled."""
+
+
+class OperatorError(RohrpostError):
+    """An operator action cannot be carried out as asked (nothing was changed)."""
 
 
 class BrokerError(RohrpostError):

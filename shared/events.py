@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 import pika
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -14,7 +14,7 @@ EVENT_SCHEMA_VERSION = 1
 
 
 class EventKind(StrEnum):
-    """What happened to a mail."""
+    """What happened to a mail (or, for pause/resume, to a tenant)."""
 
     SUBMITTED = "submitted"
     SCHEDULED = "scheduled"
@@ -23,8 +23,13 @@ class EventKind(StrEnum):
     EXPIRED = "expired"
     DEAD_LETTERED = "dead_lettered"
     RESUBMITTED = "resubmitted"
-    RESENT = "resent"
     CANCELLED = "cancelled"
+    # operator actions: who did what
+    EDITED = "edited"
+    RESENT = "resent"
+    PURGED = "purged"
+    PAUSED = "paused"
+    RESUMED = "resumed"
 
 
 class MailEvent(BaseModel):
@@ -35,9 +40,11 @@ class MailEvent(BaseModel):
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Idempotency key.")
     schema_version: Literal[1] = 1
     kind: EventKind
-    mail_id: uuid.UUID | None = Field(description="None only when the mail was unreadable.")
+    mail_id: uuid.UUID | None = Field(
+        default=None, description="None when the mail was unreadable, or for tenant-wide actions."
+    )
     tenant: str
-    app: str
+    app: str | None = Field(default=None, description="None for actions on a whole tenant.")
     at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     round: int = Field(
         default=0, ge=0, description="Re-submissions of the mail before this event (0 = first)."
@@ -49,11 +56,15 @@ class MailEvent(BaseModel):
     subject: str | None = Field(default=None, description="The subject as sent (rendered).")
     message_id: str | None = Field(default=None, description="The Message-ID header sent.")
     retry_in_seconds: int | None = None
+    actor: str | None = Field(default=None, description="Who did it, for operator actions.")
+    detail: dict[str, Any] | None = Field(
+        default=None, description="What changed (edits: field → [old, new]), links to mails."
+    )
 
     @property
     def routing_key(self) -> str:
-        """``{kind}.{tenant}.{app}``."""
-        return f"{self.kind.value}.{self.tenant}.{self.app}"
+        """``{kind}.{tenant}.{app}`` (app ``_`` for tenant-wide actions)."""
+        return f"{self.kind.value}.{self.tenant}.{self.app or '_'}"
 
     def properties(self) -> pika.BasicProperties:
         """AMQP properties for publishing this event."""

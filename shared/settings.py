@@ -32,10 +32,16 @@ from shared.container import Address, Name, describe_validation_error
 from shared.errors import ConfigError
 from shared.timeparse import parse_duration
 
+
+def _duration_text(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    return f"{int(seconds)}s" if seconds.is_integer() else f"{seconds!r}s"
+
+
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
-    PlainSerializer(lambda d: f"{d.total_seconds():g}s", return_type=str),
+    PlainSerializer(_duration_text, return_type=str),
 ]
 DEFAULT_CONFIG_FILE = Path("rohrpost.toml")
 
@@ -142,6 +148,11 @@ class Settings(BaseSettings):
     )
     history_batch_size: int = Field(default=500, ge=1, le=10_000)
     history_batch_wait: Duration = timedelta(milliseconds=200)
+    control_retention: Duration = Field(
+        default=timedelta(days=400),
+        description="How long the control stream keeps cancellations and pauses; longer "
+        "than any mail waits.",
+    )
     purge_interval: Duration = Field(
         default=timedelta(hours=1), description="How often the history consumer purges."
     )

@@ -31,10 +31,11 @@ _SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow":
 
 @dataclass(frozen=True)
 class Queue:
-    """A quorum queue and its arguments."""
+    """A queue (quorum unless said otherwise) and its arguments."""
 
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
+    kind: str = "quorum"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Topology:
     delay: DelayLevels
     delivery_limit: int = 20
     history: bool = True
+    control_retention_seconds: int = 400 * 86400
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -66,6 +68,7 @@ class Topology:
             delay=DelayLevels(settings.namespace, settings.delay_levels),
             delivery_limit=settings.delivery_limit,
             history=settings.history_enabled,
+            control_retention_seconds=int(settings.control_retention.total_seconds()),
         )
 
     @property
@@ -89,6 +92,16 @@ class Topology:
         return f"{self.namespace}.events"
 
     @property
+    def control_exchange(self) -> str:
+        """Where operator tools publish cancel / pause / resume (fanout)."""
+        return f"{self.namespace}.control"
+
+    @property
+    def control_stream(self) -> str:
+        """The stream every worker replays: every cancel, pause and resume."""
+        return f"{self.namespace}.control"
+
+    @property
     def history_queue(self) -> str:
         """Every event and every submitted mail, for the history consumer."""
         return f"{self.namespace}.history"
@@ -110,14 +123,15 @@ class Topology:
         """Routing key that sends a mail for tenant/app without delay."""
         return f"{tenant}.{app}"
 
-    def exchanges(self) -> list[str]:
-        """Every exchange (all topic exchanges)."""
-        levels = [self.delay.exchange(k) for k in reversed(range(self.delay.count))]
+    def exchanges(self) -> list[tuple[str, str]]:
+        """Every exchange and its type."""
+        levels = [(self.delay.exchange(k), "topic") for k in reversed(range(self.delay.count))]
         return [
-            self.submit_exchange,
-            self.send_exchange,
-            self.dead_exchange,
-            self.events_exchange,
+            (self.submit_exchange, "topic"),
+            (self.send_exchange, "topic"),
+            (self.dead_exchange, "topic"),
+            (self.events_exchange, "topic"),
+            (self.control_exchange, "fanout"),
             *levels,
         ]
 
@@ -158,6 +172,11 @@ class Topology:
                 )
             )
             queues.append(Queue(self.history_rejected_queue))
+        queues.append(
+            Queue(
+                self.control_stream, {"x-max-age": f"{self.control_retention_seconds}s"}, "stream"
+            )
+        )
         return queues
 
     def delay_queues(self) -> list[str]:
@@ -190,6 +209,7 @@ class Topology:
             bindings.append(
                 Binding(self.dead_exchange, self.dead_queue(tenant, app), f"#.{tenant}.{app}")
             )
+        bindings.append(Binding(self.control_exchange, self.control_stream, ""))
         if self.history:
             bindings.append(Binding(self.events_exchange, self.history_queue, "#"))
             # A submitted mail reaches the history through the broker: one publish, two
@@ -210,14 +230,14 @@ class Topology:
         Raises TopologyConflict when a queue exists with different arguments (the broker
         refuses to change them; delete the queue or use a policy).
         """
-        for name in self.exchanges():
-            channel.exchange_declare(name, exchange_type="topic", durable=True)
+        for name, kind in self.exchanges():
+            channel.exchange_declare(name, exchange_type=kind, durable=True)
         for queue in self.queues():
             try:
                 channel.queue_declare(
                     queue.name,
                     durable=True,
-                    arguments={"x-queue-type": "quorum", **queue.arguments},
+                    arguments={"x-queue-type": queue.kind, **queue.arguments},
                 )
             except pika.exceptions.ChannelClosedByBroker as exc:
                 raise TopologyConflict(
@@ -234,7 +254,7 @@ class Topology:
         """Delete every queue and exchange of this topology, messages included."""
         for queue in self.queues():
             channel.queue_delete(queue.name)
-        for name in self.exchanges():
+        for name, _kind in self.exchanges():
             channel.exchange_delete(name)
 
 

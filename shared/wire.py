@@ -12,6 +12,11 @@ import pika
 ATTEMPT_HEADER = "x-rohrpost-attempt"
 #: How often an operator re-submitted this mail (0 = never); orders its history.
 ROUND_HEADER = "x-rohrpost-round"
+#: Operator actions (retry, resend): who did it.
+ACTOR_HEADER = "x-rohrpost-actor"
+#: Dead letters edited by an operator: who, and when (Unix seconds).
+EDITED_BY_HEADER = "x-rohrpost-edited-by"
+EDITED_AT_HEADER = "x-rohrpost-edited-at"
 #: Dead letters: why (``invalid``, ``rejected``, ``max_attempts``, ``template_error`` …).
 REASON_HEADER = "x-rohrpost-reason"
 #: Dead letters and retries: the last SMTP reply or exception.

@@ -55,6 +55,20 @@ def _docker_runs() -> bool:
     return result.returncode == 0
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the figures tests measured (``record_property("figure", …)``), also under xdist."""
+    figures = [
+        value
+        for report in terminalreporter.stats.get("passed", [])
+        for name, value in getattr(report, "user_properties", [])
+        if name == "figure"
+    ]
+    if figures:
+        terminalreporter.section("figures measured by the tests")
+        for figure in figures:
+            terminalreporter.line(str(figure))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's ROHRPOST_* variables must not leak into tests or their subprocesses."""

@@ -93,7 +93,7 @@ def test_the_producer_reconnects_after_losing_its_connection(
     worker_thread(settings)
     with Producer(settings) as producer:
         producer.submit(mail(0))
-        assert close_connections("rohrpost-producer") == 1
+        assert close_connections(f"rohrpost-producer:{settings.namespace}") == 1
         producer.submit(mail(1))  # waits for the reconnect, then is confirmed
     catcher.wait_for(lambda got: len(got) == 2)
 
@@ -106,6 +106,6 @@ def test_a_worker_keeps_consuming_after_losing_its_connection(
     with Producer(settings) as producer:
         producer.submit(mail(0))
         catcher.wait_for(lambda got: len(got) == 1)
-        assert close_connections("rohrpost-worker") == 1
+        assert close_connections(f"rohrpost-worker:{settings.namespace}") == 1
         producer.submit(mail(1))
     catcher.wait_for(lambda got: len(got) == 2, timeout=30)

@@ -298,7 +298,7 @@ def test_no_event_is_lost_while_the_store_is_unavailable(
 
 
 def test_ten_thousand_events_take_well_under_a_second_per_thousand(
-    history_settings: Settings,
+    history_settings: Settings, record_property: Callable[[str, object], None]
 ) -> None:
     settings = history_settings
     topology = Topology.from_settings(settings)
@@ -341,9 +341,10 @@ def test_ten_thousand_events_take_well_under_a_second_per_thousand(
     cpu = time.process_time() - cpu_before
     wall = time.perf_counter() - wall_before
     backend = make_url(settings.store_url.get_secret_value()).get_backend_name()
-    print(
-        f"\nhistory consumer on {backend}: 10,000 events in {wall:.2f}s wall, {cpu:.2f}s CPU "
-        f"= {cpu / 10:.3f}s CPU per 1,000 events"
+    record_property(
+        "figure",
+        f"history consumer on {backend}: 10,000 events in {wall:.2f}s wall, {cpu:.2f}s CPU "
+        f"= {cpu / 10:.3f}s CPU per 1,000 events",
     )
     assert consumer.written == 10_000
     assert len(store.list_mails(MailFilter(status="sent", limit=100_000))) == 5000

@@ -158,3 +158,14 @@ def test_a_store_url_that_is_no_database_url_is_named(config: Path) -> None:
     config.write_text('store_url = "rohrpost.db"\n' + EXAMPLE)
     with pytest.raises(ConfigError, match="store_url: not a database URL"):
         load_settings(config)
+
+
+def test_durations_survive_a_round_trip_through_toml(config: Path) -> None:
+    import tomli_w
+
+    settings = load_settings(config)
+    dumped = settings.model_dump(
+        mode="json", exclude={"broker_url", "store_url"}, exclude_none=True
+    )
+    config.write_text(tomli_w.dumps(dumped))
+    assert load_settings(config).model_dump() == settings.model_dump()

@@ -125,6 +125,8 @@ def _describe(found: MailHistory) -> str:
     ]
     if mail.template:
         lines.append(f"template    {mail.template}")
+    if mail.resend_of:
+        lines.append(f"resend of   {mail.resend_of}")
     if mail.not_before:
         lines.append(f"not before  {_short(mail.not_before)} UTC")
     if mail.message_id:
@@ -145,6 +147,23 @@ def _describe(found: MailHistory) -> str:
         text = "; ".join(d for d in details if d)
         lines.append(f"  {_short(event.at)}  {event.kind:15} {text}".rstrip())
     return "\n".join(lines)
+
+
+@history.command("actions")
+@click.option("--tenant")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def actions(ctx: CliContext, tenant: str | None, limit: int, as_json: bool) -> None:
+    """List operator actions on whole tenants and apps (pause, resume), newest first."""
+    with open_store(ctx) as store:
+        found = store.actions(tenant, limit)
+    if as_json:
+        click.echo(json.dumps([a.model_dump(mode="json") for a in found], indent=2))
+        return
+    for action in found:
+        scope = f"{action.tenant}/{action.app}" if action.app else action.tenant
+        click.echo(f"{_short(action.at)}  {action.kind:8} {scope:24} by {action.actor or '-'}")
 
 
 @history.command("purge")

@@ -1,6 +1,13 @@
 """The history store: every mail's fate, in SQLite (default) or PostgreSQL."""
 
-from shared.store.history import EventEntry, HistoryStore, MailFilter, MailHistory, MailSummary
+from shared.store.history import (
+    EventEntry,
+    HistoryStore,
+    MailFilter,
+    MailHistory,
+    MailSummary,
+    OperatorAction,
+)
 from shared.store.writer import HistoryRecord
 
 __all__ = [
@@ -10,4 +17,5 @@ __all__ = [
     "MailFilter",
     "MailHistory",
     "MailSummary",
+    "OperatorAction",
 ]

@@ -20,7 +20,7 @@ from shared.store.database import (
     require_migrated,
     translate_errors,
 )
-from shared.store.tables import events, mail_recipients, mail_tags, mails
+from shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
 from shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
 
 
@@ -62,6 +62,7 @@ class MailSummary(BaseModel):
     message_id: str | None
     history: str | None
     content_deleted: bool
+    resend_of: uuid.UUID | None
 
 
 class EventEntry(BaseModel):
@@ -79,6 +80,20 @@ class EventEntry(BaseModel):
     smtp_reply: str | None
     message_id: str | None
     actor: str | None
+    detail: dict[str, Any] | None
+
+
+class OperatorAction(BaseModel):
+    """An operator action on a whole tenant or app (pause, resume)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: uuid.UUID
+    kind: str
+    at: datetime
+    actor: str | None
+    tenant: str
+    app: str | None
     detail: dict[str, Any] | None
 
 
@@ -157,6 +172,20 @@ class HistoryStore:
         summary = MailSummary.model_validate({k: row[k] for k in MailSummary.model_fields})
         container = json.loads(row["container"]) if row["container"] else None
         return MailHistory(mail=summary, container=container, events=entries)
+
+    def actions(self, tenant: str | None = None, limit: int = 100) -> list[OperatorAction]:
+        """Tenant-wide operator actions, newest first."""
+        query = select(operator_actions).order_by(operator_actions.c.at.desc()).limit(limit)
+        if tenant is not None:
+            query = query.where(operator_actions.c.tenant == tenant)
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            OperatorAction.model_validate(
+                {**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None}
+            )
+            for r in rows
+        ]
 
     def purge(
         self, older_than: datetime, *, tenant: str | None = None, app: str | None = None

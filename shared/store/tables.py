@@ -78,6 +78,7 @@ mails = Table(
     Column("history", String(6)),
     Column("container", Text),
     Column("content_deleted", Boolean, nullable=False),
+    Column("resend_of", Uuid),
     Index("ix_mails_tenant_app_status", "tenant", "app", "status"),
     Index("ix_mails_created_at", "created_at"),
     Index("ix_mails_status_updated_at", "status", "updated_at"),
@@ -118,4 +119,18 @@ events = Table(
     Column("actor", Text),
     Column("detail", Text),
     Index("ix_events_mail_id", "mail_id"),
+)
+
+#: Operator actions on a whole tenant or app (pause, resume), with who and when.
+operator_actions = Table(
+    "operator_actions",
+    metadata,
+    Column("event_id", Uuid, primary_key=True),
+    Column("kind", String(20), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("actor", Text),
+    Column("tenant", String(63), nullable=False),
+    Column("app", String(63)),
+    Column("detail", Text),
+    Index("ix_operator_actions_tenant_at", "tenant", "at"),
 )

@@ -11,6 +11,7 @@ mail look queued again.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +23,12 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from shared.container import MailContainer
 from shared.events import EventKind, MailEvent
 from shared.store.database import translate_errors
-from shared.store.tables import events, mail_recipients, mail_tags, mails
+from shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
 
 #: Status a kind of event puts a mail in, and how strongly (higher wins within a round).
 STATUS_OF: dict[EventKind, tuple[str, int]] = {
     EventKind.SUBMITTED: ("queued", 0),
     EventKind.RESUBMITTED: ("queued", 0),
-    EventKind.RESENT: ("queued", 0),
     EventKind.SCHEDULED: ("scheduled", 1),
     EventKind.ATTEMPT_FAILED: ("retrying", 2),
     EventKind.SENT: ("sent", 3),
@@ -37,6 +37,8 @@ STATUS_OF: dict[EventKind, tuple[str, int]] = {
     EventKind.CANCELLED: ("cancelled", 3),
 }
 TERMINAL = ("sent", "expired", "dead_lettered", "cancelled")
+#: Events about a whole tenant or app, not one mail.
+TENANT_ACTIONS = frozenset({EventKind.PAUSED, EventKind.RESUMED})
 _CHUNK = 500
 
 
@@ -92,6 +94,7 @@ class _Mail:
             "history": None,
             "container": None,
             "content_deleted": False,
+            "resend_of": None,
         }
         return cls(row, is_new=True)
 
@@ -138,6 +141,7 @@ class _Mail:
             expires_at=mail.expires_at,
             template=mail.template,
             history=mail.history,
+            resend_of=mail.resend_of,
         )
         if self.row["content_deleted"]:
             return
@@ -173,14 +177,21 @@ class HistoryWriter:
 
     def write(self, records: Iterable[HistoryRecord]) -> int:
         """Store the records in one transaction; return how many events were new."""
-        unique = {r.event.event_id: r for r in records if r.event.mail_id is not None}
-        if not unique:
+        records = list(records)
+        actions = {r.event.event_id: r.event for r in records if r.event.kind in TENANT_ACTIONS}
+        unique = {
+            r.event.event_id: r
+            for r in records
+            if r.event.mail_id is not None and r.event.kind not in TENANT_ACTIONS
+        }
+        if not unique and not actions:
             return 0
         with translate_errors(), self._engine.begin() as conn:
+            new_actions = self._save_actions(conn, actions)
             known = _existing(conn, events.c.event_id, list(unique))
             new = sorted((r for i, r in unique.items() if i not in known), key=HistoryRecord.order)
             if not new:
-                return 0
+                return new_actions
             states = self._load(conn, {r.event.mail_id for r in new if r.event.mail_id})
             for record in new:
                 mail_id = record.event.mail_id
@@ -189,7 +200,17 @@ class HistoryWriter:
             self._save(conn, list(states.values()))
             conn.execute(insert(events), [_event_row(r.event) for r in new])
             self._drop_content(conn, [m for m in states.values() if m.drops_content])
-        return len(new)
+        return len(new) + new_actions
+
+    @staticmethod
+    def _save_actions(conn: Connection, actions: dict[uuid.UUID, MailEvent]) -> int:
+        if not actions:
+            return 0
+        known = _existing(conn, operator_actions.c.event_id, list(actions))
+        rows = [_action_row(e) for i, e in actions.items() if i not in known]
+        if rows:
+            conn.execute(insert(operator_actions), rows)
+        return len(rows)
 
     @staticmethod
     def _load(conn: Connection, ids: set[uuid.UUID]) -> dict[uuid.UUID, _Mail]:
@@ -274,6 +295,22 @@ def _event_row(event: MailEvent) -> dict[str, Any]:
         "error": event.error,
         "smtp_reply": event.smtp_reply,
         "message_id": event.message_id,
-        "actor": None,
-        "detail": None,
+        "actor": event.actor,
+        "detail": _json(event.detail),
     }
+
+
+def _action_row(event: MailEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "kind": event.kind.value,
+        "at": event.at,
+        "actor": event.actor,
+        "tenant": event.tenant,
+        "app": event.app,
+        "detail": _json(event.detail),
+    }
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return json.dumps(value) if value is not None else None

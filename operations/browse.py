@@ -1,0 +1,93 @@
+"""Reading quorum queues without consuming them, and removing exactly what was moved.
+
+RabbitMQ queues cannot be browsed: a browse takes every message without acking it,
+and closing the channel puts back everything not removed.
+
+Removing is an ack, and acks are fire-and-forget. Quorum queues in RabbitMQ 3.10 to
+3.13 sometimes drop acks sent just before the channel closes (rabbitmq-server
+issue #10327; seen here when 1,000 dead letters were moved: 17 came back). So after
+the channel is closed, the queues are browsed again and any message identical to
+one that was removed (same id, round and body) is removed again, until a browse
+finds none. Identical copies are redundant by definition; a mail that failed again
+meanwhile has a newer round and is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from shared.broker import admin_channel
+from shared.wire import round_of
+
+log = structlog.get_logger(__name__)
+
+_REPAIR_PASSES = 10
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message held (unacked) by a browse."""
+
+    queue: str
+    tag: int
+    properties: Any
+    body: bytes
+
+    @property
+    def identity(self) -> tuple[str, str | None, int, str]:
+        """What makes two copies of a message the same message."""
+        digest = hashlib.sha256(self.body).hexdigest()
+        return (self.queue, self.properties.message_id, round_of(self.properties), digest)
+
+
+class Browse:
+    """Every message of some queues, held unacked; ``remove`` acks one."""
+
+    def __init__(self, channel: Any, messages: list[Message]) -> None:
+        self.channel = channel
+        self.messages = messages
+        self.removed: set[tuple[str, str | None, int, str]] = set()
+
+    def remove(self, message: Message) -> None:
+        """Take ``message`` out of its queue for good (ack)."""
+        self.channel.basic_ack(message.tag)
+        self.removed.add(message.identity)
+
+
+def _take_all(channel: Any, queues: list[str]) -> list[Message]:
+    taken = []
+    for queue in queues:
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+            taken.append(Message(queue, method.delivery_tag, properties, body))
+    return taken
+
+
+@contextmanager
+def browse(url: str, queues: list[str]) -> Iterator[Browse]:
+    """Hold every message of ``queues``; on exit put back all that were not removed."""
+    with admin_channel(url) as channel:
+        session = Browse(channel, _take_all(channel, queues))
+        yield session
+    if session.removed:
+        _repair(url, queues, session.removed)
+
+
+def _repair(url: str, queues: list[str], removed: set[tuple[str, str | None, int, str]]) -> None:
+    for _ in range(_REPAIR_PASSES):
+        with admin_channel(url) as channel:
+            again = [m for m in _take_all(channel, queues) if m.identity in removed]
+            for message in again:
+                channel.basic_ack(message.tag)
+        if not again:
+            return
+        log.info("removed copies the broker had put back (lost acks)", count=len(again))
+    log.error("some removed messages keep coming back; they are duplicates", queues=queues)

@@ -1,0 +1,318 @@
+"""The dead-letter queues: list, show, edit, retry and purge dead letters.
+
+Reading holds every message of a dead-letter queue unacked and lets the broker put
+back what was not moved (see ``operations.browse``). Moving is publish-with-confirm
+first, ack second: a crash in between leaves the mail twice (in the DLQ and where it
+went), never nowhere. Only the queues of the tenant/app asked for are opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from operations.browse import Browse, Message, browse
+from operations.edits import apply_edits, diff, validated
+from operations.session import OperatorSession
+from shared.broker import Publication
+from shared.container import encode_container
+from shared.errors import ContainerError, OperatorError, UnknownRoute
+from shared.events import EventKind
+from shared.wire import (
+    ACTOR_HEADER,
+    ATTEMPTS_HEADER,
+    DEAD_AT_HEADER,
+    EDITED_AT_HEADER,
+    EDITED_BY_HEADER,
+    ERROR_HEADER,
+    REASON_HEADER,
+    mail_properties,
+    round_of,
+)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message in a dead-letter queue, as an operator sees it."""
+
+    mail_id: str | None
+    tenant: str
+    app: str
+    queue: str
+    reason: str
+    error: str | None
+    attempts: int | None
+    dead_at: datetime | None
+    round: int
+    edited_by: str | None
+    container: dict[str, Any] | None  # None when the body is not a JSON object
+    body: bytes
+    headers: dict[str, Any]
+
+    @property
+    def recipients(self) -> list[str]:
+        """to, cc and bcc of the container."""
+        data = self.container or {}
+        return [*data.get("to", []), *data.get("cc", []), *data.get("bcc", [])]
+
+    @property
+    def subject(self) -> str | None:
+        """The subject, or ``template: name`` for template mails."""
+        data = self.container or {}
+        return data.get("subject") or (
+            f"template: {data['template']}" if "template" in data else None
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What ``dlq list --json`` prints."""
+        return {
+            "id": self.mail_id,
+            "tenant": self.tenant,
+            "app": self.app,
+            "recipients": self.recipients,
+            "subject": self.subject,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "error": self.error,
+            "dead_at": self.dead_at.isoformat() if self.dead_at else None,
+            "edited_by": self.edited_by,
+        }
+
+
+class DeadLetterFilter(BaseModel):
+    """Which dead letters an operation applies to; every given criterion must hold."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str | None = None
+    app: str | None = None
+    reason: str | None = None
+    since: datetime | None = None
+    ids: frozenset[str] | None = None
+
+    def matches(self, letter: DeadLetter) -> bool:
+        """True when ``letter`` meets every criterion."""
+        return (
+            (self.reason is None or letter.reason == self.reason)
+            and (
+                self.since is None or (letter.dead_at is not None and letter.dead_at >= self.since)
+            )
+            and (self.ids is None or letter.mail_id in self.ids)
+        )
+
+
+@dataclass(frozen=True)
+class _Held:
+    letter: DeadLetter
+    message: Message
+
+
+def _letter(tenant: str, app: str, queue: str, properties: Any, body: bytes) -> DeadLetter:
+    headers = dict(properties.headers or {})
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    reason = headers.get(REASON_HEADER) or headers.get("x-first-death-reason") or "unknown"
+    dead_at = headers.get(DEAD_AT_HEADER) or properties.timestamp
+    edited_by = headers.get(EDITED_BY_HEADER)
+    return DeadLetter(
+        mail_id=properties.message_id,
+        tenant=tenant,
+        app=app,
+        queue=queue,
+        reason=_text(reason) or "unknown",
+        error=_text(headers.get(ERROR_HEADER)),
+        attempts=headers.get(ATTEMPTS_HEADER),
+        dead_at=datetime.fromtimestamp(dead_at, UTC) if isinstance(dead_at, int) else None,
+        round=round_of(properties),
+        edited_by=_text(edited_by),
+        container=data if isinstance(data, dict) else None,
+        body=body,
+        headers=headers,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class DeadLetterQueue:
+    """The dead-letter queues of one installation, seen through an OperatorSession."""
+
+    def __init__(self, session: OperatorSession) -> None:
+        self._session = session
+        self._topology = session.topology
+
+    def letters(self, criteria: DeadLetterFilter | None = None) -> list[DeadLetter]:
+        """Every matching dead letter; nothing is removed from the queues."""
+        with self._held(criteria or DeadLetterFilter()) as (_session, held):
+            return [h.letter for h in held]
+
+    def get(self, mail_id: str, *, tenant: str | None = None) -> DeadLetter:
+        """The dead letter of ``mail_id``; OperatorError when there is none."""
+        found = self.letters(DeadLetterFilter(ids=frozenset({mail_id}), tenant=tenant))
+        if not found:
+            raise OperatorError(f"no dead letter {mail_id}")
+        return found[0]
+
+    def edit(
+        self,
+        mail_id: str,
+        *,
+        assignments: Sequence[str] = (),
+        removals: Sequence[str] = (),
+        replacement: dict[str, Any] | None = None,
+        tenant: str | None = None,
+    ) -> dict[str, list[Any]]:
+        """Correct a dead letter in place; return the changes ``{path: [old, new]}``.
+
+        The edited container is validated before anything moves (ContainerError
+        names the field). The corrected copy goes into the same dead-letter queue,
+        confirmed, before the original is removed; then the edit is recorded.
+        """
+        criteria = DeadLetterFilter(ids=frozenset({mail_id}), tenant=tenant)
+        with self._held(criteria) as (browsing, held):
+            if not held:
+                raise OperatorError(f"no dead letter {mail_id}")
+            letter, message = held[0].letter, held[0].message
+            if replacement is None and letter.container is None:
+                raise OperatorError(f"dead letter {mail_id} is not a JSON object; use --editor")
+            before = letter.container or {}
+            after = (
+                replacement
+                if replacement is not None
+                else apply_edits(before, assignments, removals)
+            )
+            container = validated(after)
+            if (str(container.id), container.tenant, container.app) != (
+                mail_id,
+                letter.tenant,
+                letter.app,
+            ):
+                raise ContainerError("id, tenant and app cannot be edited")
+            body = encode_container(container)
+            changes = diff(before, json.loads(body))
+            if not changes:
+                return {}
+            headers = {k: v for k, v in letter.headers.items() if not k.startswith("x-")}
+            headers |= {
+                REASON_HEADER: letter.reason,
+                ERROR_HEADER: letter.error or "",
+                ATTEMPTS_HEADER: letter.attempts or 0,
+                DEAD_AT_HEADER: int(letter.dead_at.timestamp()) if letter.dead_at else 0,
+                EDITED_BY_HEADER: self._session.actor,
+                EDITED_AT_HEADER: int(time.time()),
+            }
+            properties = mail_properties(mail_id, round=letter.round, headers=headers)
+            self._session.confirm(
+                self._session.publish(Publication("", letter.queue, body, properties)),
+                f"storing the edited dead letter {mail_id}",
+            )
+            browsing.remove(message)
+        self._session.record(
+            EventKind.EDITED,
+            mail_id=container.id,
+            tenant=letter.tenant,
+            app=letter.app,
+            round=letter.round,
+            detail={"changes": changes},
+        )
+        return changes
+
+    def retry(
+        self,
+        criteria: DeadLetterFilter,
+        *,
+        dry_run: bool = False,
+        window: int = 200,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[DeadLetter], list[tuple[DeadLetter, str]]]:
+        """Re-submit matching dead letters with the attempt counter reset.
+
+        Returns (re-submitted, skipped with the reason). Each is published through
+        the submit exchange (so the history records a ``resubmitted`` event with the
+        actor) and confirmed before it leaves the dead-letter queue. ``on_progress``
+        gets (done, total) after each one.
+        """
+        producer = self._session.producer
+        headers = {ACTOR_HEADER: self._session.actor}
+        done: list[DeadLetter] = []
+        skipped: list[tuple[DeadLetter, str]] = []
+        with self._held(criteria) as (browsing, held):
+            ready = []
+            for item in held:
+                try:
+                    _, publication = producer.prepare(
+                        validated(item.letter.container or {}),
+                        headers=headers,
+                        round=item.letter.round + 1,
+                    )
+                except (ContainerError, UnknownRoute) as exc:
+                    skipped.append((item.letter, f"{exc}; fix it with `rohrpost dlq edit`"))
+                    continue
+                ready.append((item, publication))
+            if dry_run:
+                return [item.letter for item, _ in ready], skipped
+            for start in range(0, len(ready), window):
+                chunk = ready[start : start + window]
+                futures = [(item, self._session.publish(pub)) for item, pub in chunk]
+                for item, future in futures:
+                    self._session.confirm(future, f"re-submitting {item.letter.mail_id}")
+                    browsing.remove(item.message)
+                    done.append(item.letter)
+                    if on_progress is not None:
+                        on_progress(len(done), len(ready))
+        return done, skipped
+
+    def purge(
+        self, criteria: DeadLetterFilter, *, on_progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Remove matching dead letters for good, recording each in its mail's history."""
+        count = 0
+        with self._held(criteria) as (browsing, held):
+            for item in held:
+                letter = item.letter
+                if letter.mail_id is not None and letter.container is not None:
+                    with contextlib.suppress(ValueError):
+                        self._session.record(
+                            EventKind.PURGED,
+                            mail_id=uuid.UUID(letter.mail_id),
+                            tenant=letter.tenant,
+                            app=letter.app,
+                            round=letter.round,
+                            detail={"reason": letter.reason},
+                        )
+                browsing.remove(item.message)
+                count += 1
+                if on_progress is not None:
+                    on_progress(1)
+        return count
+
+    @contextlib.contextmanager
+    def _held(self, criteria: DeadLetterFilter) -> Iterator[tuple[Browse, list[_Held]]]:
+        """Hold every message of the chosen queues; the matching ones are returned."""
+        routes = {
+            self._topology.dead_queue(tenant, app): (tenant, app)
+            for tenant, app in self._topology.routes
+            if criteria.tenant in (None, tenant) and criteria.app in (None, app)
+        }
+        if criteria.tenant is not None and not routes:
+            raise OperatorError(f"no enabled app of tenant {criteria.tenant!r} matches")
+        url = self._session.settings.broker_url.get_secret_value()
+        with browse(url, list(routes)) as session:
+            held = []
+            for message in session.messages:
+                tenant, app = routes[message.queue]
+                letter = _letter(tenant, app, message.queue, message.properties, message.body)
+                if criteria.matches(letter):
+                    held.append(_Held(letter, message))
+            yield session, held

@@ -1,0 +1,121 @@
+"""An operator's connection: confirmed publishes, history events and control messages."""
+
+from __future__ import annotations
+
+import getpass
+import uuid
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any
+
+from producer.client import Producer
+from shared.broker import Broker, Publication
+from shared.control import ControlMessage
+from shared.errors import NotConfirmed, OperatorError
+from shared.events import EventKind, MailEvent
+from shared.settings import Settings
+from shared.topology import Topology
+
+
+def default_actor() -> str:
+    """Who is acting when ``--actor`` is not given: the OS user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+class OperatorSession:
+    """Everything an operator action needs; use as a context manager."""
+
+    def __init__(self, settings: Settings, actor: str | None = None) -> None:
+        self.settings = settings
+        self.topology = Topology.from_settings(settings)
+        self.actor = actor or default_actor()
+        self._timeout = settings.publish_timeout.total_seconds()
+        self._broker: Broker | None = None
+        self._producer: Producer | None = None
+
+    def __enter__(self) -> OperatorSession:
+        broker = Broker(
+            self.settings.broker_url.get_secret_value(),
+            name=f"rohrpost-operator:{self.settings.namespace}",
+        )
+        broker.start()
+        self._broker = broker
+        self._producer = Producer(self.settings, broker=broker)
+        return self
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
+
+    @property
+    def producer(self) -> Producer:
+        """A producer on this session's connection."""
+        assert self._producer is not None, "use the session as a context manager"
+        return self._producer
+
+    def publish(self, publication: Publication) -> Future[None]:
+        """Publish with confirm; the future settles with the broker's answer."""
+        assert self._broker is not None, "use the session as a context manager"
+        return self._broker.publish(publication)
+
+    def confirm(self, future: Future[None], what: str) -> None:
+        """Wait for a confirm; raise NotConfirmed naming ``what`` when it does not come."""
+        try:
+            future.result(timeout=self._timeout)
+        except TimeoutError:
+            raise NotConfirmed(f"{what}: no confirm within {self._timeout:g}s") from None
+
+    def record(
+        self,
+        kind: EventKind,
+        *,
+        tenant: str,
+        app: str | None,
+        mail_id: uuid.UUID | None = None,
+        **fields: Any,
+    ) -> MailEvent:
+        """Publish an event carrying this session's actor, and wait for its confirm."""
+        event = MailEvent(
+            kind=kind, mail_id=mail_id, tenant=tenant, app=app, actor=self.actor, **fields
+        )
+        self.confirm(
+            self.publish(
+                Publication(
+                    self.topology.events_exchange,
+                    event.routing_key,
+                    event.model_dump_json(exclude_none=True).encode(),
+                    event.properties(),
+                    mandatory=False,
+                )
+            ),
+            f"recording {kind.value}",
+        )
+        return event
+
+    def control(self, message: ControlMessage) -> None:
+        """Append ``message`` to the control stream every worker follows."""
+        self.confirm(
+            self.publish(
+                Publication(
+                    self.topology.control_exchange,
+                    "",
+                    message.model_dump_json(exclude_none=True).encode(),
+                    message.properties(),
+                )
+            ),
+            f"{message.action} on the control stream",
+        )
+
+    def require_route(self, tenant: str, app: str | None) -> None:
+        """OperatorError unless tenant (and app, if given) is configured."""
+        config = self.settings.tenants.get(tenant)
+        if config is None:
+            raise OperatorError(f"tenant {tenant!r} is not configured")
+        if app is not None and app not in config.apps:
+            raise OperatorError(f"tenant {tenant!r} has no app {app!r}")
