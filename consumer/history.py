@@ -17,12 +17,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from shared.broker import Broker, Delivery, admin_channel
 from shared.container import decode_container
 from shared.errors import ContainerError, StoreError
 from shared.events import EventKind, MailEvent
+from shared.metrics import Metrics
 from shared.settings import Settings
 from shared.store import HistoryRecord, HistoryStore
 from shared.topology import Topology, queue_depths
@@ -73,8 +75,16 @@ def _published_at(delivery: Delivery) -> datetime:
 class HistoryConsumer:
     """Consumes the history queue into a HistoryStore."""
 
-    def __init__(self, settings: Settings, store: HistoryStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: HistoryStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self._broker: Broker | None = None
+        self._store_error: str | None = "not started"
         self._topology = Topology.from_settings(settings)
         self._store = store
         self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
@@ -87,6 +97,12 @@ class HistoryConsumer:
     def stop(self) -> None:
         """Finish the current batch (if the store takes it) and return; signal-safe."""
         self._stopping = True
+
+    def readiness(self) -> str | None:
+        """None when connected, consuming and able to write the store; else why not."""
+        if self._broker is None or not self._broker.connected:
+            return "not connected to the broker"
+        return self._store_error
 
     def run(self, *, drain: bool = False, drain_when: Callable[[], bool] | None = None) -> None:
         """Consume until ``stop()``, or with ``drain`` until the history queue is empty.
@@ -105,6 +121,9 @@ class HistoryConsumer:
             self._topology.declare(channel)
         broker = Broker(url, name=f"rohrpost-history:{settings.namespace}", republish=False)
         broker.start()
+        self._broker = broker
+        self._store_error = None
+        self.metrics.ready.labels("history").set(1)
         broker.consume(
             self._topology.history_queue, settings.history_batch_size * 2, self._inbox.put
         )
@@ -163,9 +182,12 @@ class HistoryConsumer:
         failures = 0
         while True:
             try:
-                self.written += store.write(records)
+                self._count(store.write_new(records))
+                self._store_error = None
                 break
             except StoreError as exc:
+                self._store_error = f"history store: {exc}"
+                self.metrics.history_write_errors.inc()
                 delay = _BACKOFF_SECONDS[min(failures, len(_BACKOFF_SECONDS) - 1)]
                 failures += 1
                 log.error(
@@ -180,6 +202,15 @@ class HistoryConsumer:
         # Everything before it is either in this batch or was rejected above.
         broker.ack(readable[-1], multiple=True)
         return True
+
+    def _count(self, new: list[MailEvent]) -> None:
+        self.written += len(new)
+        metrics = self.metrics
+        metrics.history_written.inc(len(new))
+        metrics.history_last_write.set(time.time())
+        for event in new:
+            if event.kind == EventKind.SUBMITTED and event.app is not None:
+                metrics.submitted.labels(event.tenant, event.app).inc()
 
     def _sleep(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds

@@ -82,6 +82,10 @@ class Processed:
     outcome: Outcome
     tenant: str
     app: str
+    render_seconds: float | None = None
+    send_seconds: float | None = None
+    #: "4xx", "5xx" or "connection" when the SMTP transaction failed.
+    smtp_error: str | None = None
 
     @property
     def round(self) -> int:

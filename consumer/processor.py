@@ -7,6 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import getaddresses
 
 import structlog
@@ -28,6 +29,7 @@ from shared.broker import Delivery
 from shared.container import MailContainer, decode_container
 from shared.errors import (
     ContainerError,
+    DeliveryError,
     PermanentDeliveryError,
     RenderError,
     TransientDeliveryError,
@@ -79,17 +81,28 @@ class MailProcessor:
         except ContainerError as exc:
             return Processed(delivery, None, attempt, DeadLetter("invalid", str(exc)), tenant, app)
         structlog.contextvars.bind_contextvars(mail_id=str(mail.id))
+        measured = _Measured()
         try:
-            outcome = self._decide(mail, attempt, tenant, app, transport)
+            outcome = self._decide(mail, attempt, tenant, app, _Sending(transport, measured))
         except Exception as exc:
             # A bug or an unforeseen environment failure: never crash the worker, never
             # spin on the message; treat it like a transient failure.
             log.exception("unexpected error while processing a mail")
             outcome = self._transient(mail, attempt, tenant, app, f"{type(exc).__name__}: {exc}")
-        return Processed(delivery, mail, attempt, outcome, tenant, app)
+        return Processed(
+            delivery,
+            mail,
+            attempt,
+            outcome,
+            tenant,
+            app,
+            render_seconds=measured.render,
+            send_seconds=measured.send,
+            smtp_error=measured.smtp_error,
+        )
 
     def _decide(
-        self, mail: MailContainer, attempt: int, tenant: str, app: str, transport: Transport
+        self, mail: MailContainer, attempt: int, tenant: str, app: str, transport: _Sending
     ) -> Outcome:
         if (mail.tenant, mail.app) != (tenant, app):
             return DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
@@ -127,11 +140,39 @@ class MailProcessor:
         delay = config.backoff.delay(attempt, self._rng)
         return Retry(self._topology.delay.seconds(delay), error)
 
-    def _send(self, mail: MailContainer, config: AppConfig, transport: Transport) -> Sent:
+    def _send(self, mail: MailContainer, config: AppConfig, sending: _Sending) -> Sent:
+        started = time.perf_counter()
         rendered = self._renderer.render(mail)
         sender = mail.from_ or config.sender
         msg_id = message_id(mail, sender)
         message = build_message(mail, rendered, sender=sender, msg_id=msg_id)
+        sending.measured.render = time.perf_counter() - started
         recipients = list(dict.fromkeys(envelope_address(r) for r in mail.recipients))
-        reply = transport.send(config.smtp, envelope_address(sender), recipients, message)
+        reply = sending.send(config.smtp, envelope_address(sender), recipients, message)
         return Sent(reply, msg_id, rendered.subject)
+
+
+@dataclass
+class _Measured:
+    render: float | None = None
+    send: float | None = None
+    smtp_error: str | None = None
+
+
+@dataclass
+class _Sending:
+    """A transport that times the transaction and notes the class of a failure."""
+
+    transport: Transport
+    measured: _Measured
+
+    def send(self, server: str, sender: str, recipients: list[str], message: bytes) -> str:
+        started = time.perf_counter()
+        try:
+            return self.transport.send(server, sender, recipients, message)
+        except DeliveryError as exc:
+            code = exc.code
+            self.measured.smtp_error = f"{code // 100}xx" if code else "connection"
+            raise
+        finally:
+            self.measured.send = time.perf_counter() - started

@@ -3,6 +3,10 @@
 Python threads share one core (the GIL), so using every core takes processes.
 Workers are stateless; the broker spreads mails across their consumers.
 
+A single process serves its own ``/metrics``, ``/healthz`` and ``/readyz``. With
+several, the children write metrics in prometheus-client's multiprocess mode and
+the supervisor serves their sum on one port, ready when every child is.
+
 In drain mode the workers exit once the send and delay queues are empty; then the
 history consumer is told (through a shared event) to exit once it has archived what
 is left, so ``rohrpost run --drain`` returns with every mail sent *and* archived.
@@ -11,7 +15,10 @@ is left, so ``rohrpost run --drain`` returns with every mail sent *and* archived
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +27,15 @@ from types import FrameType
 from typing import Protocol
 
 import structlog
+from prometheus_client import CollectorRegistry, multiprocess
 
+from consumer.endpoints import Endpoints, QueueCollector
 from consumer.history import HistoryConsumer
 from consumer.worker import SendWorker
 from shared.logs import configure_logging
+from shared.metrics import Metrics
 from shared.settings import Settings
+from shared.topology import Topology
 
 log = structlog.get_logger(__name__)
 
@@ -42,36 +53,70 @@ def _on_signals(handlers: dict[signal.Signals, Callable[[], None]]) -> None:
         signal.signal(signum, handler)
 
 
-def run_worker(settings: Settings, *, drain: bool = False) -> None:
+def _serve(
+    settings: Settings,
+    port: int,
+    metrics_registry: CollectorRegistry,
+    readiness: Callable[[], str | None],
+) -> Endpoints | None:
+    if not port:
+        return None
+    metrics_registry.register(
+        QueueCollector(Topology.from_settings(settings), settings.broker_url.get_secret_value())
+    )
+    return Endpoints(port, metrics_registry, readiness).start()
+
+
+def run_worker(settings: Settings, *, drain: bool = False, metrics_port: int = 0) -> None:
     """Run one SendWorker in this process until SIGTERM/SIGINT (or drained)."""
-    worker = SendWorker(settings)
+    registry = CollectorRegistry()
+    worker = SendWorker(settings, metrics=Metrics(registry))
     _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
-    worker.run(drain=drain)
+    endpoints = _serve(settings, metrics_port, registry, worker.readiness)
+    try:
+        worker.run(drain=drain)
+    finally:
+        if endpoints is not None:
+            endpoints.stop()
 
 
 def run_history_consumer(
-    settings: Settings, *, drain: bool = False, drain_when: Callable[[], bool] | None = None
+    settings: Settings,
+    *,
+    drain: bool = False,
+    drain_when: Callable[[], bool] | None = None,
+    metrics_port: int = 0,
 ) -> None:
     """Run the history consumer in this process until SIGTERM/SIGINT (or drained)."""
-    consumer = HistoryConsumer(settings)
+    registry = CollectorRegistry()
+    consumer = HistoryConsumer(settings, metrics=Metrics(registry))
     _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
-    consumer.run(drain=drain, drain_when=drain_when)
-
-
-def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> None:
-    configure_logging(settings.log_level, settings.log_format, settings.secrets())
-    run_worker(settings, drain=drain)
-
-
-def _history_main(settings: Settings, drain: bool, workers_done: EventLike) -> None:
-    configure_logging(settings.log_level, settings.log_format, settings.secrets())
-    run_history_consumer(settings, drain=drain, drain_when=workers_done.is_set)
+    endpoints = _serve(settings, metrics_port, registry, consumer.readiness)
+    try:
+        consumer.run(drain=drain, drain_when=drain_when)
+    finally:
+        if endpoints is not None:
+            endpoints.stop()
 
 
 class EventLike(Protocol):
     """A multiprocessing event, as far as the children use it."""
 
     def is_set(self) -> bool: ...
+
+
+def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> None:
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    worker = SendWorker(settings, metrics=Metrics())  # multiprocess mode: values go to files
+    _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
+    worker.run(drain=drain)
+
+
+def _history_main(settings: Settings, drain: bool, workers_done: EventLike) -> None:
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    consumer = HistoryConsumer(settings, metrics=Metrics())
+    _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
+    consumer.run(drain=drain, drain_when=workers_done.is_set)
 
 
 @dataclass(frozen=True)
@@ -91,14 +136,23 @@ HISTORY = Child("history", _history_main, follows_workers=True)
 class Supervisor:
     """Keeps its children running; SIGTERM stops them all gracefully."""
 
-    def __init__(self, settings: Settings, children: list[Child], *, drain: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        children: list[Child],
+        *,
+        drain: bool = False,
+        metrics_port: int = 0,
+    ) -> None:
         self._settings = settings
         self._children = children
         self._drain = drain
+        self._metrics_port = metrics_port
         self._stopping = False
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[BaseProcess] = []
         self._workers_done = self._context.Event()
+        self._metrics_dir = ""
 
     def stop(self) -> None:
         """Ask every child to finish what it is doing and exit."""
@@ -107,6 +161,37 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until stopped or, draining, until every child is done; return exit code."""
         _on_signals({signal.SIGTERM: self.stop, signal.SIGINT: self.stop})
+        self._metrics_dir = tempfile.mkdtemp(prefix="rohrpost-metrics-")
+        # Children read it when they import prometheus-client, so it is set first.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
+        endpoints = _serve(self._settings, self._metrics_port, registry, self.readiness)
+        try:
+            return self._supervise()
+        finally:
+            if endpoints is not None:
+                endpoints.stop()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def readiness(self) -> str | None:
+        """None when every child runs and reported ready; else why not."""
+        if not all(p.is_alive() for p in self._processes):
+            return "a child process is not running"
+        collector = multiprocess.MultiProcessCollector(None, path=self._metrics_dir)
+        ready = len(
+            [
+                sample
+                for metric in collector.collect()
+                if metric.name == "rohrpost_process_ready"
+                for sample in metric.samples
+                if sample.value == 1
+            ]
+        )
+        wanted = len(self._children)
+        return None if ready >= wanted else f"{ready} of {wanted} processes ready"
+
+    def _supervise(self) -> int:
         self._processes = [self._spawn(i) for i in range(len(self._children))]
         while not self._stopping:
             time.sleep(0.2)
@@ -132,6 +217,8 @@ class Supervisor:
             log.error(
                 "process died; restarting", child=child.name, pid=process.pid, code=process.exitcode
             )
+            if process.pid is not None:
+                multiprocess.mark_process_dead(process.pid, self._metrics_dir)
             time.sleep(_RESTART_DELAY_SECONDS)
             self._processes[index] = self._spawn(index)
 

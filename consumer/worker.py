@@ -21,23 +21,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from consumer.control import ControlFollower
-from consumer.outcome import (
-    Cancelled,
-    DeadLetter,
-    Expired,
-    Processed,
-    Redelay,
-    Retry,
-    Sent,
-    publications,
-)
+from consumer.observers import LogObserver, MetricsObserver, Observer
+from consumer.outcome import Processed, Sent, publications
 from consumer.processor import MailProcessor
 from consumer.render import TemplateRenderer
 from consumer.smtp import SmtpTransport, Transport
 from shared.broker import Broker, Delivery, admin_channel
 from shared.control import ControlState
+from shared.metrics import Metrics
 from shared.settings import Settings
 from shared.topology import Topology, queue_depths
 
@@ -58,10 +52,14 @@ class SendWorker:
         *,
         transport_factory: Callable[[], Transport] | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where to record (default: a private registry nobody serves)."""
         self._settings = settings
         self._topology = Topology.from_settings(settings)
         renderer = TemplateRenderer(settings.templates_dir)
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self._observers: list[Observer] = [LogObserver(), MetricsObserver(self.metrics)]
         self._control = ControlState()
         self._processor = MailProcessor(
             settings,
@@ -85,6 +83,16 @@ class SendWorker:
     def stop(self) -> None:
         """Ask ``run`` to finish in-flight mails and return; safe from a signal handler."""
         self._stopping = True
+
+    def readiness(self) -> str | None:
+        """None when connected and consuming; else why not (for ``/readyz``)."""
+        if self._stopping:
+            return "stopping"
+        if not self._consuming_started:
+            return "starting"
+        if self._broker is None or not self._broker.connected:
+            return "not connected to the broker"
+        return None
 
     @property
     def in_flight(self) -> int:
@@ -112,6 +120,7 @@ class SendWorker:
             thread.start()
         self._consuming_started = True
         self._follow_pauses()
+        self.metrics.ready.labels("worker").set(1)
         log.info("worker started", queues=len(self._topology.routes), threads=len(threads))
         try:
             if drain:
@@ -131,6 +140,7 @@ class SendWorker:
             for tenant, app in self._topology.routes:
                 queue = self._topology.send_queue(tenant, app)
                 paused = self._control.is_paused(tenant, app)
+                self.metrics.route_paused.labels(tenant, app).set(1 if paused else 0)
                 if paused and queue in self._consuming:
                     broker.cancel_consumer(queue)
                     self._consuming.discard(queue)
@@ -182,6 +192,7 @@ class SendWorker:
     def _receive(self, delivery: Delivery) -> None:
         with self._lock:
             self._in_flight += 1
+        self.metrics.in_flight.inc()
         self._inbox.put(delivery)
 
     # -- sender threads --------------------------------------------------------------
@@ -202,14 +213,22 @@ class SendWorker:
     def _put_back(self, delivery: Delivery) -> None:
         assert self._broker is not None
         self._broker.nack(delivery, requeue=True)
+        self._done()
+
+    def _done(self) -> None:
         with self._lock:
             self._in_flight -= 1
+        self.metrics.in_flight.dec()
 
     def _record(self, processed: Processed) -> None:
         """Publish the outcome; ack once confirmed (nack to retry if it was not)."""
         broker = self._broker
         assert broker is not None
-        _log_outcome(processed)
+        for observer in self._observers:
+            try:
+                observer.on_outcome(processed)
+            except Exception:
+                log.exception("outcome observer failed", observer=type(observer).__name__)
         futures = [broker.publish(p) for p in publications(self._topology, processed)]
         if not futures:
             self._settle(processed, ok=True)
@@ -247,21 +266,4 @@ class SendWorker:
                 error=str(errors[0]) if errors else None,
             )
             broker.nack(processed.delivery, requeue=True)
-        with self._lock:
-            self._in_flight -= 1
-
-
-def _log_outcome(processed: Processed) -> None:
-    match processed.outcome:
-        case Sent(reply, message_id, _):
-            log.info("mail sent", outcome="sent", smtp_reply=reply, message_id=message_id)
-        case Retry(delay, error):
-            log.info("mail attempt failed", outcome="retry", retry_in_seconds=delay, error=error)
-        case DeadLetter(reason, error):
-            log.warning("mail dead-lettered", outcome="dead_lettered", reason=reason, error=error)
-        case Expired():
-            log.info("mail expired", outcome="expired")
-        case Cancelled():
-            log.info("mail cancelled", outcome="cancelled")
-        case Redelay(delay):
-            log.debug("mail early; delayed again", outcome="redelayed", delay_seconds=delay)
+        self._done()

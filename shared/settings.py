@@ -156,6 +156,13 @@ class Settings(BaseSettings):
     purge_interval: Duration = Field(
         default=timedelta(hours=1), description="How often the history consumer purges."
     )
+    metrics_port: int = Field(
+        default=9750,
+        ge=0,
+        le=65535,
+        description="/metrics, /healthz, /readyz of `worker` and `run`; the history consumer "
+        "alone uses the next port. 0 turns them off.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     smtp: dict[str, SmtpServer] = Field(default_factory=dict)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -217,6 +221,7 @@ def base_config(broker_url: str, namespace: str, templates: Path, smtp_port: int
         "templates_dir": str(templates),
         "store_url": f"sqlite:///{templates.parent / 'history.db'}",
         "history_batch_wait": "50ms",
+        "metrics_port": 0,
         "max_delay": "127s",
         "threads": 2,
         "prefetch": 50,
@@ -406,3 +411,31 @@ def publish_raw(
             properties or pika.BasicProperties(delivery_mode=2),
             mandatory=True,
         )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, str]:
+    """HTTP GET: (status, body); status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 60) -> Any:
+    """Poll ``condition`` until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.2)
+    return result

@@ -34,6 +34,7 @@ from tests.conftest import (
     drain,
     publish_raw,
     rohrpost_command,
+    wait_until,
     write_config,
 )
 
@@ -75,14 +76,6 @@ class ConsumerThread:
     def __exit__(self, *_exc: object) -> None:
         self.consumer.stop()
         self.thread.join(30)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.1)
 
 
 def test_a_mixed_run_gives_each_mail_its_ordered_timeline_and_final_status(

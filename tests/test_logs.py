@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,15 @@ from producer.client import Producer
 from rohrpost.catcher import MailCatcher
 from shared.logs import SecretScrubber
 from shared.settings import Settings
-from tests.conftest import declare, drain, rohrpost_command, write_config
+from tests.conftest import (
+    declare,
+    drain,
+    free_port,
+    get,
+    rohrpost_command,
+    wait_until,
+    write_config,
+)
 
 PASSWORD = "pw-Zq8!x-not-for-logs"
 
@@ -75,10 +84,13 @@ def test_json_lines_are_rendered_through_the_scrubber() -> None:
     assert json.loads(stream.getvalue()) == {"event": "connecting", "url": "smtp://u:***@host"}
 
 
-def test_an_smtp_password_appears_in_no_log_line_of_a_worker(
+def test_an_smtp_password_appears_in_no_log_line_and_no_metric(
     make_settings: Callable[..., Settings], catcher: MailCatcher, tmp_path: Path
 ) -> None:
-    settings = make_settings(smtp={"catcher": {"user": "mailer", "password_env": "SMTP_PW"}})
+    port = free_port()
+    settings = make_settings(
+        smtp={"catcher": {"user": "mailer", "password_env": "SMTP_PW"}}, metrics_port=port
+    )
     declare(settings)
     config = write_config(settings, tmp_path / "rohrpost.toml")
     with Producer(settings) as producer:
@@ -92,15 +104,26 @@ def test_an_smtp_password_appears_in_no_log_line_of_a_worker(
                 "max_attempts": 1,
             }
         )
-    result = subprocess.run(
-        rohrpost_command(config, "--log-level", "debug", "worker", "--drain"),
-        capture_output=True,
+    worker = subprocess.Popen(
+        rohrpost_command(config, "--log-level", "debug", "worker"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=False,
         env={**os.environ, "SMTP_PW": PASSWORD},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    try:
+        metrics = wait_until(
+            lambda: (
+                (text := get(f"http://127.0.0.1:{port}/metrics")[1])
+                and "rohrpost_mails_dead_lettered_total{" in text
+                and text
+            )
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        stdout, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0, stderr[-2000:]
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(line.get("outcome") == "dead_lettered" for line in lines)
-    assert PASSWORD not in result.stderr and PASSWORD not in result.stdout
+    assert PASSWORD not in stderr and PASSWORD not in stdout
+    assert PASSWORD not in metrics

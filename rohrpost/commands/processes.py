@@ -19,6 +19,13 @@ _PROCESSES = click.option(
 )
 
 
+_METRICS_PORT = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve /metrics, /healthz, /readyz here; 0 = off  [default: metrics_port]",
+)
+
+
 def _check_secrets(settings: Settings) -> None:
     for server in settings.smtp.values():
         server.password()  # a missing password variable is a startup error, not a retry
@@ -27,27 +34,37 @@ def _check_secrets(settings: Settings) -> None:
 @click.command()
 @_PROCESSES
 @click.option("--drain", is_flag=True, help="Exit once the send and delay queues are empty.")
+@_METRICS_PORT
 @pass_context
-def worker(ctx: CliContext, processes: int, drain: bool) -> None:
+def worker(ctx: CliContext, processes: int, drain: bool, metrics_port: int | None) -> None:
     """Send mails: consume every enabled send queue. SIGTERM finishes in-flight mails."""
     from consumer.supervisor import WORKER, Supervisor, run_worker
 
     settings = ctx.settings()
     _check_secrets(settings)
+    port = settings.metrics_port if metrics_port is None else metrics_port
     if processes == 1:
-        run_worker(settings, drain=drain)
+        run_worker(settings, drain=drain, metrics_port=port)
     else:
-        sys.exit(Supervisor(settings, [WORKER] * processes, drain=drain).run())
+        supervisor = Supervisor(settings, [WORKER] * processes, drain=drain, metrics_port=port)
+        sys.exit(supervisor.run())
 
 
 @click.command("history-consumer")
 @click.option("--drain", is_flag=True, help="Exit once the history queue is empty.")
+@_METRICS_PORT
 @pass_context
-def history_consumer(ctx: CliContext, drain: bool) -> None:
+def history_consumer(ctx: CliContext, drain: bool, metrics_port: int | None) -> None:
     """Archive every event into the history store (migrates the store at start)."""
     from consumer.supervisor import run_history_consumer
 
-    run_history_consumer(ctx.settings(), drain=drain)
+    settings = ctx.settings()
+    port = (
+        (settings.metrics_port and settings.metrics_port + 1)
+        if metrics_port is None
+        else (metrics_port)
+    )
+    run_history_consumer(settings, drain=drain, metrics_port=port)
 
 
 @click.command()
@@ -57,12 +74,14 @@ def history_consumer(ctx: CliContext, drain: bool) -> None:
     is_flag=True,
     help="Exit once every queued mail is sent (or failed) and archived.",
 )
+@_METRICS_PORT
 @pass_context
-def run(ctx: CliContext, processes: int, drain: bool) -> None:
+def run(ctx: CliContext, processes: int, drain: bool, metrics_port: int | None) -> None:
     """Run everything on one machine: send workers and the history consumer."""
     from consumer.supervisor import HISTORY, WORKER, Supervisor
 
     settings = ctx.settings()
     _check_secrets(settings)
     children = [WORKER] * processes + ([HISTORY] if settings.history_enabled else [])
-    sys.exit(Supervisor(settings, children, drain=drain).run())
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    sys.exit(Supervisor(settings, children, drain=drain, metrics_port=port).run())

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine, Select, delete, exists, select
 
+from shared.events import MailEvent
 from shared.store.database import (
     create_store_engine,
     migrate,
@@ -138,6 +139,10 @@ class HistoryStore:
 
     def write(self, records: Iterable[HistoryRecord]) -> int:
         """Store records in one transaction; return how many events were new."""
+        return len(self._writer.write(records))
+
+    def write_new(self, records: Iterable[HistoryRecord]) -> list[MailEvent]:
+        """Store records in one transaction; return the events that were new."""
         return self._writer.write(records)
 
     def list_mails(self, criteria: MailFilter | None = None) -> list[MailSummary]:

@@ -175,8 +175,8 @@ class HistoryWriter:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def write(self, records: Iterable[HistoryRecord]) -> int:
-        """Store the records in one transaction; return how many events were new."""
+    def write(self, records: Iterable[HistoryRecord]) -> list[MailEvent]:
+        """Store the records in one transaction; return the events that were new."""
         records = list(records)
         actions = {r.event.event_id: r.event for r in records if r.event.kind in TENANT_ACTIONS}
         unique = {
@@ -185,7 +185,7 @@ class HistoryWriter:
             if r.event.mail_id is not None and r.event.kind not in TENANT_ACTIONS
         }
         if not unique and not actions:
-            return 0
+            return []
         with translate_errors(), self._engine.begin() as conn:
             new_actions = self._save_actions(conn, actions)
             known = _existing(conn, events.c.event_id, list(unique))
@@ -200,17 +200,17 @@ class HistoryWriter:
             self._save(conn, list(states.values()))
             conn.execute(insert(events), [_event_row(r.event) for r in new])
             self._drop_content(conn, [m for m in states.values() if m.drops_content])
-        return len(new) + new_actions
+        return [r.event for r in new] + new_actions
 
     @staticmethod
-    def _save_actions(conn: Connection, actions: dict[uuid.UUID, MailEvent]) -> int:
+    def _save_actions(conn: Connection, actions: dict[uuid.UUID, MailEvent]) -> list[MailEvent]:
         if not actions:
-            return 0
+            return []
         known = _existing(conn, operator_actions.c.event_id, list(actions))
-        rows = [_action_row(e) for i, e in actions.items() if i not in known]
-        if rows:
-            conn.execute(insert(operator_actions), rows)
-        return len(rows)
+        new = [e for i, e in actions.items() if i not in known]
+        if new:
+            conn.execute(insert(operator_actions), [_action_row(e) for e in new])
+        return new
 
     @staticmethod
     def _load(conn: Connection, ids: set[uuid.UUID]) -> dict[uuid.UUID, _Mail]:

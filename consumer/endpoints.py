@@ -1,0 +1,141 @@
+"""HTTP endpoints of every long-running process: ``/metrics``, ``/healthz``, ``/readyz``.
+
+``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200 only when
+it is connected and consuming (and, for the history consumer, the store answers),
+else 503 with the reason — what Kubernetes probes need.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared.broker import admin_channel
+from shared.topology import Topology
+
+log = structlog.get_logger(__name__)
+
+Readiness = Callable[[], str | None]  # None when ready, else why not
+_CACHE_SECONDS = 5.0
+
+
+class QueueCollector(Collector):
+    """Queue depths and consumer counts of the namespace, read from the broker at scrape time.
+
+    RabbitMQ reports neither the age of the oldest message nor per-message times
+    for quorum queues over AMQP, so there is no oldest-message gauge; delivery
+    latency and schedule lateness histograms show a backlog's age instead.
+    """
+
+    def __init__(self, topology: Topology, broker_url: str) -> None:
+        self._topology = topology
+        self._url = broker_url
+        self._cache: tuple[float, list[Metric]] | None = None
+        self._lock = threading.Lock()
+
+    def _queues(self) -> Iterator[tuple[str, str, str, str]]:
+        topology = self._topology
+        for tenant, app in topology.routes:
+            yield topology.send_queue(tenant, app), "send", tenant, app
+            yield topology.dead_queue(tenant, app), "dead", tenant, app
+        for queue in topology.delay_queues():
+            yield queue, "delay", "", ""
+        if topology.history:
+            yield topology.history_queue, "history", "", ""
+            yield topology.history_rejected_queue, "history_rejected", "", ""
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            if self._cache is None or time.monotonic() - self._cache[0] > _CACHE_SECONDS:
+                self._cache = (time.monotonic(), self._read())
+            yield from self._cache[1]
+
+    def _read(self) -> list[Metric]:
+        labels = ["queue", "kind", "tenant", "app"]
+        messages = GaugeMetricFamily(
+            "rohrpost_queue_messages", "Messages ready in the queue.", labels=labels
+        )
+        consumers = GaugeMetricFamily(
+            "rohrpost_queue_consumers", "Consumers of the queue.", labels=labels
+        )
+        up = GaugeMetricFamily("rohrpost_broker_up", "1 when the broker answered this scrape.")
+        try:
+            with admin_channel(self._url, timeout=3) as channel:
+                for queue, kind, tenant, app in self._queues():
+                    method = channel.queue_declare(queue, passive=True).method
+                    messages.add_metric([queue, kind, tenant, app], method.message_count)
+                    consumers.add_metric([queue, kind, tenant, app], method.consumer_count)
+        except Exception as exc:  # a scrape must not fail because the broker did
+            log.warning("queue metrics unavailable", error=str(exc))
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        return [messages, consumers, up]
+
+
+class Endpoints:
+    """A small HTTP server on its own thread."""
+
+    def __init__(self, port: int, registry: CollectorRegistry, readiness: Readiness) -> None:
+        self._registry = registry
+        self._readiness = readiness
+        handler = self._handler()
+        # All interfaces: Prometheus and Kubernetes probes come from elsewhere.
+        self._server = ThreadingHTTPServer(("0.0.0.0", port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="endpoints", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> Endpoints:
+        """Start serving."""
+        self._thread.start()
+        log.info("serving /metrics, /healthz, /readyz", port=self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        endpoints = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._answer(200, generate_latest(endpoints._registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    self._answer(200, b"ok\n")
+                elif self.path == "/readyz":
+                    why = endpoints._readiness()
+                    if why is None:
+                        self._answer(200, b"ready\n")
+                    else:
+                        self._answer(503, f"not ready: {why}\n".encode())
+                else:
+                    self._answer(404, b"try /metrics, /healthz or /readyz\n")
+
+            def _answer(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass  # scrapes every few seconds would drown the logs
+
+        return Handler
