@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import getaddresses
 
 import structlog
 
@@ -26,7 +25,7 @@ from consumer.outcome import (
 from consumer.render import TemplateRenderer
 from consumer.smtp import Transport
 from shared.broker import Delivery
-from shared.container import MailContainer, decode_container
+from shared.container import MailContainer, bare_address, decode_container
 from shared.errors import (
     ContainerError,
     DeliveryError,
@@ -39,11 +38,6 @@ from shared.topology import Topology
 from shared.wire import attempt_of
 
 log = structlog.get_logger(__name__)
-
-
-def envelope_address(address: str) -> str:
-    """The bare address of ``Name <addr>``."""
-    return getaddresses([address])[0][1]
 
 
 class MailProcessor:
@@ -147,8 +141,8 @@ class MailProcessor:
         msg_id = message_id(mail, sender)
         message = build_message(mail, rendered, sender=sender, msg_id=msg_id)
         sending.measured.render = time.perf_counter() - started
-        recipients = list(dict.fromkeys(envelope_address(r) for r in mail.recipients))
-        reply = sending.send(config.smtp, envelope_address(sender), recipients, message)
+        recipients = list(dict.fromkeys(bare_address(r) for r in mail.recipients))
+        reply = sending.send(config.smtp, bare_address(sender), recipients, message)
         return Sent(reply, msg_id, rendered.subject)
 
 

@@ -8,6 +8,7 @@ so the next mail opens a fresh one.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import ssl
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,9 @@ from shared.errors import (
     TransientDeliveryError,
 )
 from shared.settings import SmtpServer
+
+# SMTP's end-of-data is a line holding one dot, so a line starting with one gets two.
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
 
 class Transport(Protocol):
@@ -38,6 +42,56 @@ class Transport(Protocol):
 def _reply(code: int, text: bytes | str) -> str:
     decoded = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     return f"{code} {' '.join(decoded.split())}"
+
+
+def _reply_or_raise(connection: smtplib.SMTP, command: str) -> tuple[int, bytes]:
+    """The reply to ``command``; a 421 is raised at once (the server is closing)."""
+    code, text = connection.getreply()
+    if code == 421:
+        raise classify(code, text, command.split(":", maxsplit=1)[0])
+    return code, text
+
+
+def _finish(
+    connection: smtplib.SMTP,
+    replies: list[tuple[int, bytes]],
+    recipients: Sequence[str],
+    message: bytes,
+) -> str:
+    """Judge the MAIL and RCPT replies, send the message if DATA may go ahead."""
+    data = replies[1 + len(recipients)] if len(replies) > 1 + len(recipients) else None
+    code, text = replies[0]
+    refused = [
+        (c, t, r) for (c, t), r in zip(replies[1:], recipients, strict=False) if c not in (250, 251)
+    ]
+    failure = None
+    if code != 250:
+        failure = classify(code, text, "MAIL FROM")
+    elif len(refused) == len(recipients):
+        code, text, _ = max(refused)  # a permanent refusal outranks a transient one
+        failure = classify(code, text, "RCPT TO")
+    if failure is not None:
+        if data is not None and data[0] == 354:
+            connection.send(b".\r\n")  # DATA was accepted anyway: send nothing, then fail
+            connection.getreply()
+        raise failure
+    if data is None:
+        connection.send(b"DATA\r\n")
+        data = _reply_or_raise(connection, "DATA")
+    if data[0] != 354:
+        raise classify(data[0], data[1], "DATA")
+    body = _DOT_AT_LINE_START.sub(b"..", message)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    connection.send(body + b".\r\n")
+    code, text = _reply_or_raise(connection, "DATA")
+    if code != 250:
+        raise classify(code, text, "DATA")
+    reply = _reply(code, text)
+    if refused:
+        # Retrying would send a duplicate to everyone who accepted; record instead.
+        reply += "; refused: " + ", ".join(f"{r} ({_reply(c, t)})" for c, t, r in refused)
+    return reply
 
 
 def classify(code: int, text: bytes | str, stage: str) -> DeliveryError:
@@ -91,32 +145,23 @@ class SmtpTransport:
     def _transaction(
         connection: smtplib.SMTP, envelope_from: str, recipients: Sequence[str], message: bytes
     ) -> str:
-        # smtplib.sendmail does not return the DATA reply (the queue id we record),
-        # so the three steps are spelled out.
-        options = (
-            ["SMTPUTF8"]
-            if not envelope_from.isascii() or not all(r.isascii() for r in recipients)
-            else []
-        )
-        code, text = connection.mail(envelope_from, options)
-        if code != 250:
-            raise classify(code, text, "MAIL FROM")
-        refused: list[tuple[int, bytes, str]] = []
-        for recipient in recipients:
-            code, text = connection.rcpt(recipient)
-            if code not in (250, 251):
-                refused.append((code, text, recipient))
-        if len(refused) == len(recipients):
-            code, text, _ = max(refused)  # a permanent refusal outranks a transient one
-            raise classify(code, text, "RCPT TO")
-        code, text = connection.data(message)
-        if code != 250:
-            raise classify(code, text, "DATA")
-        reply = _reply(code, text)
-        if refused:
-            # Retrying would send a duplicate to everyone who accepted; record instead.
-            reply += "; refused: " + ", ".join(f"{r} ({_reply(c, t)})" for c, t, r in refused)
-        return reply
+        # smtplib.sendmail re-parses every address (~0.13 ms each) and does not return
+        # the final reply (the queue id we record), so the transaction is spelled out;
+        # with PIPELINING (RFC 2920) it takes two round trips instead of 3 + recipients.
+        utf8 = not envelope_from.isascii() or not all(r.isascii() for r in recipients)
+        commands = [f"MAIL FROM:<{envelope_from}>{' SMTPUTF8' if utf8 else ''}"]
+        commands += [f"RCPT TO:<{recipient}>" for recipient in recipients]
+        if connection.has_extn("pipelining"):
+            connection.send(("\r\n".join([*commands, "DATA"]) + "\r\n").encode())
+            replies = [_reply_or_raise(connection, cmd) for cmd in [*commands, "DATA"]]
+        else:
+            replies = []
+            for command in commands:
+                connection.send((command + "\r\n").encode())
+                replies.append(_reply_or_raise(connection, command))
+                if len(replies) == 1 and replies[0][0] != 250:
+                    break
+        return _finish(connection, replies, recipients, message)
 
     def _connection(self, name: str) -> smtplib.SMTP:
         connection = self._connections.get(name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from types import TracebackType
@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from shared.broker import Broker, Publication
+from shared.broker import BatchConfirm, Broker, Publication
 from shared.container import MailContainer, encode_container, parse_container
 from shared.errors import ContainerError, NotConfirmed, RohrpostError, UnknownRoute
 from shared.settings import Settings
@@ -107,12 +107,13 @@ class Producer:
         properties = mail_properties(str(mail.id), round=round, headers=headers)
         delay = self._topology.delay
         seconds = delay.seconds(mail.not_before - now) if mail.not_before else 0
-        routing_key = (
-            delay.routing_key(seconds, mail.tenant, mail.app)
-            if seconds > 0
-            else self._topology.route_key(mail.tenant, mail.app)
-        )
-        return mail, Publication(self._topology.submit_exchange, routing_key, body, properties)
+        if seconds > 0:
+            exchange = self._topology.schedule_exchange
+            routing_key = delay.routing_key(seconds, mail.tenant, mail.app)
+        else:
+            exchange = self._topology.submit_exchange
+            routing_key = self._topology.route_key(mail.tenant, mail.app)
+        return mail, Publication(exchange, routing_key, body, properties)
 
     def submit(
         self, container: ContainerLike, *, headers: Mapping[str, Any] | None = None
@@ -132,42 +133,70 @@ class Producer:
         self,
         containers: Iterable[ContainerLike],
         *,
-        window: int = 2000,
+        window: int = 4000,
         on_progress: Callable[[int], None] | None = None,
     ) -> list[uuid.UUID]:
         """Submit many mails with up to ``window`` unconfirmed at once; return their ids.
 
-        Mails are validated in chunks of ``window`` before any of a chunk is published.
-        When one is invalid, nothing of its chunk is published, everything before is
-        confirmed, and SubmitManyError names its position and carries the confirmed
-        ids. When the broker fails to confirm, later mails may or may not be queued.
+        Mails are validated in chunks of ``window // 2`` before any of a chunk is
+        published; while one chunk waits for its confirms the next is validated, so
+        the broker is never idle. When a mail is invalid, nothing of its chunk is
+        published, everything before is confirmed, and SubmitManyError names its
+        position and carries the confirmed ids. When the broker fails to confirm,
+        later mails may or may not be queued.
         """
         broker = self._require_broker()
-        confirms = _ConfirmWindow(window, self._wait, on_progress)
-        chunk: list[tuple[uuid.UUID, Publication]] = []
+        chunk_size = max(1, window // 2)
+        confirmed: list[uuid.UUID] = []
+        in_flight: deque[tuple[list[uuid.UUID], BatchConfirm]] = deque()
+
+        def settle_oldest() -> None:
+            ids, batch = in_flight.popleft()
+            self._wait_batch(batch, ids)
+            confirmed.extend(ids)
+            if on_progress is not None:
+                on_progress(len(ids))
+
         try:
-            for position, container in enumerate(containers):
+            for start, chunk in _chunks(containers, chunk_size):
+                prepared = []
                 try:
-                    mail, publication = self.prepare(container)
+                    for container in chunk:
+                        prepared.append(self.prepare(container))
                 except (ContainerError, UnknownRoute) as exc:
-                    confirms.finish()
+                    while in_flight:
+                        settle_oldest()
+                    position = start + len(prepared)
                     raise SubmitManyError(
-                        f"mail #{position}: {exc} ({len(confirms.confirmed)} mails before it "
-                        "were confirmed; none after it was published)",
-                        confirms.confirmed,
+                        f"mail #{position}: {exc} ({len(confirmed)} mails before it were "
+                        "confirmed; none after it was published)",
+                        confirmed,
                     ) from exc
-                chunk.append((mail.id, publication))
-                if len(chunk) >= window:
-                    confirms.publish(broker, chunk)
-                    chunk.clear()
-            confirms.publish(broker, chunk)
-            confirms.finish()
+                if len(in_flight) >= 2:
+                    settle_oldest()
+                batch = broker.publish_many([publication for _, publication in prepared])
+                in_flight.append(([mail.id for mail, _ in prepared], batch))
+                # Validate the next chunk while the broker confirms this one, but not
+                # while the I/O thread still writes it: two busy threads would only
+                # fight over the GIL.
+                batch.written.wait(self._timeout)
+            while in_flight:
+                settle_oldest()
         except NotConfirmed as exc:
             raise SubmitManyError(
-                f"{exc} ({len(confirms.confirmed)} mails were confirmed before)",
-                confirms.confirmed,
+                f"{exc} ({len(confirmed)} mails were confirmed before)", confirmed
             ) from exc
-        return confirms.confirmed
+        return confirmed
+
+    def _wait_batch(self, batch: BatchConfirm, ids: list[uuid.UUID]) -> None:
+        if not batch.wait(self._timeout):
+            raise NotConfirmed(
+                f"no confirm from the broker within {self._timeout:g}s for {batch.size} mails "
+                f"(first {ids[0]}); they may or may not be queued"
+            )
+        if batch.failures:
+            index, error = batch.failures[0]
+            raise NotConfirmed(f"mail {ids[index]}: {error}") from error
 
     def _require_broker(self) -> Broker:
         if self._broker is None:
@@ -185,36 +214,15 @@ class Producer:
             ) from None
 
 
-class _ConfirmWindow:
-    """Publishes while keeping at most ``size`` publishes unconfirmed."""
-
-    def __init__(
-        self,
-        size: int,
-        wait: Callable[[Future[None], uuid.UUID], None],
-        on_progress: Callable[[int], None] | None,
-    ) -> None:
-        self._size = size
-        self._wait = wait
-        self._on_progress = on_progress
-        self._in_flight: deque[tuple[uuid.UUID, Future[None]]] = deque()
-        self.confirmed: list[uuid.UUID] = []
-
-    def publish(self, broker: Broker, items: list[tuple[uuid.UUID, Publication]]) -> None:
-        """Publish ``items``, waiting for the oldest confirms whenever the window is full."""
-        for mail_id, publication in items:
-            self._in_flight.append((mail_id, broker.publish(publication)))
-            if len(self._in_flight) >= self._size:
-                self._confirm_oldest()
-
-    def finish(self) -> None:
-        """Wait for every outstanding confirm."""
-        while self._in_flight:
-            self._confirm_oldest()
-
-    def _confirm_oldest(self) -> None:
-        mail_id, future = self._in_flight.popleft()
-        self._wait(future, mail_id)
-        self.confirmed.append(mail_id)
-        if self._on_progress is not None:
-            self._on_progress(1)
+def _chunks(items: Iterable[ContainerLike], size: int) -> Iterator[tuple[int, list[ContainerLike]]]:
+    """(position of the first, chunk) for consecutive chunks of ``size`` items."""
+    chunk: list[ContainerLike] = []
+    start = 0
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield start, chunk
+            start += size
+            chunk = []
+    if chunk:
+        yield start, chunk

@@ -53,6 +53,14 @@ class _Handler:
     def __init__(self, catcher: MailCatcher) -> None:
         self._catcher = catcher
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._catcher.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, _options: Any
     ) -> str:
@@ -92,8 +100,10 @@ def _free_port() -> int:
 class MailCatcher:
     """An SMTP server on 127.0.0.1 that records mail; use as a context manager."""
 
-    def __init__(self, port: int = 0, *, latency: float = 0.0) -> None:
+    def __init__(self, port: int = 0, *, latency: float = 0.0, pipelining: bool = False) -> None:
+        """``pipelining``: advertise RFC 2920 PIPELINING, as Postfix does."""
         self.latency = latency
+        self.pipelining = pipelining
         self._requested_port = port
         self._controller: Controller | None = None
         self._cond = threading.Condition()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,11 +94,54 @@ class Delivery:
     redelivered: bool
 
 
+class BatchConfirm:
+    """The confirms of a batch of publishes (``Broker.publish_many``)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.failures: list[tuple[int, BaseException]] = []
+        self._remaining = size
+        self._done = threading.Event()
+        #: Set once the I/O thread has handed every publish of the batch to the socket.
+        self.written = threading.Event()
+        if size == 0:
+            self._done.set()
+
+    def settle(self, index: int, error: BaseException | None) -> None:
+        """Record the broker's answer for publish ``index`` (called on the I/O thread)."""
+        if error is not None:
+            self.failures.append((index, error))
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every publish of the batch is settled; False on timeout."""
+        return self._done.wait(timeout)
+
+
 @dataclass(slots=True)
 class _Pending:
+    """One publish awaiting its confirm; settles a Future or one slot of a batch."""
+
     publication: Publication
-    future: Future[None]
+    future: Future[None] | None = None
+    batch: BatchConfirm | None = None
+    index: int = 0
     returned: str | None = None
+    settled: bool = False
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(None)
+            else:
+                self.future.set_exception(error)
+        elif self.batch is not None:
+            self.batch.settle(self.index, error)
 
 
 @dataclass(slots=True)
@@ -198,9 +241,27 @@ class Broker:
 
     def publish(self, publication: Publication) -> Future[None]:
         """Publish with confirm; the future fails with NotConfirmed if nacked or returned."""
-        pending = _Pending(publication, Future())
+        future: Future[None] = Future()
+        pending = _Pending(publication, future=future)
         self._call(lambda: self._publish(pending))
-        return pending.future
+        return future
+
+    def publish_many(self, publications: Sequence[Publication]) -> BatchConfirm:
+        """Publish a batch with confirms, in one hand-over to the I/O thread.
+
+        Cheaper than ``publish`` per message (no Future, one wake-up): what bulk
+        submission uses. ``BatchConfirm.failures`` names the publishes not confirmed.
+        """
+        batch = BatchConfirm(len(publications))
+        pendings = [_Pending(pub, batch=batch, index=i) for i, pub in enumerate(publications)]
+
+        def publish_all() -> None:
+            for pending in pendings:
+                self._publish(pending)
+            batch.written.set()
+
+        self._call(publish_all)
+        return batch
 
     def consume(
         self,
@@ -402,11 +463,11 @@ class Broker:
 
     def _publish(self, pending: _Pending) -> None:
         state = self._state
-        if pending.future.done():
+        if pending.settled:
             return
         if not self.connected:
             if self._closing:
-                pending.future.set_exception(BrokerUnavailable("broker connection is closing"))
+                pending.settle(BrokerUnavailable("broker connection is closing"))
             else:
                 state.waiting.append(pending)
             return
@@ -451,14 +512,14 @@ class Broker:
             seqs = self._state.by_message_id.get(pub.properties.message_id)
             if seqs is not None and not seqs:
                 del self._state.by_message_id[pub.properties.message_id]
-        if pending.future.done():
+        if pending.settled:
             return
         if not acked:
-            pending.future.set_exception(
+            pending.settle(
                 NotConfirmed(f"broker nacked the publish to {pub.exchange} ({pub.routing_key})")
             )
         elif pending.returned is not None:
-            pending.future.set_exception(
+            pending.settle(
                 NotConfirmed(
                     f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "
                     f"({pending.returned}); is the tenant/app declared? "
@@ -466,7 +527,7 @@ class Broker:
                 )
             )
         else:
-            pending.future.set_result(None)
+            pending.settle(None)
 
     def _settle(
         self, delivery: Delivery, *, ack: bool, requeue: bool, multiple: bool = False
@@ -483,15 +544,13 @@ class Broker:
         failed, state.unconfirmed = list(state.unconfirmed.values()), OrderedDict()
         state.by_message_id.clear()
         for pending in failed:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            pending.settle(error)
 
     def _fail_all(self, error: BaseException) -> None:
         self._fail_unconfirmed(error)
         waiting, self._state.waiting = self._state.waiting, deque()
         for pending in waiting:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            pending.settle(error)
 
     def _shutdown(self) -> None:
         self._closing = True

@@ -71,3 +71,7 @@ class DelayLevels:
     def entry_pattern(self) -> str:
         """Binding key matching every delayed routing key: N bits plus tenant.app."""
         return ".".join(["*"] * (self.count + 2))
+
+    def arrival_pattern(self, route_key: str) -> str:
+        """Binding key matching every delayed routing key of ``route_key`` (tenant.app)."""
+        return ".".join([*(["*"] * self.count), route_key])

@@ -63,7 +63,7 @@ def test_a_publish_to_a_missing_exchange_fails_and_the_connection_recovers(
         with pytest.raises(TopologyMissing, match="no exchange 'no-such-exchange-xyz'"):
             missing.result(timeout=10)
         routed = broker.publish(
-            Publication(f"{settings.namespace}.send", "acme.billing", b"{}", props)
+            Publication(f"{settings.namespace}.submit", "acme.billing", b"{}", props)
         )
         routed.result(timeout=20)
     finally:

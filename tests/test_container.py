@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import string
 from datetime import UTC, datetime, timedelta
+from email.utils import getaddresses
 from typing import Any
 
 import pytest
+from email_validator import validate_email
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.container import (
     MAX_ATTACHMENT_BYTES,
@@ -15,6 +20,7 @@ from shared.container import (
     MailContainer,
     decode_container,
     encode_container,
+    is_plain_address,
     parse_container,
 )
 from shared.errors import ContainerError
@@ -166,3 +172,32 @@ def test_the_schema_names_the_wire_fields() -> None:
         schema["properties"]
     )
     assert schema["additionalProperties"] is False
+
+
+ATOM = st.text(
+    alphabet=string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-.", min_size=1, max_size=70
+)
+LABEL = st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1, max_size=65)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    local=ATOM,
+    labels=st.lists(LABEL, min_size=1, max_size=4),
+    tld=st.sampled_from(["com", "de", "example", "test", "localhost", "x", "c0m", "museum"]),
+)
+def test_the_fast_address_check_accepts_only_what_the_full_check_accepts(
+    local: str, labels: list[str], tld: str
+) -> None:
+    address = f"{local}@{'.'.join([*labels, tld])}"
+    if is_plain_address(address):
+        validate_email(address, check_deliverability=False)  # raises if the fast path erred
+        assert getaddresses([address]) == [("", address)]
+
+
+def test_the_fast_address_check_takesis_plain_addresses() -> None:
+    assert is_plain_address("customer17@example.com")
+    assert is_plain_address("a.b+tag@mail.sub.example.org")
+    assert not is_plain_address("Anna <anna@example.com>")
+    assert not is_plain_address("anna@example.test")
+    assert not is_plain_address("anna@grüße.example")

@@ -32,6 +32,12 @@ def topic_matches(pattern: str, key: str) -> bool:
     return match(pattern.split("."), key.split("."))
 
 
+def matches(topology: Topology, exchange: str, pattern: str, key: str) -> bool:
+    """Whether ``exchange`` (by its declared type) routes ``key`` along a binding ``pattern``."""
+    kind = dict(topology.exchanges())[exchange]
+    return pattern == key if kind == "direct" else topic_matches(pattern, key)
+
+
 def route(topology: Topology, exchange: str, key: str) -> tuple[list[str], str]:
     """Follow the declared bindings and dead-letter settings from ``exchange``.
 
@@ -45,7 +51,7 @@ def route(topology: Topology, exchange: str, key: str) -> tuple[list[str], str]:
             b
             for b in topology.bindings()
             if b.source == exchange
-            and topic_matches(b.pattern, key)
+            and matches(topology, exchange, b.pattern, key)
             and b.destination != topology.history_queue  # the history copy; see below
         ]
         assert len(targets) == 1, f"{key} on {exchange} routes to {targets}"
@@ -77,7 +83,10 @@ def test_every_delay_waits_exactly_its_seconds_then_reaches_its_send_queue(
     topology = topology_for(levels, tenant, app)
     seconds = data.draw(st.integers(min_value=0, max_value=topology.delay.max_seconds))
     key = topology.delay.routing_key(seconds, tenant, app)
-    visited, final = route(topology, topology.submit_exchange, key)
+    entry = topology.schedule_exchange if seconds else topology.submit_exchange
+    if not seconds:
+        key = topology.route_key(tenant, app)
+    visited, final = route(topology, entry, key)
     assert final == topology.send_queue(tenant, app)
     assert ttl_seconds(topology, visited) == seconds
     assert len(visited) == bin(seconds).count("1")
@@ -87,9 +96,9 @@ def test_every_delay_waits_exactly_its_seconds_then_reaches_its_send_queue(
 
 def test_every_bit_pattern_of_ten_levels_routes_correctly() -> None:
     topology = topology_for(10)
-    for seconds in range(2**10):
+    for seconds in range(1, 2**10):
         key = topology.delay.routing_key(seconds, "acme", "billing")
-        visited, final = route(topology, topology.submit_exchange, key)
+        visited, final = route(topology, topology.schedule_exchange, key)
         assert final == "ns.send.acme.billing"
         assert ttl_seconds(topology, visited) == seconds
 
@@ -103,12 +112,13 @@ def test_a_due_mail_goes_straight_to_its_send_queue() -> None:
 def test_a_submitted_mail_also_reaches_the_history_queue_once(seconds: int) -> None:
     topology = topology_for(8)
     key = topology.delay.routing_key(seconds, "acme", "billing") if seconds else "acme.billing"
+    entry = topology.schedule_exchange if seconds else topology.submit_exchange
     to_history = [
         b
         for b in topology.bindings()
-        if b.source == topology.submit_exchange
+        if b.source == entry
         and b.destination == topology.history_queue
-        and topic_matches(b.pattern, key)
+        and matches(topology, entry, b.pattern, key)
     ]
     assert len(to_history) == 1
     # …but not a mail for a route nobody declared: that one stays unroutable.
@@ -116,10 +126,20 @@ def test_a_submitted_mail_also_reaches_the_history_queue_once(seconds: int) -> N
     assert not [
         b
         for b in topology.bindings()
-        if b.source == topology.submit_exchange
-        and topic_matches(b.pattern, stray)
-        and not b.to_exchange
+        if b.source == entry and matches(topology, entry, b.pattern, stray) and not b.to_exchange
     ]
+
+
+def test_a_dead_letter_from_the_broker_reaches_its_dead_letter_queue() -> None:
+    topology = topology_for(8)
+    [send] = [q for q in topology.queues() if q.name == "ns.send.acme.billing"]
+    exchange = send.arguments["x-dead-letter-exchange"]
+    key = send.arguments["x-dead-letter-routing-key"]
+    assert [
+        b.destination
+        for b in topology.bindings()
+        if b.source == exchange and matches(topology, exchange, b.pattern, key)
+    ] == ["ns.dead.acme.billing"]
 
 
 def test_delays_round_up_to_whole_seconds_and_cap_at_one_pass() -> None:

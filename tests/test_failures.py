@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from producer.client import Producer
 from rohrpost.catcher import MailCatcher
@@ -12,6 +15,13 @@ from shared.wire import ATTEMPT_HEADER, ATTEMPTS_HEADER, ERROR_HEADER, REASON_HE
 from tests.conftest import EventLog, dead_letters, declare, drain, write_template
 
 RECIPIENT = "anna@example.com"
+
+
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def catcher(request: pytest.FixtureRequest) -> Iterator[MailCatcher]:
+    """The SMTP server, once without and once with PIPELINING (both client paths)."""
+    with MailCatcher(pipelining=request.param) as server:
+        yield server
 
 
 def mail(**fields: Any) -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""``python -m bench submit|e2e|punctuality|scale|all [--mails N]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import parts
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULTS = {"submit": 20_000, "e2e": 20_000, "punctuality": 20_000, "scale": 1_000_000}
+
+
+def machine() -> str:
+    """What the figures were measured on."""
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}"
+
+
+def table(name: str, figures: dict[str, Any]) -> str:
+    """The figures of one part as an aligned two-column table."""
+    width = max(len(key) for key in figures)
+    lines = [f"== {name} =="] + [f"  {key:<{width}}  {value}" for key, value in figures.items()]
+    return "\n".join(lines)
+
+
+def run_part(name: str, mails: int | None, processes: int, store: str) -> dict[str, Any]:
+    count = mails or DEFAULTS[name]
+    if name == "submit":
+        return parts.submit(count, store)
+    if name == "e2e":
+        return parts.e2e(count, processes, store)
+    if name == "punctuality":
+        return parts.punctuality(count, processes, store)
+    return parts.scale(count, store)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("part", choices=[*DEFAULTS, "all"])
+    parser.add_argument("--mails", type=int, help="mails per part (default: the part's own)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
+    args = parser.parse_args()
+    names = list(DEFAULTS) if args.part == "all" else [args.part]
+    results: dict[str, Any] = {}
+    for name in names:
+        figures = run_part(name, args.mails, args.processes, args.store)
+        print(table(name, figures), flush=True)
+        results[name] = figures
+    if args.part == "all":
+        results["machine"] = machine()
+        results["at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written to {path}")
+    print(json.dumps(results if args.part == "all" else results[args.part]))
+
+
+if __name__ == "__main__":
+    main()

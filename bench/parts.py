@@ -1,0 +1,216 @@
+"""The benchmark's parts; each returns its figures as a flat dict."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psutil
+from sqlalchemy import text
+
+from bench import baseline, ceiling
+from bench.environment import BROKER_URL, Environment, environment, free_port
+from bench.workload import mails
+from producer.client import Producer
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def _children(run: psutil.Process) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(workers, history consumer) of a ``rohrpost run``: the history child starts last."""
+    children = sorted(
+        (
+            c
+            for c in run.children()
+            if "multiprocessing.resource_tracker" not in " ".join(c.cmdline())
+        ),
+        key=lambda c: c.create_time(),
+    )
+    return children[:-1], children[-1:]
+
+
+def _wait_archived(env: Environment, count: int, timeout: float) -> float:
+    """Wait until the store has ``count`` sent mails; return when that was seen."""
+    engine = env.store_engine()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                done = conn.execute(
+                    text("SELECT count(*) FROM mails WHERE status = 'sent'")
+                ).scalar_one()
+            if done >= count:
+                return time.perf_counter()
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    raise TimeoutError(f"only {done} of {count} mails were sent and archived")
+
+
+def submit(count: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]:
+    """Bulk submit with submit_many, beside the raw pika ceiling, alternating ``rounds`` times.
+
+    This machine's broker varies by a third from run to run, so ceiling and submit
+    alternate and the medians are compared.
+    """
+    ceilings, rates = [], []
+    batch = list(mails(count))
+    for _ in range(rounds):
+        ceilings.append(ceiling.measure(BROKER_URL, count))
+        with environment(store) as env, Producer(env.settings) as producer:
+            started = time.perf_counter()
+            producer.submit_many(batch)
+            rates.append(count / (time.perf_counter() - started))
+    rate, ceiling_rate = statistics.median(rates), statistics.median(ceilings)
+    return {
+        "mails": count,
+        "rounds": rounds,
+        "submit_mails_per_s": round(rate),
+        "ceiling_msgs_per_s": round(ceiling_rate),
+        "ratio_to_ceiling": round(rate / ceiling_rate, 3),
+        "submit_runs": [round(r) for r in rates],
+        "ceiling_runs": [round(c) for c in ceilings],
+    }
+
+
+def e2e(count: int, processes: int, store: str = "sqlite") -> dict[str, Any]:
+    """Submit while ``rohrpost run`` works, until every mail is sent and archived."""
+    with environment(store) as env:
+        port = free_port()
+        run = env.rohrpost("run", "--processes", str(processes), metrics_port=port)
+        workers, history = _children(run)
+        cpu_before = _cpu_seconds(workers), _cpu_seconds(history)
+        batch = list(mails(count))
+        started = time.perf_counter()
+        with Producer(env.settings) as producer:
+            producer.submit_many(batch)
+        finished = _wait_archived(env, count, timeout=max(120, count / 50))
+        elapsed = finished - started
+        worker_cpu = _cpu_seconds(workers) - cpu_before[0]
+        history_cpu = _cpu_seconds(history) - cpu_before[1]
+        env.stop(run)
+        sink_port = env.settings.smtp["sink"].port
+        baseline_rate = baseline.measure(sink_port, count)
+    rate = count / elapsed
+    return {
+        "mails": count,
+        "seconds": round(elapsed, 2),
+        "mails_per_s": round(rate),
+        "baseline_mails_per_s": round(baseline_rate),
+        "ratio_to_baseline": round(rate / baseline_rate, 3),
+        "processes": processes,
+        "worker_cpu_s_per_1000": round(worker_cpu / count * 1000, 3),
+        "history_cpu_s_per_1000": round(history_cpu / count * 1000, 3),
+        "store": store,
+    }
+
+
+def _lateness(env: Environment) -> list[float]:
+    engine = env.store_engine()
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT m.not_before, e.at FROM mails m JOIN events e ON e.mail_id = m.id "
+                    "WHERE e.kind = 'sent'"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    from shared.store.tables import UtcDateTime
+
+    convert = UtcDateTime().process_result_value
+    dialect = engine.dialect
+    return [
+        (convert(at, dialect) - convert(nb, dialect)).total_seconds()  # type: ignore[operator]
+        for nb, at in rows
+    ]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "p50": round(cuts[49], 3),
+        "p99": round(cuts[98], 3),
+        "max": round(ordered[-1], 3),
+        "early": sum(1 for v in ordered if v < 0),
+    }
+
+
+def punctuality(count: int, processes: int, store: str = "sqlite") -> dict[str, Any]:
+    """``count`` mails due in the same second 20 s ahead; then 200 spread over 60 s."""
+    with environment(store) as env:
+        env.rohrpost("run", "--processes", str(processes), metrics_port=free_port())
+        due = (datetime.now(UTC) + timedelta(seconds=20)).replace(microsecond=0)
+        with Producer(env.settings) as producer:
+            producer.submit_many(mails(count, not_before=due))
+        _wait_archived(env, count, timeout=max(180, count / 50))
+        burst = _percentiles(_lateness(env))
+    with environment(store) as env:
+        env.rohrpost("run", "--processes", str(processes), metrics_port=free_port())
+        start = datetime.now(UTC) + timedelta(seconds=5)
+        with Producer(env.settings) as producer:
+            for i, mail in enumerate(mails(200)):
+                mail["not_before"] = (start + timedelta(seconds=i * 0.3)).isoformat()
+                producer.submit(mail)
+        _wait_archived(env, 200, timeout=180)
+        spread = _percentiles(_lateness(env))
+    return {
+        "mails": count,
+        "burst_p50_s": burst["p50"],
+        "burst_p99_s": burst["p99"],
+        "burst_max_s": burst["max"],
+        "burst_early": burst["early"],
+        "spread_p99_s": spread["p99"],
+        "spread_max_s": spread["max"],
+        "spread_early": spread["early"],
+    }
+
+
+def _broker_memory() -> int:
+    status = subprocess.run(
+        ["rabbitmqctl", "status", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(json.loads(status.stdout)["memory"]["total"]["rss"])
+
+
+def scale(count: int, store: str = "sqlite") -> dict[str, Any]:
+    """``count`` mails scheduled an hour ahead: submit time, broker memory, worker RSS."""
+    with environment(store, history_enabled=False) as env:
+        worker = env.rohrpost("worker", metrics_port=free_port())
+        rss_before = worker.memory_info().rss
+        memory_before = _broker_memory()
+        due = datetime.now(UTC) + timedelta(hours=1)
+        with Producer(env.settings) as producer:
+            started = time.perf_counter()
+            producer.submit_many(mails(count, not_before=due))
+            elapsed = time.perf_counter() - started
+        time.sleep(5)  # let the worker settle before reading its memory
+        rss_after = worker.memory_info().rss
+        memory_after = _broker_memory()
+        env.stop(worker)
+    return {
+        "mails": count,
+        "submit_seconds": round(elapsed, 1),
+        "submit_mails_per_s": round(count / elapsed),
+        "broker_rss_mib_before": round(memory_before / 2**20),
+        "broker_rss_mib_after": round(memory_after / 2**20),
+        "worker_rss_mib_before": round(rss_before / 2**20, 1),
+        "worker_rss_mib_after": round(rss_after / 2**20, 1),
+        "worker_rss_change": round(rss_after / rss_before - 1, 3),
+    }
