@@ -6,7 +6,6 @@ the environment at import time.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import tomllib
@@ -29,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.container import Address, Name, describe_validation_error
+from shared.delay import DelayLevels
 from shared.errors import ConfigError
 from shared.timeparse import parse_duration
 
@@ -212,8 +212,8 @@ class Settings(BaseSettings):
 
     @property
     def delay_levels(self) -> int:
-        """Number of binary delay levels needed for ``max_delay``."""
-        return max(1, math.ceil(math.log2(self.max_delay.total_seconds() + 1)))
+        """Number of (octal) delay levels needed for ``max_delay``."""
+        return DelayLevels.covering(self.namespace, self.max_delay.total_seconds()).count
 
     def routes(self) -> list[tuple[str, str]]:
         """Every enabled (tenant, app) pair, sorted."""

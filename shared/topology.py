@@ -1,12 +1,14 @@
 """Every exchange, queue and binding of one namespace, and how to declare them.
 
-    producer ─► {ns}.submit (direct, "T.A") ──────────────────────────► {ns}.send.T.A
-       │                   └──────────────────────────────────────────► {ns}.history
-       └──────► {ns}.schedule (topic, "bits.T.A") ─┬─► {ns}.delay.{N-1} ─► … ─► {ns}.delay.0
-                                                   └─► {ns}.history            │
-                            {ns}.send (topic, "bits.T.A") ◄────────────────────┘──► {ns}.send.T.A
-    worker (retry) ─► {ns}.delay.{N-1};  worker (dead-letter), x-delivery-limit ─► {ns}.dead
-    (direct, "T.A") ─► {ns}.dead.T.A;  worker (every outcome) ─► {ns}.events ─► {ns}.history
+    producer ─► {ns}.submit (direct, "T.A") ─────────────────────────► {ns}.send.T.A
+       │                   └─────────────────────────────────────────► {ns}.history
+       └──────► {ns}.schedule (topic, "bits.T.A") ─┬─► queue {ns}.delay.{first 1 bit}
+                                                   └─► {ns}.history          │ TTL
+         queue {ns}.delay.{j} ◄── exchange {ns}.delay.{k} (dead-letter of queue k)
+                                        └── no 1 bit left ─────────► {ns}.send.T.A
+    worker (retry) ─► {ns}.delay (topic, like schedule without history)
+    worker (dead-letter), x-delivery-limit ─► {ns}.dead (direct, "T.A") ─► {ns}.dead.T.A
+    worker (every outcome) ─► {ns}.events ─► {ns}.history
 
 (T.A is tenant.app; "bits" is the delay in seconds as N binary words, see shared.delay.)
 Due mails take direct exchanges only: RabbitMQ 3.10 spends ~70 µs routing a message
@@ -87,11 +89,6 @@ class Topology:
         return f"{self.namespace}.schedule"
 
     @property
-    def send_exchange(self) -> str:
-        """Routes ``…tenant.app`` to that pair's send queue."""
-        return f"{self.namespace}.send"
-
-    @property
     def dead_exchange(self) -> str:
         """Routes ``…tenant.app`` to that pair's dead-letter queue."""
         return f"{self.namespace}.dead"
@@ -139,7 +136,7 @@ class Topology:
         return [
             (self.submit_exchange, "direct"),
             (self.schedule_exchange, "topic"),
-            (self.send_exchange, "topic"),
+            (self.delay.entry_exchange, "topic"),
             (self.dead_exchange, "direct"),
             (self.events_exchange, "topic"),
             (self.control_exchange, "fanout"),
@@ -150,14 +147,14 @@ class Topology:
         """Every queue: delay levels, then each route's send and dead-letter queue."""
         queues = [
             Queue(
-                self.delay.queue(k),
+                self.delay.queue(level, digit),
                 {
-                    "x-message-ttl": self.delay.ttl_ms(k),
-                    "x-dead-letter-exchange": self._after_level(k),
+                    "x-message-ttl": self.delay.ttl_ms(level, digit),
+                    "x-dead-letter-exchange": self.delay.exchange(level),
                     **_SAFE_DEAD_LETTERING,
                 },
             )
-            for k in reversed(range(self.delay.count))
+            for level, digit in self.delay.queues()
         ]
         for tenant, app in self.routes:
             queues.append(
@@ -195,33 +192,38 @@ class Topology:
 
     def delay_queues(self) -> list[str]:
         """Names of the delay level queues."""
-        return [self.delay.queue(k) for k in range(self.delay.count)]
+        return [self.delay.queue(level, digit) for level, digit in self.delay.queues()]
 
     def bindings(self) -> list[Binding]:
         """Every binding, in the order they must be declared."""
+        delay = self.delay
         bindings = [
-            Binding(
-                self.schedule_exchange,
-                self.delay.entry_exchange,
-                self.delay.entry_pattern(),
-                to_exchange=True,
-            )
+            Binding(entry, delay.queue(level, digit), delay.first_stop_pattern(level, digit))
+            for entry in (self.schedule_exchange, delay.entry_exchange)
+            for level, digit in delay.queues()
         ]
-        for k in range(self.delay.count):
-            exchange = self.delay.exchange(k)
-            bindings.append(Binding(exchange, self.delay.queue(k), self.delay.keep_pattern(k)))
-            bindings.append(
+        for after in range(delay.count):
+            bindings += [
                 Binding(
-                    exchange, self._after_level(k), self.delay.pass_pattern(k), to_exchange=True
+                    delay.exchange(after),
+                    delay.queue(level, digit),
+                    delay.next_stop_pattern(after, level, digit),
                 )
-            )
+                for level, digit in delay.queues()
+                if level < after
+            ]
+            # No 1 bit left: straight into the send queue, one routing step.
+            bindings += [
+                Binding(
+                    delay.exchange(after),
+                    self.send_queue(tenant, app),
+                    delay.done_pattern(after, self.route_key(tenant, app)),
+                )
+                for tenant, app in self.routes
+            ]
         for tenant, app in self.routes:
             key = self.route_key(tenant, app)
-            send_queue = self.send_queue(tenant, app)
-            bindings.append(Binding(self.submit_exchange, send_queue, key))
-            bindings.append(
-                Binding(self.send_exchange, send_queue, self.delay.arrival_pattern(key))
-            )
+            bindings.append(Binding(self.submit_exchange, self.send_queue(tenant, app), key))
             bindings.append(Binding(self.dead_exchange, self.dead_queue(tenant, app), key))
         bindings.append(Binding(self.control_exchange, self.control_stream, ""))
         if self.history:
@@ -238,9 +240,6 @@ class Topology:
                     )
                 )
         return bindings
-
-    def _after_level(self, level: int) -> str:
-        return self.delay.exchange(level - 1) if level > 0 else self.send_exchange
 
     def declare(self, channel: Any) -> None:
         """Declare everything on a blocking channel; idempotent.

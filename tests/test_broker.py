@@ -78,7 +78,7 @@ def test_an_unroutable_mandatory_publish_is_not_confirmed(
     try:
         props = pika.BasicProperties(message_id="m2", delivery_mode=2)
         future = broker.publish(
-            Publication(f"{settings.namespace}.send", "nobody.here", b"x", props)
+            Publication(f"{settings.namespace}.submit", "nobody.here", b"x", props)
         )
         with pytest.raises(NotConfirmed, match="no queue is bound"):
             future.result(timeout=10)

@@ -111,8 +111,8 @@ def test_submit_with_a_relative_not_before_goes_into_the_delay_levels(
     topology = Topology.from_settings(settings)
     with admin_channel(settings.broker_url.get_secret_value()) as channel:
         depths = queue_depths(channel, topology.delay_queues())
-    # 90 s = 0b1011010: the highest level is 6 (64 s)
-    assert {k: v for k, v in depths.items() if v} == {f"{settings.namespace}.delay.6": 1}
+    # 90 s = 0o132: the highest digit is 1 at level 2 (64 s)
+    assert {k: v for k, v in depths.items() if v} == {f"{settings.namespace}.delay.2.1": 1}
 
 
 def test_submit_many_from_a_jsonl_file(

@@ -108,7 +108,7 @@ def test_durations_take_units(config: Path) -> None:
     config.write_text(EXAMPLE.replace('namespace = "rohrpost"', 'max_delay = "3d"'))
     settings = load_settings(config)
     assert settings.max_delay == timedelta(days=3)
-    assert settings.delay_levels == 18  # 2**18 - 1 s >= 259,200 s
+    assert settings.delay_levels == 6  # 8**6 - 1 = 262,143 s >= 3 days = 259,200 s
 
 
 def test_the_smtp_password_comes_from_the_named_variable(
