@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import smtplib
+import threading
 import time
 from email.message import EmailMessage
 from typing import Any
@@ -48,7 +49,12 @@ def measure(port: int, count: int, processes: int = 2) -> float:
     ]
     for worker in workers:
         worker.start()
-    ready.wait()
+    try:
+        ready.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        for worker in workers:
+            worker.kill()
+        raise RuntimeError("a baseline process did not start") from None
     started = time.perf_counter()
     for worker in workers:
         worker.join()

@@ -108,7 +108,6 @@ def _settings(
         "namespace": namespace,
         "templates_dir": str(TEMPLATES),
         "store_url": store_url,
-        "max_delay": "2h",
         "metrics_port": 0,
         "log_level": "warning",
         "smtp": {"sink": {"host": "127.0.0.1", "port": sink_port}},

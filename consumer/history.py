@@ -18,8 +18,9 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from consumer.events import BATCH_TYPE
 from shared.broker import Broker, Delivery, admin_channel
 from shared.container import decode_container
 from shared.errors import ContainerError, StoreError
@@ -33,12 +34,15 @@ from shared.wire import ACTOR_HEADER, round_of
 log = structlog.get_logger(__name__)
 
 _BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
+_EVENT_BATCH = TypeAdapter(list[MailEvent])
 _EMPTY_POLLS_TO_DRAIN = 3
 
 
 def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
     """The history records one message stands for; ValueError when it is unreadable."""
     kind = delivery.properties.type or ""
+    if kind == BATCH_TYPE:
+        return [HistoryRecord(event) for event in _EVENT_BATCH.validate_json(delivery.body)]
     if kind.startswith("rohrpost.event."):
         return [HistoryRecord(MailEvent.model_validate_json(delivery.body))]
     mail = decode_container(delivery.body)

@@ -1,7 +1,8 @@
 """What became of one delivery, and the messages that record it.
 
-The worker acks a delivery only after every publication of its outcome is confirmed:
-a crash in between leaves a duplicate, never a loss.
+The worker acks a delivery only after the mail's own publication (into the delay
+levels, or to the dead-letter queue) and its event are confirmed: a crash in
+between leaves a duplicate, never a loss.
 """
 
 from __future__ import annotations
@@ -93,25 +94,7 @@ class Processed:
         return round_of(self.delivery.properties)
 
 
-def publications(topology: Topology, processed: Processed) -> list[Publication]:
-    """Every message to publish (and have confirmed) before acking the delivery."""
-    out = []
-    if (mail := _mail_publication(topology, processed)) is not None:
-        out.append(mail)
-    if (event := _event(processed)) is not None:
-        out.append(
-            Publication(
-                topology.events_exchange,
-                event.routing_key,
-                event.model_dump_json(exclude_none=True).encode(),
-                event.properties(),
-                mandatory=False,
-            )
-        )
-    return out
-
-
-def _mail_publication(topology: Topology, processed: Processed) -> Publication | None:
+def mail_publication(topology: Topology, processed: Processed) -> Publication | None:
     """The mail itself, moved on: into the delay levels, or to the dead-letter queue."""
     outcome = processed.outcome
     delivery = processed.delivery
@@ -152,7 +135,8 @@ def cancelled_event_id(mail_id: uuid.UUID, round: int) -> uuid.UUID:
     return uuid.uuid5(mail_id, f"cancelled.{round}")
 
 
-def _event(processed: Processed) -> MailEvent | None:
+def outcome_event(processed: Processed) -> MailEvent | None:
+    """The event recording ``processed``'s outcome (none for an early arrival)."""
     outcome = processed.outcome
     common = {
         "mail_id": processed.mail.id if processed.mail else None,

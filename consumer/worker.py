@@ -18,14 +18,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from consumer.control import ControlFollower
+from consumer.events import EventBatcher
 from consumer.observers import LogObserver, MetricsObserver, Observer
-from consumer.outcome import Processed, Sent, publications
+from consumer.outcome import Processed, Sent, mail_publication, outcome_event
 from consumer.processor import MailProcessor
 from consumer.render import TemplateRenderer
 from consumer.smtp import SmtpTransport, Transport
@@ -79,6 +79,7 @@ class SendWorker:
         self._in_flight = 0
         self._stopping = False
         self._broker: Broker | None = None
+        self._batcher: EventBatcher | None = None
 
     def stop(self) -> None:
         """Ask ``run`` to finish in-flight mails and return; safe from a signal handler."""
@@ -111,6 +112,7 @@ class SendWorker:
         broker = Broker(url, name=f"rohrpost-worker:{self._settings.namespace}", republish=False)
         broker.start()
         self._broker = broker
+        self._batcher = EventBatcher(broker, self._topology.events_exchange)
         ControlFollower(broker, self._topology, self._control, self._follow_pauses).start()
         threads = [
             threading.Thread(target=self._send_loop, name=f"sender-{i}", daemon=True)
@@ -183,6 +185,8 @@ class SendWorker:
             self._inbox.put(None)
         for thread in threads:
             thread.join()
+        if self._batcher is not None:
+            self._batcher.flush()
         broker.close(timeout=self._settings.publish_timeout.total_seconds())
         self._broker = None
         log.info("worker stopped")
@@ -221,31 +225,34 @@ class SendWorker:
         self.metrics.in_flight.dec()
 
     def _record(self, processed: Processed) -> None:
-        """Publish the outcome; ack once confirmed (nack to retry if it was not)."""
-        broker = self._broker
-        assert broker is not None
+        """Move the mail if its outcome says so, then record the event; ack when confirmed."""
+        broker, batcher = self._broker, self._batcher
+        assert broker is not None and batcher is not None
         for observer in self._observers:
             try:
                 observer.on_outcome(processed)
             except Exception:
                 log.exception("outcome observer failed", observer=type(observer).__name__)
-        futures = [broker.publish(p) for p in publications(self._topology, processed)]
-        if not futures:
-            self._settle(processed, ok=True)
-            return
-        remaining = len(futures)
-        errors: list[BaseException] = []
+        event = outcome_event(processed)
 
-        def on_done(future: Future[None]) -> None:
-            nonlocal remaining
-            if (error := future.exception()) is not None:
-                errors.append(error)
-            remaining -= 1  # futures resolve on the broker's single I/O thread
-            if remaining == 0:
-                self._settle(processed, ok=not errors, errors=errors)
+        def record_event(error: BaseException | None) -> None:
+            if error is not None:
+                self._settle(processed, ok=False, errors=[error])
+            elif event is None:
+                self._settle(processed, ok=True)
+            else:
+                batcher.add(
+                    event,
+                    lambda failed: self._settle(
+                        processed, ok=failed is None, errors=[failed] if failed else None
+                    ),
+                )
 
-        for future in futures:
-            future.add_done_callback(on_done)
+        moved = mail_publication(self._topology, processed)
+        if moved is None:
+            record_event(None)
+        else:
+            broker.publish(moved).add_done_callback(lambda done: record_event(done.exception()))
 
     def _settle(
         self, processed: Processed, *, ok: bool, errors: list[BaseException] | None = None

@@ -316,6 +316,10 @@ class Broker:
         self._call(cancel)
         return future
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the I/O thread after ``delay`` seconds; thread-safe."""
+        self._call(lambda: self._ioloop.call_later(delay, callback))
+
     def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
         """Acknowledge ``delivery`` (with ``multiple``, every earlier one of its channel too).
 

@@ -229,7 +229,7 @@ class MailContainer(BaseModel):
                 raise ValueError("data is only used with a template")
         if self.not_before and self.expires_at and self.not_before >= self.expires_at:
             raise ValueError("not_before must be before expires_at")
-        total = sum(_base64_size(a.content) for a in self.attachments)
+        total = sum(_base64_size(a.content) for a in self.attachments) if self.attachments else 0
         if total > MAX_ATTACHMENT_BYTES:
             raise ValueError(
                 f"attachments total {total} bytes, more than the cap of {MAX_ATTACHMENT_BYTES}"

@@ -45,13 +45,19 @@ def mail_properties(
     ``x-death`` shows it already expired from the same queue, so a republished mail
     must not carry the old ``x-death`` / ``x-first-death-*`` headers.
     """
+    table = dict(headers or {})
+    # Defaults are left out: pika encodes a header table in pure Python, per message.
+    if attempt != 1:
+        table[ATTEMPT_HEADER] = attempt
+    if round != 0:
+        table[ROUND_HEADER] = round
     return pika.BasicProperties(
         content_type=MAIL_CONTENT_TYPE,
         delivery_mode=2,
         message_id=mail_id,
         timestamp=int(time.time()),
         type="rohrpost.mail.v1",
-        headers={ATTEMPT_HEADER: attempt, ROUND_HEADER: round, **(headers or {})},
+        headers=table or None,
     )
 
 

@@ -9,6 +9,7 @@ provide one. Never a silent skip.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -29,6 +30,7 @@ import tomli_w
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
+from consumer.events import BATCH_TYPE
 from consumer.worker import SendWorker
 from rohrpost.catcher import MailCatcher
 from shared.broker import admin_channel
@@ -363,10 +365,13 @@ class EventLog:
         """Every event published so far (accumulated over calls)."""
         with admin_channel(self._url) as channel:
             while True:
-                method, _props, body = channel.basic_get(self.queue, auto_ack=True)
+                method, props, body = channel.basic_get(self.queue, auto_ack=True)
                 if method is None:
                     break
-                self.events.append(MailEvent.model_validate_json(body))
+                if props.type == BATCH_TYPE:  # workers publish their events in batches
+                    self.events.extend(MailEvent.model_validate(e) for e in json.loads(body))
+                else:
+                    self.events.append(MailEvent.model_validate_json(body))
         return self.events
 
     def delete(self) -> None:
