@@ -16,15 +16,22 @@ WINDOW = 2000
 BODY = b"x" * 1024
 
 
-def measure(url: str, count: int) -> float:
-    """Publish ``count`` messages with up to WINDOW unconfirmed; return messages per second."""
+def measure(
+    url: str, count: int, *, exchange: str = "", routing_key: str = "", body: bytes = BODY
+) -> float:
+    """Publish ``count`` messages with up to WINDOW unconfirmed; return messages per second.
+
+    By default to a fresh quorum queue of its own (deleted afterwards); with
+    ``exchange`` and ``routing_key`` to an existing route instead.
+    """
     queue = f"bench-ceiling-{uuid.uuid4().hex[:8]}"
+    target = (exchange, routing_key) if exchange else ("", queue)
     state = {"published": 0, "confirmed": 0, "started": 0.0, "finished": 0.0}
     properties = pika.BasicProperties(delivery_mode=2)
 
     def publish_more(channel: pika.channel.Channel) -> None:
         while state["published"] < count and state["published"] - state["confirmed"] < WINDOW:
-            channel.basic_publish("", queue, BODY, properties)
+            channel.basic_publish(*target, body, properties)
             state["published"] += 1
 
     def on_confirm(frame: pika.frame.Method) -> None:

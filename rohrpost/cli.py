@@ -8,8 +8,9 @@ import click
 
 from rohrpost.commands.admin import demo, schema, topology
 from rohrpost.commands.context import CliContext
+from rohrpost.commands.dlq import dlq
 from rohrpost.commands.history import history, store
-from rohrpost.commands.operators import cancel, dlq, pause, resend, resume
+from rohrpost.commands.operators import cancel, pause, resend, resume
 from rohrpost.commands.processes import history_consumer, run, worker
 from rohrpost.commands.submit import submit
 from shared.errors import ConfigError, RohrpostError

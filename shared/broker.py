@@ -15,10 +15,9 @@ broker redelivers them.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,120 +27,32 @@ import pika.exceptions
 import structlog
 from pika.adapters.select_connection import IOLoop
 
-from shared.errors import BrokerError, BrokerUnavailable, NotConfirmed, TopologyMissing
+from shared.amqp import (
+    BatchConfirm,
+    ConfirmTracker,
+    Delivery,
+    Pending,
+    Publication,
+    admin_channel,
+    connection_parameters,
+    unavailable,
+)
+from shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
 from shared.settings import redact_url
+
+__all__ = [
+    "BatchConfirm",
+    "Broker",
+    "Delivery",
+    "Publication",
+    "admin_channel",
+    "connection_parameters",
+    "unavailable",
+]
 
 log = structlog.get_logger(__name__)
 
 _RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 15)
-
-
-def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:
-    """pika parameters for ``url`` with bounded connect and socket timeouts."""
-    params = pika.URLParameters(url)
-    params.socket_timeout = timeout
-    params.stack_timeout = timeout
-    params.blocked_connection_timeout = None
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": name}
-    return params
-
-
-def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
-    """A BrokerUnavailable naming the broker (without its password) and the cause."""
-    cause = str(exc) or type(exc).__name__
-    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {cause}")
-
-
-@contextlib.contextmanager
-def admin_channel(url: str, *, timeout: float = 10.0) -> Iterator[Any]:
-    """A blocking channel on a short-lived connection, for declarations and probes."""
-    try:
-        connection = pika.BlockingConnection(
-            connection_parameters(url, timeout=timeout, name="rohrpost-admin")
-        )
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise unavailable(url, exc) from exc
-    try:
-        yield connection.channel()
-    finally:
-        if connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                connection.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Publication:
-    """One message to publish."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: Any
-    mandatory: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message received from a queue; ack or nack it through its Broker."""
-
-    tag: int
-    generation: int
-    queue: str
-    routing_key: str
-    properties: Any
-    body: bytes
-    redelivered: bool
-
-
-class BatchConfirm:
-    """The confirms of a batch of publishes (``Broker.publish_many``)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.failures: list[tuple[int, BaseException]] = []
-        self._remaining = size
-        self._done = threading.Event()
-        #: Set once the I/O thread has handed every publish of the batch to the socket.
-        self.written = threading.Event()
-        if size == 0:
-            self._done.set()
-
-    def settle(self, index: int, error: BaseException | None) -> None:
-        """Record the broker's answer for publish ``index`` (called on the I/O thread)."""
-        if error is not None:
-            self.failures.append((index, error))
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._done.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every publish of the batch is settled; False on timeout."""
-        return self._done.wait(timeout)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One publish awaiting its confirm; settles a Future or one slot of a batch."""
-
-    publication: Publication
-    future: Future[None] | None = None
-    batch: BatchConfirm | None = None
-    index: int = 0
-    returned: str | None = None
-    settled: bool = False
-
-    def settle(self, error: BaseException | None) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        if self.future is not None:
-            if error is None:
-                self.future.set_result(None)
-            else:
-                self.future.set_exception(error)
-        elif self.batch is not None:
-            self.batch.settle(self.index, error)
 
 
 @dataclass(slots=True)
@@ -160,10 +71,8 @@ class _State:
     connection: Any = None
     channel: Any = None
     generation: int = 0
-    next_seq: int = 1
-    unconfirmed: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
-    by_message_id: dict[str, deque[int]] = field(default_factory=dict)
-    waiting: deque[_Pending] = field(default_factory=deque)
+    unconfirmed: ConfirmTracker = field(default_factory=ConfirmTracker)
+    waiting: deque[Pending] = field(default_factory=deque)
     consumers: list[_Consumer] = field(default_factory=list)
     cancelling: Future[None] | None = None
     failures: int = 0
@@ -242,7 +151,7 @@ class Broker:
     def publish(self, publication: Publication) -> Future[None]:
         """Publish with confirm; the future fails with NotConfirmed if nacked or returned."""
         future: Future[None] = Future()
-        pending = _Pending(publication, future=future)
+        pending = Pending(publication, future=future)
         self._call(lambda: self._publish(pending))
         return future
 
@@ -253,7 +162,7 @@ class Broker:
         submission uses. ``BatchConfirm.failures`` names the publishes not confirmed.
         """
         batch = BatchConfirm(len(publications))
-        pendings = [_Pending(pub, batch=batch, index=i) for i, pub in enumerate(publications)]
+        pendings = [Pending(pub, batch=batch, index=i) for i, pub in enumerate(publications)]
 
         def publish_all() -> None:
             for pending in pendings:
@@ -382,9 +291,7 @@ class Broker:
             return
         log.warning("broker connection lost", reason=str(reason), broker=redact_url(self._url))
         if self._republish:
-            state.waiting.extendleft(reversed(state.unconfirmed.values()))
-            state.unconfirmed.clear()
-            state.by_message_id.clear()
+            state.waiting.extendleft(reversed(state.unconfirmed.take_all()))
         else:
             self._fail_unconfirmed(unavailable(self._url, reason))
         self._schedule_reconnect(reason)
@@ -405,7 +312,7 @@ class Broker:
     def _on_channel_ready(self, channel: Any) -> None:
         state = self._state
         state.channel = channel
-        state.next_seq = 1
+        state.unconfirmed.restart()
         state.failures = 0
         for consumer in state.consumers:
             self._start_consumer(consumer)
@@ -465,7 +372,7 @@ class Broker:
             consumer.queue, on_message, auto_ack=False, arguments=consumer.arguments
         )
 
-    def _publish(self, pending: _Pending) -> None:
+    def _publish(self, pending: Pending) -> None:
         state = self._state
         if pending.settled:
             return
@@ -475,63 +382,23 @@ class Broker:
             else:
                 state.waiting.append(pending)
             return
-        seq = state.next_seq
-        state.next_seq += 1
-        state.unconfirmed[seq] = pending
+        state.unconfirmed.track(pending)
         pub = pending.publication
-        if pub.mandatory and pub.properties.message_id:
-            state.by_message_id.setdefault(pub.properties.message_id, deque()).append(seq)
         state.channel.basic_publish(
             pub.exchange, pub.routing_key, pub.body, pub.properties, mandatory=pub.mandatory
         )
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
-        seqs = self._state.by_message_id.get(properties.message_id)
-        while seqs:
-            pending = self._state.unconfirmed.get(seqs.popleft())
-            if pending is not None:
-                pending.returned = f"{method.reply_code} {method.reply_text}"
-                return
+        reply = f"{method.reply_code} {method.reply_text}"
+        self._state.unconfirmed.returned(properties.message_id, reply)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        unconfirmed = self._state.unconfirmed
-        if method.multiple:
-            settled = []
-            while unconfirmed:
-                seq = next(iter(unconfirmed))
-                if seq > method.delivery_tag:
-                    break
-                settled.append(unconfirmed.popitem(last=False)[1])
-        else:
-            one = unconfirmed.pop(method.delivery_tag, None)
-            settled = [one] if one is not None else []
-        for pending in settled:
-            self._resolve(pending, acked)
-
-    def _resolve(self, pending: _Pending, acked: bool) -> None:
-        pub = pending.publication
-        if pub.mandatory and pub.properties.message_id:
-            seqs = self._state.by_message_id.get(pub.properties.message_id)
-            if seqs is not None and not seqs:
-                del self._state.by_message_id[pub.properties.message_id]
-        if pending.settled:
-            return
-        if not acked:
-            pending.settle(
-                NotConfirmed(f"broker nacked the publish to {pub.exchange} ({pub.routing_key})")
-            )
-        elif pending.returned is not None:
-            pending.settle(
-                NotConfirmed(
-                    f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "
-                    f"({pending.returned}); is the tenant/app declared? "
-                    "Run `rohrpost topology declare`"
-                )
-            )
-        else:
-            pending.settle(None)
+        self._state.unconfirmed.confirmed(
+            method.delivery_tag,
+            multiple=method.multiple,
+            acked=isinstance(method, pika.spec.Basic.Ack),
+        )
 
     def _settle(
         self, delivery: Delivery, *, ack: bool, requeue: bool, multiple: bool = False
@@ -544,10 +411,7 @@ class Broker:
             self._state.channel.basic_nack(delivery.tag, requeue=requeue)
 
     def _fail_unconfirmed(self, error: BaseException) -> None:
-        state = self._state
-        failed, state.unconfirmed = list(state.unconfirmed.values()), OrderedDict()
-        state.by_message_id.clear()
-        for pending in failed:
+        for pending in self._state.unconfirmed.take_all():
             pending.settle(error)
 
     def _fail_all(self, error: BaseException) -> None:

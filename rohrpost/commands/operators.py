@@ -1,25 +1,21 @@
-"""Operator commands: ``dlq …``, ``cancel``, ``pause``, ``resume``, ``history resend``.
+"""Operator commands: ``cancel``, ``pause``, ``resume``, ``history resend`` (``dlq`` has its own).
 
 Every one of them records who acted (``--actor``, default: the OS user) in the history.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from rohrpost.commands.context import CliContext, pass_context
-from shared.timeparse import parse_when
 
 if TYPE_CHECKING:
-    from operations import DeadLetter, DeadLetterFilter, DeadLetterQueue, OperatorSession
+    from operations import OperatorSession
     from shared.store import HistoryStore
 
 ACTOR = click.option("--actor", help="Who is acting, for the history  [default: the OS user]")
@@ -54,255 +50,6 @@ def optional_store(ctx: CliContext) -> Iterator[HistoryStore | None]:
         yield store
     finally:
         store.close()
-
-
-def _filter(ids: tuple[str, ...] = (), **given: Any) -> DeadLetterFilter:
-    from operations import DeadLetterFilter
-
-    since = given.pop("since", None)
-    try:
-        when = parse_when(since) if since else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from exc
-    return DeadLetterFilter(
-        since=when, ids=frozenset(str(uuid.UUID(i)) for i in ids) if ids else None, **given
-    )
-
-
-def _filters(command: Any) -> Any:
-    for option in reversed(
-        (
-            click.option("--tenant"),
-            click.option("--app"),
-            click.option(
-                "--reason",
-                help="invalid, misrouted, template_error, rejected, max_attempts, delivery_limit",
-            ),
-            click.option("--since", help="Dead-lettered at or after: ISO 8601 or -2h, -7d."),
-        )
-    ):
-        command = option(command)
-    return command
-
-
-@click.group()
-def dlq() -> None:
-    """Inspect, correct, re-submit and purge dead letters."""
-
-
-def _queue(opened: OperatorSession) -> DeadLetterQueue:
-    from operations import DeadLetterQueue
-
-    return DeadLetterQueue(opened)
-
-
-@dlq.command("list")
-@_filters
-@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
-@pass_context
-def dlq_list(ctx: CliContext, /, as_json: bool, **given: Any) -> None:
-    """List dead letters without removing any."""
-    with session(ctx, None) as opened:
-        letters = _queue(opened).letters(_filter(**given))
-    if as_json:
-        click.echo(json.dumps([letter.summary() for letter in letters], indent=2))
-        return
-    click.echo(
-        f"{'id':36}  {'tenant/app':20}  {'reason':14}  {'att':>3}  {'dead at (UTC)':19}  "
-        "to / subject / last error"
-    )
-    for letter in letters:
-        click.echo(_row(letter))
-    click.echo(f"({len(letters)} dead letters)", err=True)
-
-
-def _row(letter: DeadLetter) -> str:
-    when = letter.dead_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if letter.dead_at else "-"
-    what = " / ".join(
-        part for part in (", ".join(letter.recipients), letter.subject, letter.error) if part
-    )
-    return (
-        f"{letter.mail_id or '-':36}  {letter.tenant + '/' + letter.app:20.20}  "
-        f"{letter.reason:14.14}  {letter.attempts or 0:>3}  {when:19}  {what[:90]}"
-    )
-
-
-@dlq.command("show")
-@click.argument("mail_id")
-@click.option("--tenant", help="Look only in this tenant's dead-letter queues.")
-@click.option("--json", "as_json", is_flag=True)
-@pass_context
-def dlq_show(ctx: CliContext, mail_id: str, tenant: str | None, as_json: bool) -> None:
-    """Show one dead letter: its container and its dead-letter headers."""
-    with session(ctx, None) as opened:
-        letter = _queue(opened).get(str(uuid.UUID(mail_id)), tenant=tenant)
-    shown = {
-        **letter.summary(),
-        "round": letter.round,
-        "headers": {k: _plain(v) for k, v in letter.headers.items()},
-        "container": letter.container,
-    }
-    if letter.container is None:
-        shown["body"] = letter.body.decode("utf-8", "replace")
-    click.echo(json.dumps(shown, indent=2, default=str) if as_json else _pretty(shown))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _pretty(shown: dict[str, Any]) -> str:
-    lines = [
-        f"{key:10}  {value}"
-        for key, value in shown.items()
-        if key not in ("headers", "container", "body")
-    ]
-    lines.append("headers")
-    lines += [f"  {key}: {value}" for key, value in shown["headers"].items()]
-    lines.append("container")
-    body = shown["container"] if shown["container"] is not None else shown.get("body")
-    lines.append(json.dumps(body, indent=2, ensure_ascii=False, default=str))
-    return "\n".join(lines)
-
-
-@dlq.command("edit")
-@click.argument("mail_id")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="PATH=VALUE",
-    help="Set a field: to=a@b.example, data.name=Anna, max_attempts=3 (JSON values "
-    "are parsed; repeatable).",
-)
-@click.option("--unset", "removals", multiple=True, metavar="PATH", help="Remove a field.")
-@click.option("--editor", is_flag=True, help="Edit the whole container as JSON in $EDITOR.")
-@click.option("--tenant", help="Look only in this tenant's dead-letter queues.")
-@ACTOR
-@pass_context
-def dlq_edit(
-    ctx: CliContext,
-    /,
-    *,
-    mail_id: str,
-    assignments: tuple[str, ...],
-    removals: tuple[str, ...],
-    editor: bool,
-    tenant: str | None,
-    actor: str | None,
-) -> None:
-    """Correct a dead letter; it stays in the dead-letter queue until `dlq retry`."""
-    if not (assignments or removals or editor):
-        raise click.UsageError("say what to change: --set, --unset or --editor")
-    mail_id = str(uuid.UUID(mail_id))
-    with session(ctx, actor) as opened:
-        queue = _queue(opened)
-        replacement = None
-        if editor:
-            letter = queue.get(mail_id, tenant=tenant)
-            text = (
-                json.dumps(letter.container, indent=2, ensure_ascii=False)
-                if (letter.container is not None)
-                else letter.body.decode("utf-8", "replace")
-            )
-            edited = click.edit(text, extension=".json")
-            if edited is None:
-                click.echo("nothing changed")
-                return
-            try:
-                replacement = json.loads(edited)
-            except json.JSONDecodeError as exc:
-                raise click.ClickException(f"the edited text is not JSON: {exc}") from exc
-        changes = queue.edit(
-            mail_id,
-            assignments=assignments,
-            removals=removals,
-            replacement=replacement,
-            tenant=tenant,
-        )
-    if not changes:
-        click.echo("nothing changed")
-    for path, (old, new) in changes.items():
-        click.echo(
-            f"{path}: {json.dumps(old, ensure_ascii=False)} -> "
-            f"{json.dumps(new, ensure_ascii=False)}"
-        )
-
-
-@dlq.command("retry")
-@click.argument("mail_ids", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
-@_filters
-@click.option("--dry-run", is_flag=True, help="Say what would be re-submitted; move nothing.")
-@click.option(
-    "--window",
-    type=click.IntRange(1, 10_000),
-    default=200,
-    show_default=True,
-    help="Dead letters moved per confirm round.",
-)
-@ACTOR
-@pass_context
-def dlq_retry(
-    ctx: CliContext,
-    /,
-    *,
-    mail_ids: tuple[str, ...],
-    all_: bool,
-    dry_run: bool,
-    window: int,
-    actor: str | None,
-    **given: Any,
-) -> None:
-    """Re-submit dead letters (as edited, or as they are) with the attempt counter reset."""
-    if bool(mail_ids) == all_:
-        raise click.UsageError("give mail ids, or --all (with filters)")
-    criteria = _filter(mail_ids, **given)
-    bar: Any = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(length=total, label="re-submitting", file=sys.stderr)
-        bar.update(1)
-
-    with session(ctx, actor) as opened:
-        ready, skipped = _queue(opened).retry(
-            criteria, dry_run=dry_run, window=window, on_progress=progress
-        )
-    if bar is not None:
-        bar.render_finish()
-    verb = "would re-submit" if dry_run else "re-submitted"
-    for letter in ready:
-        click.echo(f"{verb} {letter.mail_id}")
-    for letter, why in skipped:
-        click.echo(f"skipped {letter.mail_id}: {why}", err=True)
-    click.echo(f"{verb} {len(ready)}, skipped {len(skipped)}", err=True)
-    found = {letter.mail_id for letter in ready} | {letter.mail_id for letter, _ in skipped}
-    if missing := set(criteria.ids or ()) - found:
-        raise click.ClickException(f"no dead letter {', '.join(sorted(missing))}")
-    if skipped:
-        sys.exit(1)
-
-
-@dlq.command("purge")
-@_filters
-@click.option("--yes", is_flag=True, help="Really delete the dead letters.")
-@ACTOR
-@pass_context
-def dlq_purge(ctx: CliContext, /, yes: bool, actor: str | None, **given: Any) -> None:
-    """Delete dead letters for good (each is recorded in its mail's history)."""
-    if not yes:
-        raise click.UsageError("this deletes mails for good; pass --yes to confirm")
-    with session(ctx, actor) as opened:
-        count = _queue(opened).purge(_filter(**given))
-    click.echo(f"purged {count} dead letters")
 
 
 @click.command()

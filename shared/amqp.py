@@ -1,0 +1,203 @@
+"""AMQP building blocks: connection parameters, a blocking admin channel, publications,
+deliveries, and confirm tracking. ``shared.broker.Broker`` puts them to work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from shared.errors import BrokerUnavailable, NotConfirmed
+from shared.settings import redact_url
+
+
+def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:
+    """pika parameters for ``url`` with bounded connect and socket timeouts."""
+    params = pika.URLParameters(url)
+    params.socket_timeout = timeout
+    params.stack_timeout = timeout
+    params.blocked_connection_timeout = None
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
+    """A BrokerUnavailable naming the broker (without its password) and the cause."""
+    cause = str(exc) or type(exc).__name__
+    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {cause}")
+
+
+@contextlib.contextmanager
+def admin_channel(url: str, *, timeout: float = 10.0) -> Iterator[Any]:
+    """A blocking channel on a short-lived connection, for declarations and probes."""
+    try:
+        connection = pika.BlockingConnection(
+            connection_parameters(url, timeout=timeout, name="rohrpost-admin")
+        )
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise unavailable(url, exc) from exc
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One message to publish."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: Any
+    mandatory: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message received from a queue; ack or nack it through its Broker."""
+
+    tag: int
+    generation: int
+    queue: str
+    routing_key: str
+    properties: Any
+    body: bytes
+    redelivered: bool
+
+
+class BatchConfirm:
+    """The confirms of a batch of publishes (``Broker.publish_many``)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.failures: list[tuple[int, BaseException]] = []
+        self._remaining = size
+        self._done = threading.Event()
+        #: Set once the I/O thread has handed every publish of the batch to the socket.
+        self.written = threading.Event()
+        if size == 0:
+            self._done.set()
+
+    def settle(self, index: int, error: BaseException | None) -> None:
+        """Record the broker's answer for publish ``index`` (called on the I/O thread)."""
+        if error is not None:
+            self.failures.append((index, error))
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every publish of the batch is settled; False on timeout."""
+        return self._done.wait(timeout)
+
+
+@dataclass(slots=True)
+class Pending:
+    """One publish awaiting its confirm; settles a Future or one slot of a batch."""
+
+    publication: Publication
+    future: Future[None] | None = None
+    batch: BatchConfirm | None = None
+    index: int = 0
+    returned: str | None = None
+    settled: bool = False
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(None)
+            else:
+                self.future.set_exception(error)
+        elif self.batch is not None:
+            self.batch.settle(self.index, error)
+
+
+class ConfirmTracker:
+    """Publishes awaiting the broker's confirm on one channel, by sequence number.
+
+    Owned by the broker's I/O thread. A ``mandatory`` publish the broker could not
+    route comes back as basic.return before its ack; it is matched by message id.
+    """
+
+    def __init__(self) -> None:
+        self._next_seq = 1
+        self._unconfirmed: OrderedDict[int, Pending] = OrderedDict()
+        self._by_message_id: dict[str, deque[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._unconfirmed)
+
+    def restart(self) -> None:
+        """A new channel numbers its publishes from 1 again."""
+        self._next_seq = 1
+
+    def track(self, pending: Pending) -> None:
+        """Record ``pending`` as the next publish of the channel."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._unconfirmed[seq] = pending
+        pub = pending.publication
+        if pub.mandatory and pub.properties.message_id:
+            self._by_message_id.setdefault(pub.properties.message_id, deque()).append(seq)
+
+    def returned(self, message_id: str | None, reply: str) -> None:
+        """The broker returned a mandatory publish: its ack will say so."""
+        seqs = self._by_message_id.get(message_id) if message_id else None
+        while seqs:
+            pending = self._unconfirmed.get(seqs.popleft())
+            if pending is not None:
+                pending.returned = reply
+                return
+
+    def confirmed(self, tag: int, *, multiple: bool, acked: bool) -> None:
+        """Settle the publishes an ack or nack covers."""
+        if multiple:
+            settled = []
+            while self._unconfirmed and next(iter(self._unconfirmed)) <= tag:
+                settled.append(self._unconfirmed.popitem(last=False)[1])
+        else:
+            one = self._unconfirmed.pop(tag, None)
+            settled = [one] if one is not None else []
+        for pending in settled:
+            self._forget(pending)
+            pending.settle(_verdict(pending, acked))
+
+    def take_all(self) -> list[Pending]:
+        """Every unconfirmed publish, oldest first; the tracker is empty afterwards."""
+        taken = list(self._unconfirmed.values())
+        self._unconfirmed.clear()
+        self._by_message_id.clear()
+        return taken
+
+    def _forget(self, pending: Pending) -> None:
+        message_id = pending.publication.properties.message_id
+        seqs = self._by_message_id.get(message_id) if message_id else None
+        if seqs is not None and not seqs:
+            del self._by_message_id[message_id]
+
+
+def _verdict(pending: Pending, acked: bool) -> BaseException | None:
+    pub = pending.publication
+    if not acked:
+        return NotConfirmed(f"broker nacked the publish to {pub.exchange} ({pub.routing_key})")
+    if pending.returned is not None:
+        return NotConfirmed(
+            f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "
+            f"({pending.returned}); is the tenant/app declared? Run `rohrpost topology declare`"
+        )
+    return None
