@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import parts
+from shared.logs import configure_logging
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULTS = {"submit": 20_000, "e2e": 20_000, "punctuality": 20_000, "scale": 1_000_000}
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args()
+    configure_logging("warning")
     names = list(DEFAULTS) if args.part == "all" else [args.part]
     results: dict[str, Any] = {}
     for name in names:

@@ -5,6 +5,7 @@ deliveries, and confirm tracking. ``shared.broker.Broker`` puts them to work.
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
+from pika import frame, spec
 
 from shared.errors import BrokerUnavailable, NotConfirmed
 from shared.settings import redact_url
@@ -125,6 +127,42 @@ class Pending:
                 self.future.set_exception(error)
         elif self.batch is not None:
             self.batch.settle(self.index, error)
+
+
+_FRAME_OVERHEAD = 8  # type (1) + channel (2) + size (4) before the payload, end byte after
+
+
+class PublishFramer:
+    """The wire bytes of a ``basic.publish``: method, content header and body frames.
+
+    pika's ``basic_publish`` builds these anew per message through several objects
+    (~20 µs here); the method frame depends only on exchange, routing key and
+    ``mandatory``, so it is built once per route and reused. The header frame is
+    pika's own encoding of the properties.
+    """
+
+    def __init__(self, channel_number: int, frame_max: int) -> None:
+        self._channel = channel_number
+        self._body_max = frame_max - _FRAME_OVERHEAD
+        self._methods: dict[tuple[str, str, bool], bytes] = {}
+        self._end = bytes([spec.FRAME_END])
+
+    def frames(self, publication: Publication) -> bytes:
+        """All frames of one publish, concatenated."""
+        key = (publication.exchange, publication.routing_key, publication.mandatory)
+        method = self._methods.get(key)
+        if method is None:
+            publish = spec.Basic.Publish(
+                exchange=key[0], routing_key=key[1], mandatory=publication.mandatory
+            )
+            method = self._methods[key] = frame.Method(self._channel, publish).marshal()
+        body = publication.body
+        parts = [method, frame.Header(self._channel, len(body), publication.properties).marshal()]
+        for start in range(0, len(body), self._body_max):
+            chunk = body[start : start + self._body_max]
+            parts += (struct.pack(">BHI", spec.FRAME_BODY, self._channel, len(chunk)), chunk)
+            parts.append(self._end)
+        return b"".join(parts)
 
 
 class ConfirmTracker:

@@ -33,6 +33,7 @@ from shared.amqp import (
     Delivery,
     Pending,
     Publication,
+    PublishFramer,
     admin_channel,
     connection_parameters,
     unavailable,
@@ -55,6 +56,37 @@ log = structlog.get_logger(__name__)
 _RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 15)
 
 
+_WRITE_CHUNK = 256 * 1024
+
+
+def _coalesce_output(connection: Any) -> None:
+    """Join the frames pika has queued for the socket into few large writes.
+
+    pika sends every AMQP frame with its own ``send()``: three per published message
+    (method, header, body) and one per ack. Profiled, ``submit_many`` of 20,000 mails
+    spent 3.1 s of its I/O thread's ~5 s in 60,012 ``send`` calls (``python -m
+    bench.profile``). Called after each round of handed-over operations, before the
+    loop gets to write; the bytes and their order stay the same.
+    """
+    transport = getattr(connection, "_transport", None)
+    buffers = getattr(transport, "_tx_buffers", None)
+    if buffers is None or len(buffers) < 2:
+        return
+    chunks: list[bytes] = []
+    parts: list[bytes] = []
+    size = 0
+    for frame in buffers:
+        parts.append(frame)
+        size += len(frame)
+        if size >= _WRITE_CHUNK:
+            chunks.append(b"".join(parts))
+            parts, size = [], 0
+    if parts:
+        chunks.append(b"".join(parts))
+    buffers.clear()
+    buffers.extend(chunks)
+
+
 @dataclass(slots=True)
 class _Consumer:
     queue: str
@@ -70,6 +102,7 @@ class _State:
 
     connection: Any = None
     channel: Any = None
+    framer: PublishFramer | None = None
     generation: int = 0
     unconfirmed: ConfirmTracker = field(default_factory=ConfirmTracker)
     waiting: deque[Pending] = field(default_factory=deque)
@@ -259,6 +292,7 @@ class Broker:
                 op()
             except Exception:
                 log.exception("broker operation failed")
+        _coalesce_output(self._state.connection)
 
     def _connect(self) -> None:
         params = connection_parameters(self._url, name=self._name)
@@ -312,6 +346,7 @@ class Broker:
     def _on_channel_ready(self, channel: Any) -> None:
         state = self._state
         state.channel = channel
+        state.framer = PublishFramer(channel.channel_number, state.connection.params.frame_max)
         state.unconfirmed.restart()
         state.failures = 0
         for consumer in state.consumers:
@@ -383,10 +418,10 @@ class Broker:
                 state.waiting.append(pending)
             return
         state.unconfirmed.track(pending)
-        pub = pending.publication
-        state.channel.basic_publish(
-            pub.exchange, pub.routing_key, pub.body, pub.properties, mandatory=pub.mandatory
-        )
+        # One buffer per message instead of pika's three; _run_ops joins them further.
+        framer = state.framer
+        assert framer is not None  # set with the channel
+        state.connection._output_marshaled_frames([framer.frames(pending.publication)])
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         reply = f"{method.reply_code} {method.reply_text}"

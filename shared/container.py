@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import os
 import re
+import threading
 import uuid
 from datetime import UTC, datetime
 from email.utils import getaddresses
@@ -36,6 +38,40 @@ MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 #: Quorum queues keep every message on disk and in the Raft log; big messages cost
 #: throughput for every tenant, so the cap is deliberately modest.
 MAX_CONTAINER_BYTES = 16 * 1024 * 1024
+
+
+class _Uuid4Pool:
+    """Random (version 4) UUIDs from one ``os.urandom`` call per 4,096 of them.
+
+    ``os.urandom`` releases the GIL; in ``submit_many`` the I/O thread then takes it
+    and the submitting thread waits for its turn — once per mail, which profiled as
+    ~20 µs a mail. The bytes are the same kernel randomness as ``uuid.uuid4``'s. A
+    forked child discards the parent's pool, so processes never share ids.
+    """
+
+    _BATCH = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._offset = 0
+        os.register_at_fork(after_in_child=self._discard)
+
+    def _discard(self) -> None:
+        self._pool, self._offset = b"", 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> uuid.UUID:
+        with self._lock:
+            if self._offset >= len(self._pool):
+                self._pool, self._offset = os.urandom(16 * self._BATCH), 0
+            start = self._offset
+            self._offset += 16
+            return uuid.UUID(bytes=self._pool[start : start + 16], version=4)
+
+
+new_mail_id = _Uuid4Pool()
+
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable ASCII minus ':'
@@ -180,7 +216,7 @@ class MailContainer(BaseModel):
     )
 
     id: uuid.UUID = Field(
-        default_factory=uuid.uuid4, description="Idempotency key; also the Message-ID."
+        default_factory=new_mail_id, description="Idempotency key; also the Message-ID."
     )
     schema_version: Literal[1] = 1
     tenant: Name

@@ -8,12 +8,15 @@ from collections.abc import Callable
 
 import pika
 import pytest
+from pika import frame, spec
 
 from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.broker import Broker, Publication
+from shared.amqp import PublishFramer
+from shared.broker import Broker, Publication, admin_channel
 from shared.errors import NotConfirmed, TopologyMissing
 from shared.settings import Settings
+from shared.topology import Topology
 from tests.conftest import WorkerThread
 
 
@@ -50,6 +53,69 @@ def close_connections(name: str) -> int:
 needs_rabbitmqctl = pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None, reason="closing connections needs a local rabbitmqctl"
 )
+
+
+def test_the_publish_framer_writes_what_pika_decodes() -> None:
+    framer = PublishFramer(channel_number=3, frame_max=4096)
+    body = bytes(range(256)) * 40  # 10,240 bytes: three body frames of at most 4,088
+    props = pika.BasicProperties(message_id="m1", delivery_mode=2, headers={"h": 1})
+    data = framer.frames(Publication("ex", "acme.billing", body, props, mandatory=True))
+    decoded, offset = [], 0
+    while offset < len(data):
+        consumed, value = frame.decode_frame(data[offset:])
+        assert consumed > 0
+        decoded.append(value)
+        offset += consumed
+    method, header, *bodies = decoded
+    assert {f.channel_number for f in decoded} == {3}
+    assert isinstance(method.method, spec.Basic.Publish)
+    assert (method.method.exchange, method.method.routing_key) == ("ex", "acme.billing")
+    assert method.method.mandatory is True
+    assert header.body_size == len(body)
+    assert header.properties.message_id == "m1"
+    assert header.properties.headers == {"h": 1}
+    assert [len(b.fragment) for b in bodies] == [4088, 4088, 2064]
+    assert b"".join(b.fragment for b in bodies) == body
+    # an empty body has no body frame
+    empty = framer.frames(Publication("ex", "acme.billing", b"", props, mandatory=True))
+    consumed, _ = frame.decode_frame(empty)
+    consumed_header, header_frame = frame.decode_frame(empty[consumed:])
+    assert header_frame.body_size == 0
+    assert consumed + consumed_header == len(empty)
+
+
+def test_batched_publishes_arrive_intact_and_in_order(broker_url: str, settings: Settings) -> None:
+    """Frames of many publishes are joined into few writes; bodies above frame_max too."""
+    topology = Topology.from_settings(settings)
+    bodies = [f"small {i}".encode() for i in range(500)]
+    bodies.insert(250, bytes(range(256)) * 2000)  # 512,000 bytes, several frames
+    broker = Broker(broker_url, name="rohrpost-test")
+    broker.start()
+    try:
+        batch = broker.publish_many(
+            [
+                Publication(
+                    topology.submit_exchange,
+                    topology.route_key("acme", "billing"),
+                    body,
+                    pika.BasicProperties(message_id=str(i), delivery_mode=2),
+                )
+                for i, body in enumerate(bodies)
+            ]
+        )
+        assert batch.wait(30)
+        assert batch.failures == []
+    finally:
+        broker.close()
+    received = []
+    with admin_channel(broker_url) as channel:
+        while True:
+            method, props, body = channel.basic_get(topology.send_queue("acme", "billing"))
+            if method is None:
+                break
+            received.append((props.message_id, body))
+            channel.basic_ack(method.delivery_tag)
+    assert received == [(str(i), body) for i, body in enumerate(bodies)]
 
 
 def test_a_publish_to_a_missing_exchange_fails_and_the_connection_recovers(
