@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import multiprocessing
 import statistics
 import subprocess
 import time
@@ -18,6 +20,8 @@ from bench.environment import BROKER_URL, Environment, environment, free_port
 from bench.workload import APP, TENANT, mails
 from producer.client import Producer
 from shared.broker import admin_channel
+from shared.logs import configure_logging
+from shared.settings import Settings
 from shared.store import tables
 from shared.topology import queue_depths
 
@@ -61,13 +65,45 @@ def _wait_archived(env: Environment, count: int, timeout: float) -> float:
     raise TimeoutError(f"only {done} of {count} mails were sent and archived")
 
 
+def _submit_share(settings: Settings, start: int, count: int, go: Any, done: Any) -> None:
+    """In a child process: submit mails ``start`` .. ``start + count`` once ``go`` is set."""
+    configure_logging("warning")
+    batch = list(itertools.islice(mails(start + count), start, None))
+    with Producer(settings) as producer:
+        go.wait()
+        producer.submit_many(batch)
+        done.put(time.perf_counter())
+
+
+def _parallel_submit(settings: Settings, count: int, processes: int) -> float:
+    """Mails per second of ``processes`` producer processes sharing ``count`` mails."""
+    context = multiprocessing.get_context("spawn")
+    go, done = context.Event(), context.Queue()
+    share = count // processes
+    children = [
+        context.Process(target=_submit_share, args=(settings, i * share, share, go, done))
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    time.sleep(5)  # started, connected, mails built
+    started = time.perf_counter()
+    go.set()
+    finished = max(done.get(timeout=300) for _ in children)
+    for child in children:
+        child.join(30)
+    return share * processes / (finished - started)
+
+
 def submit(count: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]:
     """Bulk submit with submit_many, beside the raw pika ceiling, alternating ``rounds`` times.
 
     This machine's broker varies by a third from run to run, so ceiling and submit
-    alternate and the medians are compared.
+    alternate and the medians are compared. Each round also submits the same number
+    of mails from two producer processes at once (one submit_many each): one
+    process is bounded by its GIL, and that is how a bulk load uses both cores.
     """
-    ceilings, rates, same_route = [], [], []
+    ceilings, rates, same_route, parallel = [], [], [], []
     batch = list(mails(count))
     for _ in range(rounds):
         ceilings.append(ceiling.measure(BROKER_URL, count))
@@ -76,6 +112,8 @@ def submit(count: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]
             producer.submit_many(batch)
             rates.append(count / (time.perf_counter() - started))
             body = producer.prepare(batch[0])[1].body
+        with environment(store) as env:
+            parallel.append(_parallel_submit(env.settings, count, processes=2))
         with environment(store) as env:
             same_route.append(
                 ceiling.measure(
@@ -100,6 +138,10 @@ def submit(count: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]
         # exchange, which stores each in the send queue and the history queue
         "same_route_msgs_per_s": round(route_rate),
         "ratio_to_same_route": round(rate / route_rate, 3),
+        # the same mails from two producer processes at once
+        "two_processes_mails_per_s": round(statistics.median(parallel)),
+        "two_processes_ratio_to_ceiling": round(statistics.median(parallel) / ceiling_rate, 3),
+        "two_processes_runs": [round(r) for r in parallel],
     }
 
 

@@ -207,12 +207,12 @@ class ConfirmTracker:
         if multiple:
             settled = []
             while self._unconfirmed and next(iter(self._unconfirmed)) <= tag:
-                settled.append(self._unconfirmed.popitem(last=False)[1])
+                settled.append(self._unconfirmed.popitem(last=False))
         else:
             one = self._unconfirmed.pop(tag, None)
-            settled = [one] if one is not None else []
-        for pending in settled:
-            self._forget(pending)
+            settled = [(tag, one)] if one is not None else []
+        for seq, pending in settled:
+            self._forget(seq, pending)
             pending.settle(_verdict(pending, acked))
 
     def take_all(self) -> list[Pending]:
@@ -222,10 +222,16 @@ class ConfirmTracker:
         self._by_message_id.clear()
         return taken
 
-    def _forget(self, pending: Pending) -> None:
+    def _forget(self, seq: int, pending: Pending) -> None:
         message_id = pending.publication.properties.message_id
         seqs = self._by_message_id.get(message_id) if message_id else None
-        if seqs is not None and not seqs:
+        if seqs is None:
+            return
+        if seqs and seqs[0] == seq:
+            seqs.popleft()
+        elif seq in seqs:
+            seqs.remove(seq)
+        if not seqs:
             del self._by_message_id[message_id]
 
 

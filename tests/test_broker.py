@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import pika
 import pytest
@@ -12,7 +13,7 @@ from pika import frame, spec
 
 from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.amqp import PublishFramer
+from shared.amqp import ConfirmTracker, Pending, PublishFramer
 from shared.broker import Broker, Publication, admin_channel
 from shared.errors import NotConfirmed, TopologyMissing
 from shared.settings import Settings
@@ -53,6 +54,25 @@ def close_connections(name: str) -> int:
 needs_rabbitmqctl = pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None, reason="closing connections needs a local rabbitmqctl"
 )
+
+
+def test_the_confirm_tracker_settles_returns_and_forgets_what_it_settled() -> None:
+    tracker = ConfirmTracker()
+    props = pika.BasicProperties(message_id="same", delivery_mode=2)
+    pendings = [Pending(Publication("ex", f"k{i}", b"x", props), future=Future()) for i in range(3)]
+    for pending in pendings:
+        tracker.track(pending)
+    tracker.returned("same", "312 NO_ROUTE")  # the first of the three came back
+    tracker.confirmed(2, multiple=True, acked=True)
+    tracker.confirmed(3, multiple=False, acked=False)
+    with pytest.raises(NotConfirmed, match="no queue is bound"):
+        pendings[0].future.result(timeout=0)  # type: ignore[union-attr]
+    assert pendings[1].future.result(timeout=0) is None  # type: ignore[union-attr]
+    with pytest.raises(NotConfirmed, match="nacked"):
+        pendings[2].future.result(timeout=0)  # type: ignore[union-attr]
+    assert len(tracker) == 0
+    # nothing of a settled publish stays behind: a worker publishes millions
+    assert tracker._by_message_id == {}
 
 
 def test_the_publish_framer_writes_what_pika_decodes() -> None:
