@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import string
+import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import getaddresses
 from typing import Any
@@ -21,6 +23,7 @@ from shared.container import (
     decode_container,
     encode_container,
     is_plain_address,
+    new_mail_id,
     parse_container,
 )
 from shared.errors import ContainerError
@@ -195,9 +198,26 @@ def test_the_fast_address_check_accepts_only_what_the_full_check_accepts(
         assert getaddresses([address]) == [("", address)]
 
 
-def test_the_fast_address_check_takesis_plain_addresses() -> None:
+def test_the_fast_address_check_takes_plain_ascii_addresses_only() -> None:
     assert is_plain_address("customer17@example.com")
     assert is_plain_address("a.b+tag@mail.sub.example.org")
     assert not is_plain_address("Anna <anna@example.com>")
     assert not is_plain_address("anna@example.test")
     assert not is_plain_address("anna@grüße.example")
+
+
+def test_mail_ids_are_random_version_4_and_a_forked_child_never_repeats_its_parents() -> None:
+    ids = {new_mail_id() for _ in range(10_000)}  # more than one pooled batch
+    assert len(ids) == 10_000
+    assert {i.version for i in ids} == {4}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes an id from the pool it inherited, if it kept one
+        os.write(write, new_mail_id().bytes)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = uuid.UUID(bytes=os.read(read, 16))
+    os.close(read)
+    os.close(write)
+    assert child_id != new_mail_id()
+    assert child_id not in ids
