@@ -77,6 +77,7 @@ class SendWorker:
         self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._received = 0
         self._stopping = False
         self._broker: Broker | None = None
         self._batcher: EventBatcher | None = None
@@ -189,13 +190,16 @@ class SendWorker:
             self._batcher.flush()
         broker.close(timeout=self._settings.publish_timeout.total_seconds())
         self._broker = None
-        log.info("worker stopped")
+        # received: deliveries this process took; each was sent, retried, dead-lettered
+        # or (paused route) put back before it exited.
+        log.info("worker stopped", received=self._received, in_flight=self._in_flight)
 
     # -- I/O thread ----------------------------------------------------------------
 
     def _receive(self, delivery: Delivery) -> None:
         with self._lock:
             self._in_flight += 1
+            self._received += 1
         self.metrics.in_flight.inc()
         self._inbox.put(delivery)
 

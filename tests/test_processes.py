@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,18 +80,23 @@ def test_sigterm_finishes_in_flight_mails_and_exits_cleanly(
     worker.send_signal(signal.SIGTERM)
     _, stderr = worker.communicate(timeout=30)
     assert worker.returncode == 0, stderr.decode()[-2000:]
-    assert b'"worker stopped"' in stderr
+    stopped = [json.loads(line) for line in stderr.splitlines() if b'"worker stopped"' in line]
+    assert len(stopped) == 1
     sent = message_ids(catcher)
     assert len(sent) == len(set(sent)), "nothing was sent twice"
-    # Every mail the worker had received was sent before it exited: whatever is left
-    # in the queue was never delivered, so none of it comes back as a redelivery.
+    # Every mail the worker had taken was sent before it exited.
+    assert stopped[0]["received"] == len(sent)
+    assert stopped[0]["in_flight"] == 0
+    # The rest is still queued. Deliveries the broker had on the wire when the
+    # consumer was cancelled are handed back by pika (basic.reject, requeue), so a few
+    # may come back flagged as redelivered — at most one prefetch window.
     queue = Topology.from_settings(settings).send_queue("acme", "billing")
     left = []
     with admin_channel(settings.broker_url.get_secret_value()) as channel:
         while (got := channel.basic_get(queue, auto_ack=True))[0] is not None:
             left.append(got[0].redelivered)
     assert len(sent) + len(left) == 60
-    assert not any(left), "a mail the worker had taken was put back instead of sent"
+    assert sum(left) <= 10
 
 
 def test_several_worker_processes_drain_the_queue_together(
