@@ -5,7 +5,6 @@ deliveries, and confirm tracking. ``shared.broker.Broker`` puts them to work.
 from __future__ import annotations
 
 import contextlib
-import struct
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -129,23 +128,19 @@ class Pending:
             self.batch.settle(self.index, error)
 
 
-_FRAME_OVERHEAD = 8  # type (1) + channel (2) + size (4) before the payload, end byte after
-
-
 class PublishFramer:
     """The wire bytes of a ``basic.publish``: method, content header and body frames.
 
     pika's ``basic_publish`` builds these anew per message through several objects
     (~20 µs here); the method frame depends only on exchange, routing key and
-    ``mandatory``, so it is built once per route and reused. The header frame is
-    pika's own encoding of the properties.
+    ``mandatory``, so it is built once per route and reused. Every frame is pika's own
+    encoding.
     """
 
     def __init__(self, channel_number: int, frame_max: int) -> None:
         self._channel = channel_number
-        self._body_max = frame_max - _FRAME_OVERHEAD
+        self._body_max = frame_max - spec.FRAME_HEADER_SIZE - spec.FRAME_END_SIZE
         self._methods: dict[tuple[str, str, bool], bytes] = {}
-        self._end = bytes([spec.FRAME_END])
 
     def frames(self, publication: Publication) -> bytes:
         """All frames of one publish, concatenated."""
@@ -158,10 +153,10 @@ class PublishFramer:
             method = self._methods[key] = frame.Method(self._channel, publish).marshal()
         body = publication.body
         parts = [method, frame.Header(self._channel, len(body), publication.properties).marshal()]
-        for start in range(0, len(body), self._body_max):
-            chunk = body[start : start + self._body_max]
-            parts += (struct.pack(">BHI", spec.FRAME_BODY, self._channel, len(chunk)), chunk)
-            parts.append(self._end)
+        parts += (
+            frame.Body(self._channel, body[start : start + self._body_max]).marshal()
+            for start in range(0, len(body), self._body_max)
+        )
         return b"".join(parts)
 
 
@@ -227,9 +222,7 @@ class ConfirmTracker:
         seqs = self._by_message_id.get(message_id) if message_id else None
         if seqs is None:
             return
-        if seqs and seqs[0] == seq:
-            seqs.popleft()
-        elif seq in seqs:
+        if seq in seqs:  # not there when a basic.return already took it
             seqs.remove(seq)
         if not seqs:
             del self._by_message_id[message_id]
