@@ -8,7 +8,7 @@ from collections.abc import Callable
 import structlog
 from pydantic import ValidationError
 
-from shared.broker import Broker, Delivery, Publication
+from shared.broker import Broker, Delivery
 from shared.control import ControlMessage, ControlState
 from shared.errors import BrokerError
 from shared.topology import Topology
@@ -43,14 +43,7 @@ class ControlFollower:
         )
         token = uuid.uuid4().hex
         marker = ControlMessage(action="marker", token=token)
-        self._broker.publish(
-            Publication(
-                self._topology.control_exchange,
-                "",
-                marker.model_dump_json().encode(),
-                marker.properties(),
-            )
-        ).result(timeout)
+        self._broker.publish(marker.publication(self._topology.control_exchange)).result(timeout)
         if not self._state.wait_for_marker(token, timeout):
             raise BrokerError(f"the control stream did not replay within {timeout:g}s")
 

@@ -11,9 +11,8 @@ from shared.control import ControlMessage
 from shared.errors import OperatorError
 from shared.events import EventKind
 from shared.store import EventEntry, HistoryStore
+from shared.store.writer import TERMINAL
 from shared.wire import ACTOR_HEADER
-
-_FINAL = {"sent", "expired", "dead_lettered"}
 
 
 def cancel(session: OperatorSession, mail_id: uuid.UUID, store: HistoryStore | None) -> str:
@@ -24,22 +23,23 @@ def cancel(session: OperatorSession, mail_id: uuid.UUID, store: HistoryStore | N
     history knows as already sent, expired or dead-lettered is refused.
     """
     found = store.mail(mail_id) if store is not None else None
-    if found is not None and found.mail.status in _FINAL:
-        hint = " (use `rohrpost dlq purge`)" if found.mail.status == "dead_lettered" else ""
-        raise OperatorError(f"mail {mail_id} is already {found.mail.status}{hint}")
     if found is not None and found.mail.status == "cancelled":
         return f"mail {mail_id} was already cancelled"
+    if found is not None and found.mail.status in TERMINAL:
+        hint = " (use `rohrpost dlq purge`)" if found.mail.status == "dead_lettered" else ""
+        raise OperatorError(f"mail {mail_id} is already {found.mail.status}{hint}")
     session.control(ControlMessage(action="cancel", mail_id=mail_id, actor=session.actor))
     if found is None:
         return f"cancelled {mail_id} (the history does not know it yet)"
     mail = found.mail
+    mail_round = _round(found.events)
     session.record(
         EventKind.CANCELLED,
         mail_id=mail_id,
         tenant=mail.tenant,
         app=mail.app,
-        round=_round(found.events),
-        event_id=cancelled_event_id(mail_id, _round(found.events)),
+        round=mail_round,
+        event_id=cancelled_event_id(mail_id, mail_round),
     )
     return f"cancelled {mail_id} ({mail.tenant}/{mail.app}, was {mail.status})"
 
@@ -67,7 +67,7 @@ def _pause_or_resume(session: OperatorSession, action: str, tenant: str, app: st
     kind = EventKind.PAUSED if action == "pause" else EventKind.RESUMED
     session.record(kind, tenant=tenant, app=app)
     scope = f"{tenant}/{app}" if app else f"tenant {tenant}"
-    return f"{action}d {scope}" if action == "pause" else f"resumed {scope}"
+    return f"{action}d {scope}"
 
 
 def resend(session: OperatorSession, mail_id: uuid.UUID, store: HistoryStore) -> uuid.UUID:

@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from operations.browse import Browse, Message, browse
-from operations.edits import apply_edits, diff, validated
+from operations.edits import apply_edits, diff
 from operations.session import OperatorSession
 from shared.broker import Publication
-from shared.container import encode_container
+from shared.container import encode_container, parse_container
 from shared.errors import ContainerError, OperatorError, UnknownRoute
 from shared.events import EventKind
 from shared.wire import (
@@ -192,7 +192,7 @@ class DeadLetterQueue:
                 if replacement is not None
                 else apply_edits(before, assignments, removals)
             )
-            container = validated(after)
+            container = parse_container(after)
             if (str(container.id), container.tenant, container.app) != (
                 mail_id,
                 letter.tenant,
@@ -252,7 +252,7 @@ class DeadLetterQueue:
             for item in held:
                 try:
                     _, publication = producer.prepare(
-                        validated(item.letter.container or {}),
+                        item.letter.container or {},
                         headers=headers,
                         round=item.letter.round + 1,
                     )
@@ -273,9 +273,7 @@ class DeadLetterQueue:
                         on_progress(len(done), len(ready))
         return done, skipped
 
-    def purge(
-        self, criteria: DeadLetterFilter, *, on_progress: Callable[[int], None] | None = None
-    ) -> int:
+    def purge(self, criteria: DeadLetterFilter) -> int:
         """Remove matching dead letters for good, recording each in its mail's history."""
         count = 0
         with self._held(criteria) as (browsing, held):
@@ -293,8 +291,6 @@ class DeadLetterQueue:
                         )
                 browsing.remove(item.message)
                 count += 1
-                if on_progress is not None:
-                    on_progress(1)
         return count
 
     @contextlib.contextmanager

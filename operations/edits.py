@@ -6,7 +6,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from shared.container import MailContainer, parse_container
 from shared.errors import ContainerError
 
 #: Fields that identify a mail or its route; changing them would make another mail.
@@ -57,11 +56,6 @@ def _set(data: dict[str, Any], parts: list[str], value: Any, *, remove: bool = F
         target.pop(parts[-1], None)
     else:
         target[parts[-1]] = value
-
-
-def validated(data: dict[str, Any]) -> MailContainer:
-    """The edited container, validated by the model (ContainerError names the field)."""
-    return parse_container(data)
 
 
 def diff(before: Any, after: Any, path: str = "") -> dict[str, list[Any]]:

@@ -26,7 +26,11 @@ def default_actor() -> str:
 
 
 class OperatorSession:
-    """Everything an operator action needs; use as a context manager."""
+    """Everything an operator action needs; use as a context manager.
+
+    The broker connection opens on the first publish: read-only actions (listing
+    dead letters browses through its own short-lived channel) never need it.
+    """
 
     def __init__(self, settings: Settings, actor: str | None = None) -> None:
         self.settings = settings
@@ -37,13 +41,6 @@ class OperatorSession:
         self._producer: Producer | None = None
 
     def __enter__(self) -> OperatorSession:
-        broker = Broker(
-            self.settings.broker_url.get_secret_value(),
-            name=f"rohrpost-operator:{self.settings.namespace}",
-        )
-        broker.start()
-        self._broker = broker
-        self._producer = Producer(self.settings, broker=broker)
         return self
 
     def __exit__(
@@ -52,17 +49,28 @@ class OperatorSession:
         if self._broker is not None:
             self._broker.close()
             self._broker = None
+            self._producer = None
+
+    def _connected(self) -> Broker:
+        if self._broker is None:
+            broker = Broker(
+                self.settings.broker_url.get_secret_value(),
+                name=f"rohrpost-operator:{self.settings.namespace}",
+            )
+            broker.start()
+            self._broker = broker
+        return self._broker
 
     @property
     def producer(self) -> Producer:
         """A producer on this session's connection."""
-        assert self._producer is not None, "use the session as a context manager"
+        if self._producer is None:
+            self._producer = Producer(self.settings, broker=self._connected())
         return self._producer
 
     def publish(self, publication: Publication) -> Future[None]:
         """Publish with confirm; the future settles with the broker's answer."""
-        assert self._broker is not None, "use the session as a context manager"
-        return self._broker.publish(publication)
+        return self._connected().publish(publication)
 
     def confirm(self, future: Future[None], what: str) -> None:
         """Wait for a confirm; raise NotConfirmed naming ``what`` when it does not come."""
@@ -101,14 +109,7 @@ class OperatorSession:
     def control(self, message: ControlMessage) -> None:
         """Append ``message`` to the control stream every worker follows."""
         self.confirm(
-            self.publish(
-                Publication(
-                    self.topology.control_exchange,
-                    "",
-                    message.model_dump_json(exclude_none=True).encode(),
-                    message.properties(),
-                )
-            ),
+            self.publish(message.publication(self.topology.control_exchange)),
             f"{message.action} on the control stream",
         )
 

@@ -17,6 +17,7 @@ from typing import Literal
 import pika
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from shared.amqp import Publication
 from shared.container import Name
 
 Action = Literal["cancel", "pause", "resume", "marker"]
@@ -45,13 +46,18 @@ class ControlMessage(BaseModel):
             raise ValueError("marker needs token")
         return self
 
-    def properties(self) -> pika.BasicProperties:
-        """AMQP properties for publishing this message."""
-        return pika.BasicProperties(
-            content_type="application/json",
-            delivery_mode=2,
-            message_id=str(uuid.uuid4()),
-            type=f"rohrpost.control.{self.action}",
+    def publication(self, exchange: str) -> Publication:
+        """This message, ready to publish to the control exchange."""
+        return Publication(
+            exchange,
+            "",
+            self.model_dump_json(exclude_none=True).encode(),
+            pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=str(uuid.uuid4()),
+                type=f"rohrpost.control.{self.action}",
+            ),
         )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import click
 
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
+from shared.timeparse import parse_when
 
 
 class CliContext:
@@ -31,3 +34,18 @@ class CliContext:
 
 
 pass_context = click.make_pass_decorator(CliContext)
+
+
+def when_option(value: str | None, flag: str) -> datetime | None:
+    """A time flag's value (ISO 8601, or relative like +2h, -7d); BadParameter names ``flag``."""
+    if value is None:
+        return None
+    try:
+        return parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from exc
+
+
+def short_time(moment: datetime | None) -> str:
+    """``moment`` in UTC to the second, or ``-``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"

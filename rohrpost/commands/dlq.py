@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rohrpost.commands.context import CliContext, pass_context
+from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
 from rohrpost.commands.operators import ACTOR, session
-from shared.timeparse import parse_when
 
 if TYPE_CHECKING:
     from operations import DeadLetter, DeadLetterFilter, DeadLetterQueue, OperatorSession
@@ -21,13 +19,9 @@ if TYPE_CHECKING:
 def _filter(ids: tuple[str, ...] = (), **given: Any) -> DeadLetterFilter:
     from operations import DeadLetterFilter
 
-    since = given.pop("since", None)
-    try:
-        when = parse_when(since) if since else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from exc
+    since = when_option(given.pop("since", None), "--since")
     return DeadLetterFilter(
-        since=when, ids=frozenset(str(uuid.UUID(i)) for i in ids) if ids else None, **given
+        since=since, ids=frozenset(str(uuid.UUID(i)) for i in ids) if ids else None, **given
     )
 
 
@@ -79,7 +73,7 @@ def dlq_list(ctx: CliContext, /, as_json: bool, **given: Any) -> None:
 
 
 def _row(letter: DeadLetter) -> str:
-    when = letter.dead_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if letter.dead_at else "-"
+    when = short_time(letter.dead_at)
     what = " / ".join(
         part for part in (", ".join(letter.recipients), letter.subject, letter.error) if part
     )

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from rohrpost.commands.context import CliContext, pass_context
-from shared.timeparse import parse_duration, parse_when
+from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
+from shared.timeparse import parse_duration
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only by commands that use it
     from shared.store import HistoryStore, MailHistory, MailSummary
@@ -30,19 +30,6 @@ def open_store(ctx: CliContext) -> Iterator[HistoryStore]:
         yield store
     finally:
         store.close()
-
-
-def _when(value: str | None, flag: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_when(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=flag) from exc
-
-
-def _short(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
 def _clip(text: str | None, width: int) -> str:
@@ -73,7 +60,7 @@ def list_(
     from shared.store import MailFilter
 
     mail_filter = MailFilter.model_validate(
-        {**criteria, "since": _when(since, "--since"), "until": _when(until, "--until")}
+        {**criteria, "since": when_option(since, "--since"), "until": when_option(until, "--until")}
     )
     with open_store(ctx) as store:
         found = store.list_mails(mail_filter)
@@ -90,7 +77,7 @@ def list_(
 
 def _row(mail: MailSummary) -> str:
     return (
-        f"{mail.id}  {mail.status:13}  {_short(mail.updated_at)}  "
+        f"{mail.id}  {mail.status:13}  {short_time(mail.updated_at)}  "
         f"{_clip(f'{mail.tenant}/{mail.app}', 20):20}  {_clip(mail.recipients, 28):28}  "
         f"{_clip(mail.subject, 40)}"
     )
@@ -128,7 +115,7 @@ def _describe(found: MailHistory) -> str:
     if mail.resend_of:
         lines.append(f"resend of   {mail.resend_of}")
     if mail.not_before:
-        lines.append(f"not before  {_short(mail.not_before)} UTC")
+        lines.append(f"not before  {short_time(mail.not_before)} UTC")
     if mail.message_id:
         lines.append(f"message-id  {mail.message_id}")
     if mail.content_deleted:
@@ -145,7 +132,7 @@ def _describe(found: MailHistory) -> str:
             json.dumps(event.detail) if event.detail else "",
         ]
         text = "; ".join(d for d in details if d)
-        lines.append(f"  {_short(event.at)}  {event.kind:15} {text}".rstrip())
+        lines.append(f"  {short_time(event.at)}  {event.kind:15} {text}".rstrip())
     return "\n".join(lines)
 
 
@@ -163,7 +150,7 @@ def actions(ctx: CliContext, tenant: str | None, limit: int, as_json: bool) -> N
         return
     for action in found:
         scope = f"{action.tenant}/{action.app}" if action.app else action.tenant
-        click.echo(f"{_short(action.at)}  {action.kind:8} {scope:24} by {action.actor or '-'}")
+        click.echo(f"{short_time(action.at)}  {action.kind:8} {scope:24} by {action.actor or '-'}")
 
 
 @history.command("purge")
@@ -179,7 +166,7 @@ def purge(ctx: CliContext, older_than: str, tenant: str | None, app: str | None)
         raise click.BadParameter(str(exc), param_hint="--older-than") from exc
     with open_store(ctx) as store:
         count = store.purge(cutoff, tenant=tenant, app=app)
-    click.echo(f"purged {count} mails last changed before {_short(cutoff)} UTC")
+    click.echo(f"purged {count} mails last changed before {short_time(cutoff)} UTC")
 
 
 @click.group()

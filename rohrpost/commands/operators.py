@@ -101,12 +101,8 @@ def resume(ctx: CliContext, scope: str, actor: str | None) -> None:
 def resend(ctx: CliContext, mail_id: uuid.UUID, actor: str | None) -> None:
     """Submit an archived mail again, as a new mail linked to the original."""
     from operations.actions import resend as resend_mail
-    from shared.store import HistoryStore
+    from rohrpost.commands.history import open_store
 
-    store = HistoryStore.open(ctx.settings().store_url.get_secret_value())
-    try:
-        with session(ctx, actor) as opened:
-            new_id = resend_mail(opened, mail_id, store)
-    finally:
-        store.close()
+    with open_store(ctx) as store, session(ctx, actor) as opened:
+        new_id = resend_mail(opened, mail_id, store)
     click.echo(new_id)

@@ -11,8 +11,7 @@ from typing import Any
 
 import click
 
-from rohrpost.commands.context import CliContext, pass_context
-from shared.timeparse import parse_when
+from rohrpost.commands.context import CliContext, pass_context, when_option
 
 
 def _attachment(path: str) -> dict[str, str]:
@@ -70,13 +69,9 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
     for key, flag in (("not_before", "not_before"), ("expires_at", "expires")):
-        if flags[flag] is not None:
-            try:
-                data[key] = parse_when(flags[flag]).isoformat()
-            except ValueError as exc:
-                raise click.BadParameter(
-                    str(exc), param_hint=f"--{flag.replace('_', '-')}"
-                ) from exc
+        moment = when_option(flags[flag], f"--{flag.replace('_', '-')}")
+        if moment is not None:
+            data[key] = moment.isoformat()
     return data
 
 
