@@ -68,14 +68,14 @@ def _text_part(body: str, subtype: str) -> bytes:
         )
         text = _crlf(body)
         return (head + text + ("" if text.endswith("\r\n") else "\r\n")).encode("ascii")
-    raw = body.encode("utf-8")
     # Mostly-Latin text reads well and stays small as quoted-printable; CJK and
     # other scripts are smaller as base64.
-    if sum(ch.isascii() for ch in body) >= 0.8 * len(body):
+    if len(body.encode("ascii", "ignore")) >= 0.8 * len(body):
         encoded = binascii.b2a_qp(_crlf(body).encode("utf-8"), istext=True)
         encoded = encoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         encoding = "quoted-printable"
     else:
+        raw = body.encode("utf-8")
         encoded = _base64_lines(binascii.b2a_base64(raw, newline=False).decode()).encode()
         encoding = "base64"
     prefix = (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from shared.broker import Delivery, Publication
 from shared.container import MailContainer
@@ -144,7 +143,6 @@ def outcome_event(processed: Processed) -> MailEvent | None:
         "app": processed.app,
         "attempt": processed.attempt,
         "round": processed.round,
-        "at": datetime.now(UTC),
     }
     match outcome:
         case Sent(reply, message_id, subject):

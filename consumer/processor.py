@@ -63,6 +63,10 @@ class MailProcessor:
             topology.send_queue(tenant, app): (tenant, app) for tenant, app in topology.routes
         }
 
+    def route_of(self, queue: str) -> tuple[str, str]:
+        """(tenant, app) of a send queue."""
+        return self._queue_routes[queue]
+
     def process(self, delivery: Delivery, transport: Transport) -> Processed:
         """Decide what to do with ``delivery``, sending it if it is due."""
         tenant, app = self._queue_routes[delivery.queue]

@@ -80,20 +80,14 @@ def run_worker(settings: Settings, *, drain: bool = False, metrics_port: int = 0
             endpoints.stop()
 
 
-def run_history_consumer(
-    settings: Settings,
-    *,
-    drain: bool = False,
-    drain_when: Callable[[], bool] | None = None,
-    metrics_port: int = 0,
-) -> None:
+def run_history_consumer(settings: Settings, *, drain: bool = False, metrics_port: int = 0) -> None:
     """Run the history consumer in this process until SIGTERM/SIGINT (or drained)."""
     registry = CollectorRegistry()
     consumer = HistoryConsumer(settings, metrics=Metrics(registry))
     _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
     endpoints = _serve(settings, metrics_port, registry, consumer.readiness)
     try:
-        consumer.run(drain=drain, drain_when=drain_when)
+        consumer.run(drain=drain)
     finally:
         if endpoints is not None:
             endpoints.stop()

@@ -28,7 +28,7 @@ from consumer.observers import LogObserver, MetricsObserver, Observer
 from consumer.outcome import Processed, Sent, mail_publication, outcome_event
 from consumer.processor import MailProcessor
 from consumer.render import TemplateRenderer
-from consumer.smtp import SmtpTransport, Transport
+from consumer.smtp import SmtpTransport
 from shared.broker import Broker, Delivery, admin_channel
 from shared.control import ControlState
 from shared.metrics import Metrics
@@ -50,7 +50,6 @@ class SendWorker:
         self,
         settings: Settings,
         *,
-        transport_factory: Callable[[], Transport] | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
     ) -> None:
@@ -68,12 +67,8 @@ class SendWorker:
             clock=clock,
             is_cancelled=self._control.is_cancelled,
         )
-        self._routes_by_queue = {
-            self._topology.send_queue(t, a): (t, a) for t, a in self._topology.routes
-        }
         self._consuming: set[str] = set()
         self._consuming_started = False
-        self._transport_factory = transport_factory or (lambda: SmtpTransport(settings.smtp))
         self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -95,11 +90,6 @@ class SendWorker:
         if self._broker is None or not self._broker.connected:
             return "not connected to the broker"
         return None
-
-    @property
-    def in_flight(self) -> int:
-        """Mails received and not yet acked."""
-        return self._in_flight
 
     def run(self, *, drain: bool = False) -> None:
         """Consume until ``stop()``, or with ``drain`` until send and delay queues are empty.
@@ -206,11 +196,11 @@ class SendWorker:
     # -- sender threads --------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        transport = self._transport_factory()
+        transport = SmtpTransport(self._settings.smtp)
         try:
             while (delivery := self._inbox.get()) is not None:
                 structlog.contextvars.clear_contextvars()
-                if self._control.is_paused(*self._routes_by_queue[delivery.queue]):
+                if self._control.is_paused(*self._processor.route_of(delivery.queue)):
                     self._put_back(delivery)  # prefetched before the pause took effect
                     continue
                 processed = self._processor.process(delivery, transport)
@@ -240,17 +230,10 @@ class SendWorker:
         event = outcome_event(processed)
 
         def record_event(error: BaseException | None) -> None:
-            if error is not None:
-                self._settle(processed, ok=False, errors=[error])
-            elif event is None:
-                self._settle(processed, ok=True)
+            if error is not None or event is None:
+                self._settle(processed, error)
             else:
-                batcher.add(
-                    event,
-                    lambda failed: self._settle(
-                        processed, ok=failed is None, errors=[failed] if failed else None
-                    ),
-                )
+                batcher.add(event, lambda failed: self._settle(processed, failed))
 
         moved = mail_publication(self._topology, processed)
         if moved is None:
@@ -258,23 +241,22 @@ class SendWorker:
         else:
             broker.publish(moved).add_done_callback(lambda done: record_event(done.exception()))
 
-    def _settle(
-        self, processed: Processed, *, ok: bool, errors: list[BaseException] | None = None
-    ) -> None:
+    def _settle(self, processed: Processed, error: BaseException | None) -> None:
+        """Ack once the outcome is confirmed (``error`` None); else let it come back."""
         broker = self._broker
         assert broker is not None
         mail_id = str(processed.mail.id) if processed.mail else None
-        if ok or isinstance(processed.outcome, Sent):
+        if error is None or isinstance(processed.outcome, Sent):
             # A sent mail is acked even if its event was not confirmed: sending it
             # again would be worse than a gap in its history.
-            if errors:
-                log.error("sent event not confirmed", mail_id=mail_id, error=str(errors[0]))
+            if error is not None:
+                log.error("sent event not confirmed", mail_id=mail_id, error=str(error))
             broker.ack(processed.delivery)
         else:
             log.warning(
                 "outcome not confirmed; the mail will be redelivered",
                 mail_id=mail_id,
-                error=str(errors[0]) if errors else None,
+                error=str(error),
             )
             broker.nack(processed.delivery, requeue=True)
         self._done()

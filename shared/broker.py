@@ -331,9 +331,14 @@ class Broker:
             self._fail_unconfirmed(unavailable(self._url, reason))
         self._schedule_reconnect(reason)
 
-    def _schedule_reconnect(self, reason: BaseException) -> None:
+    def _next_delay(self) -> float:
+        """The next wait before reconnecting: longer after each failure in a row."""
         delay = _RECONNECT_DELAYS[min(self._state.failures, len(_RECONNECT_DELAYS) - 1)]
         self._state.failures += 1
+        return delay
+
+    def _schedule_reconnect(self, reason: BaseException) -> None:
+        delay = self._next_delay()
         log.info("reconnecting to broker", in_seconds=delay, reason=str(reason))
         self._ioloop.call_later(delay, self._connect)
 
@@ -369,10 +374,8 @@ class Broker:
         error = self._channel_error(reason)
         log.error("broker closed the channel", reason=str(reason))
         self._fail_unconfirmed(error)
-        delay = _RECONNECT_DELAYS[min(state.failures, len(_RECONNECT_DELAYS) - 1)]
-        state.failures += 1
         self._ioloop.call_later(
-            delay,
+            self._next_delay(),
             lambda: (
                 connection.is_open and connection.channel(on_open_callback=self._on_channel_open)
             ),
