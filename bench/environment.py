@@ -6,6 +6,7 @@ Everything it starts it stops, and everything it declares it deletes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import tomli_w
 from sqlalchemy import create_engine, make_url, text
 
 from bench.workload import APP, TEMPLATES, TENANT
+from rohrpost.catcher import free_port
 from shared.broker import admin_channel
 from shared.settings import Settings, settings_from_mapping
 from shared.topology import Topology
@@ -34,13 +36,6 @@ BROKER_URL = os.environ.get("ROHRPOST_BENCH_BROKER_URL", "amqp://guest:guest@127
 POSTGRES_URL = os.environ.get(
     "ROHRPOST_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(url: str, timeout: float = 60) -> None:
@@ -63,7 +58,7 @@ class Environment:
     workdir: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def topology(self) -> Topology:
         return Topology.from_settings(self.settings)
 
@@ -100,9 +95,7 @@ class Environment:
         return create_engine(self.settings.store_url.get_secret_value())
 
 
-def _settings(
-    workdir: Path, namespace: str, sink_port: int, store_url: str, **overrides: Any
-) -> dict[str, Any]:
+def _settings(namespace: str, sink_port: int, store_url: str, **overrides: Any) -> dict[str, Any]:
     return {
         "broker_url": BROKER_URL,
         "namespace": namespace,
@@ -166,9 +159,7 @@ def environment(store: str = "sqlite", **overrides: Any) -> Iterator[Environment
     sink_port = free_port()
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     with _smtp_sink(sink_port), _store(store, workdir) as store_url:
-        settings = settings_from_mapping(
-            _settings(workdir, namespace, sink_port, store_url, **overrides)
-        )
+        settings = settings_from_mapping(_settings(namespace, sink_port, store_url, **overrides))
         data = settings.model_dump(mode="json", exclude_none=True)
         data |= {"broker_url": BROKER_URL, "store_url": store_url}
         config = workdir / "rohrpost.toml"

@@ -16,9 +16,10 @@ import psutil
 from sqlalchemy import select, text
 
 from bench import baseline, ceiling
-from bench.environment import BROKER_URL, Environment, environment, free_port
+from bench.environment import BROKER_URL, Environment, environment
 from bench.workload import APP, TENANT, mails
 from producer.client import Producer
+from rohrpost.catcher import free_port
 from shared.broker import admin_channel
 from shared.logs import configure_logging
 from shared.settings import Settings

@@ -91,7 +91,8 @@ class _Handler:
             asyncio.get_running_loop().call_later(0.01, server.transport.close)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -121,7 +122,7 @@ class MailCatcher:
     def start(self) -> MailCatcher:
         """Start listening (on a free port unless one was given)."""
         for _ in range(5):
-            port = self._requested_port or _free_port()
+            port = self._requested_port or free_port()
             controller = Controller(_Handler(self), hostname="127.0.0.1", port=port)
             try:
                 controller.start()

@@ -199,10 +199,6 @@ class Attachment(BaseModel):
     )
     content: str = Field(description="The document, base64-encoded (RFC 4648, with padding).")
 
-    def decoded(self) -> bytes:
-        """Return the document's bytes."""
-        return base64.b64decode(self.content)
-
 
 class MailContainer(BaseModel):
     """One mail, with everything needed to send it and the settings that govern it.

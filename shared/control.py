@@ -81,12 +81,13 @@ class ControlState:
                 self._seen_marker.notify_all()
             elif message.tenant is not None:
                 scope = (message.tenant, message.app)
-                before = set(self._paused)
-                if message.action == "pause":
+                pause = message.action == "pause"
+                changed = (scope in self._paused) != pause
+                if pause:
                     self._paused.add(scope)
                 else:
                     self._paused.discard(scope)
-                return before != self._paused
+                return changed
             return False
 
     def is_cancelled(self, mail_id: uuid.UUID) -> bool:

@@ -2,18 +2,19 @@
 
     producer ─► {ns}.submit (direct, "T.A") ─────────────────────────► {ns}.send.T.A
        │                   └─────────────────────────────────────────► {ns}.history
-       └──────► {ns}.schedule (topic, "bits.T.A") ─┬─► queue {ns}.delay.{first 1 bit}
+       └──────► {ns}.schedule (topic, "D.T.A") ────┬─► queue {ns}.delay.{highest digit}
                                                    └─► {ns}.history          │ TTL
          queue {ns}.delay.{j} ◄── exchange {ns}.delay.{k} (dead-letter of queue k)
-                                        └── no 1 bit left ─────────► {ns}.send.T.A
+                                        └── no digit left ─────────► {ns}.send.T.A
     worker (retry) ─► {ns}.delay (topic, like schedule without history)
     worker (dead-letter), x-delivery-limit ─► {ns}.dead (direct, "T.A") ─► {ns}.dead.T.A
     worker (every outcome) ─► {ns}.events ─► {ns}.history
 
-(T.A is tenant.app; "bits" is the delay in seconds as N binary words, see shared.delay.)
+(T.A is tenant.app; "D" is the delay in seconds as N octal digits, one word each, see
+shared.delay; a message waits in one queue per nonzero digit.)
 Due mails take direct exchanges only: RabbitMQ 3.10 spends ~70 µs routing a message
-through a direct exchange here, 125-200 µs through a topic exchange (measured with
-/tmp/topic.py, quoted in the README), and the direct path is the hot one.
+through a direct exchange here, 125-200 µs through a topic exchange, and the direct
+path is the hot one.
 
 Every queue is a durable quorum queue. Delay and send queues dead-letter with the
 ``at-least-once`` strategy (which needs ``x-overflow=reject-publish``), so a message
@@ -47,12 +48,11 @@ class Queue:
 
 @dataclass(frozen=True)
 class Binding:
-    """``source`` exchange routes ``pattern`` to a queue or (``to_exchange``) an exchange."""
+    """``source`` exchange routes ``pattern`` to the queue ``destination``."""
 
     source: str
     destination: str
     pattern: str
-    to_exchange: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Topology:
         return cls(
             namespace=settings.namespace,
             routes=tuple(settings.routes()),
-            delay=DelayLevels(settings.namespace, settings.delay_levels),
+            delay=DelayLevels.covering(settings.namespace, settings.max_delay.total_seconds()),
             delivery_limit=settings.delivery_limit,
             history=settings.history_enabled,
             control_retention_seconds=int(settings.control_retention.total_seconds()),
@@ -85,7 +85,7 @@ class Topology:
 
     @property
     def schedule_exchange(self) -> str:
-        """Where producers publish future mails (topic, key ``bits.tenant.app``)."""
+        """Where producers publish future mails (topic, key ``digits.tenant.app``)."""
         return f"{self.namespace}.schedule"
 
     @property
@@ -163,7 +163,7 @@ class Topology:
                     {
                         "x-delivery-limit": self.delivery_limit,
                         "x-dead-letter-exchange": self.dead_exchange,
-                        # mails arrive with "bits.tenant.app" keys too; the dead
+                        # mails arrive with "digits.tenant.app" keys too; the dead
                         # exchange is direct and knows only "tenant.app"
                         "x-dead-letter-routing-key": self.route_key(tenant, app),
                         **_SAFE_DEAD_LETTERING,
@@ -212,7 +212,7 @@ class Topology:
                 for level, digit in delay.queues()
                 if level < after
             ]
-            # No 1 bit left: straight into the send queue, one routing step.
+            # No nonzero digit left: straight into the send queue, one routing step.
             bindings += [
                 Binding(
                     delay.exchange(after),
@@ -262,10 +262,7 @@ class Topology:
                     f"{exc.reply_text}"
                 ) from exc
         for binding in self.bindings():
-            if binding.to_exchange:
-                channel.exchange_bind(binding.destination, binding.source, binding.pattern)
-            else:
-                channel.queue_bind(binding.destination, binding.source, binding.pattern)
+            channel.queue_bind(binding.destination, binding.source, binding.pattern)
 
     def delete(self, channel: Any) -> None:
         """Delete every queue and exchange of this topology, messages included."""

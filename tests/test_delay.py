@@ -56,9 +56,6 @@ def route(topology: Topology, exchange: str, key: str) -> tuple[list[str], str]:
         ]
         assert len(targets) == 1, f"{key} on {exchange} routes to {targets}"
         target = targets[0]
-        if target.to_exchange:
-            exchange = target.destination
-            continue
         if target.destination not in delay_queues:
             return visited, target.destination
         visited.append(target.destination)
@@ -130,7 +127,7 @@ def test_a_submitted_mail_also_reaches_the_history_queue_once(seconds: int) -> N
     assert not [
         b
         for b in topology.bindings()
-        if b.source == entry and matches(topology, entry, b.pattern, stray) and not b.to_exchange
+        if b.source == entry and matches(topology, entry, b.pattern, stray)
     ]
 
 

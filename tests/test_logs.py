@@ -14,13 +14,12 @@ import structlog
 from structlog.testing import capture_logs
 
 from producer.client import Producer
-from rohrpost.catcher import MailCatcher
+from rohrpost.catcher import MailCatcher, free_port
 from shared.logs import SecretScrubber
 from shared.settings import Settings
 from tests.conftest import (
     declare,
     drain,
-    free_port,
     get,
     rohrpost_command,
     wait_until,

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.endpoints import Endpoints
 from producer.client import Producer
-from rohrpost.catcher import MailCatcher
+from rohrpost.catcher import MailCatcher, free_port
 from shared.settings import Settings
-from tests.conftest import declare, free_port, get, rohrpost_command, wait_until, write_config
+from tests.conftest import declare, get, rohrpost_command, wait_until, write_config
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 needs_promtool = pytest.mark.skipif(

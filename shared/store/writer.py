@@ -237,11 +237,11 @@ class HistoryWriter:
             )
             conn.execute(statement, rows)
         content = [m for m in states if m.new_content]
+        ids = [m.row["id"] for m in content]
         for table, column, attribute in (
             (mail_recipients, "address", "addresses"),
             (mail_tags, "tag", "tags"),
         ):
-            ids = [m.row["id"] for m in content]
             if ids:
                 conn.execute(delete(table).where(table.c.mail_id.in_(ids)))
             rows = [
