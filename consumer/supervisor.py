@@ -67,30 +67,44 @@ def _serve(
     return Endpoints(port, metrics_registry, readiness).start()
 
 
+class _Service(Protocol):
+    """A SendWorker or a HistoryConsumer, as far as running one in this process goes."""
+
+    def stop(self) -> None: ...
+    def readiness(self) -> str | None: ...
+    def run(self, *, drain: bool = False) -> None: ...
+
+
+def _run_here(
+    settings: Settings,
+    service: _Service,
+    registry: CollectorRegistry,
+    *,
+    drain: bool,
+    metrics_port: int,
+) -> None:
+    """Run ``service`` in this process until SIGTERM/SIGINT (or drained), serving its endpoints."""
+    _on_signals({signal.SIGTERM: service.stop, signal.SIGINT: service.stop})
+    endpoints = _serve(settings, metrics_port, registry, service.readiness)
+    try:
+        service.run(drain=drain)
+    finally:
+        if endpoints is not None:
+            endpoints.stop()
+
+
 def run_worker(settings: Settings, *, drain: bool = False, metrics_port: int = 0) -> None:
     """Run one SendWorker in this process until SIGTERM/SIGINT (or drained)."""
     registry = CollectorRegistry()
     worker = SendWorker(settings, metrics=Metrics(registry))
-    _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
-    endpoints = _serve(settings, metrics_port, registry, worker.readiness)
-    try:
-        worker.run(drain=drain)
-    finally:
-        if endpoints is not None:
-            endpoints.stop()
+    _run_here(settings, worker, registry, drain=drain, metrics_port=metrics_port)
 
 
 def run_history_consumer(settings: Settings, *, drain: bool = False, metrics_port: int = 0) -> None:
     """Run the history consumer in this process until SIGTERM/SIGINT (or drained)."""
     registry = CollectorRegistry()
     consumer = HistoryConsumer(settings, metrics=Metrics(registry))
-    _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
-    endpoints = _serve(settings, metrics_port, registry, consumer.readiness)
-    try:
-        consumer.run(drain=drain)
-    finally:
-        if endpoints is not None:
-            endpoints.stop()
+    _run_here(settings, consumer, registry, drain=drain, metrics_port=metrics_port)
 
 
 class EventLike(Protocol):
