@@ -167,12 +167,7 @@ class HistoryStore:
             timeline = (
                 conn.execute(select(events).where(events.c.mail_id == mail_id)).mappings().all()
             )
-        entries = [
-            EventEntry.model_validate(
-                {**dict(e), "detail": json.loads(e["detail"]) if e["detail"] else None}
-            )
-            for e in timeline
-        ]
+        entries = [EventEntry.model_validate(dict(e)) for e in timeline]
         entries.sort(key=lambda e: (e.round, e.at, _EVENT_RANK.get(e.kind, 3)))
         summary = MailSummary.model_validate({k: row[k] for k in MailSummary.model_fields})
         container = json.loads(row["container"]) if row["container"] else None
@@ -185,12 +180,7 @@ class HistoryStore:
             query = query.where(operator_actions.c.tenant == tenant)
         with translate_errors(), self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [
-            OperatorAction.model_validate(
-                {**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None}
-            )
-            for r in rows
-        ]
+        return [OperatorAction.model_validate(dict(r)) for r in rows]
 
     def purge(
         self, older_than: datetime, *, tenant: str | None = None, app: str | None = None

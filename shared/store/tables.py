@@ -6,6 +6,7 @@ a test checks that the migrated schema matches these definitions.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,19 @@ class UtcDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JsonText(TypeDecorator[dict[str, Any]]):
+    """A JSON object kept as text (portable: SQLite and PostgreSQL read the same)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: dict[str, Any] | None, dialect: Dialect) -> str | None:
+        return json.dumps(value) if value is not None else None
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dict[str, Any] | None:
+        return json.loads(value) if value else None
 
 
 metadata = MetaData()
@@ -117,7 +131,7 @@ events = Table(
     Column("smtp_reply", Text),
     Column("message_id", Text),
     Column("actor", Text),
-    Column("detail", Text),
+    Column("detail", JsonText),
     Index("ix_events_mail_id", "mail_id"),
 )
 
@@ -131,6 +145,6 @@ operator_actions = Table(
     Column("actor", Text),
     Column("tenant", String(63), nullable=False),
     Column("app", String(63)),
-    Column("detail", Text),
+    Column("detail", JsonText),
     Index("ix_operator_actions_tenant_at", "tenant", "at"),
 )

@@ -11,7 +11,6 @@ mail look queued again.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -300,7 +299,7 @@ def _event_row(event: MailEvent) -> dict[str, Any]:
         "smtp_reply": event.smtp_reply,
         "message_id": event.message_id,
         "actor": event.actor,
-        "detail": _json(event.detail),
+        "detail": event.detail,
     }
 
 
@@ -312,9 +311,5 @@ def _action_row(event: MailEvent) -> dict[str, Any]:
         "actor": event.actor,
         "tenant": event.tenant,
         "app": event.app,
-        "detail": _json(event.detail),
+        "detail": event.detail,
     }
-
-
-def _json(value: dict[str, Any] | None) -> str | None:
-    return json.dumps(value) if value is not None else None
