@@ -24,4 +24,4 @@ lint: $(BIN)/.installed
 
 # Three test processes: most tests wait on the broker, SMTP or a timer, not the CPU.
 test: lint
-	$(BIN)/pytest -n 3
+	$(BIN)/pytest -n 3 --dist loadgroup

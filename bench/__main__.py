@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import parts
-from shared.logs import configure_logging
+from rohrpost.shared.logs import configure_logging
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULTS = {"submit": 20_000, "e2e": 20_000, "punctuality": 20_000, "scale": 1_000_000}

@@ -28,9 +28,9 @@ from sqlalchemy import create_engine, make_url, text
 
 from bench.workload import APP, TEMPLATES, TENANT
 from rohrpost.catcher import free_port
-from shared.broker import admin_channel
-from shared.settings import Settings, settings_from_mapping
-from shared.topology import Topology
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.settings import Settings, settings_from_mapping
+from rohrpost.shared.topology import Topology
 
 BROKER_URL = os.environ.get("ROHRPOST_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 POSTGRES_URL = os.environ.get(

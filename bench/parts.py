@@ -18,13 +18,13 @@ from sqlalchemy import select, text
 from bench import baseline, ceiling
 from bench.environment import BROKER_URL, Environment, environment
 from bench.workload import APP, TENANT, mails
-from producer.client import Producer
 from rohrpost.catcher import free_port
-from shared.broker import admin_channel
-from shared.logs import configure_logging
-from shared.settings import Settings
-from shared.store import tables
-from shared.topology import queue_depths
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.logs import configure_logging
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.store import tables
+from rohrpost.shared.topology import queue_depths
 
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:

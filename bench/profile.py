@@ -23,9 +23,9 @@ from typing import Any
 from bench import ceiling
 from bench.environment import BROKER_URL, environment
 from bench.workload import mails
-from producer.client import Producer
-from shared.broker import Broker
-from shared.logs import configure_logging
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import Broker
+from rohrpost.shared.logs import configure_logging
 
 
 @contextmanager

@@ -5,15 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-import structlog
 from pydantic import ValidationError
 
-from shared.broker import Broker, Delivery
-from shared.control import ControlMessage, ControlState
-from shared.errors import BrokerError
-from shared.topology import Topology
+from rohrpost.shared.broker import Broker, Delivery
+from rohrpost.shared.control import ControlMessage, ControlState
+from rohrpost.shared.errors import BrokerError
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.topology import Topology
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PREFETCH = 1000
 

@@ -12,15 +12,15 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.broker import admin_channel
-from shared.topology import Topology
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.topology import Topology
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Readiness = Callable[[], str | None]  # None when ready, else why not
 _CACHE_SECONDS = 5.0

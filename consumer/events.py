@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import pika
 
-from shared.broker import Broker, Publication
-from shared.events import MailEvent
+from rohrpost.shared.broker import Broker, Publication
+from rohrpost.shared.events import MailEvent
 
 BATCH_TYPE = "rohrpost.events.v1"
 Done = Callable[[BaseException | None], None]

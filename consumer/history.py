@@ -16,22 +16,22 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
-from consumer.events import BATCH_TYPE
-from shared.broker import Broker, Delivery, admin_channel
-from shared.container import decode_container
-from shared.errors import ContainerError, StoreError
-from shared.events import EventKind, MailEvent
-from shared.metrics import Metrics
-from shared.settings import Settings
-from shared.store import HistoryRecord, HistoryStore
-from shared.topology import Topology, queue_depths
-from shared.wire import ACTOR_HEADER, round_of
+from rohrpost.consumer.events import BATCH_TYPE
+from rohrpost.shared.broker import Broker, Delivery, admin_channel
+from rohrpost.shared.container import decode_container
+from rohrpost.shared.errors import ContainerError, StoreError
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.metrics import Metrics
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.store import HistoryRecord, HistoryStore
+from rohrpost.shared.topology import Topology, queue_depths
+from rohrpost.shared.wire import ACTOR_HEADER, round_of
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
 _EVENT_BATCH = TypeAdapter(list[MailEvent])

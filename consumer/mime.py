@@ -20,8 +20,8 @@ from email.header import Header
 from email.utils import formataddr, formatdate, getaddresses
 from urllib.parse import quote
 
-from consumer.render import RenderedMail
-from shared.container import Attachment, MailContainer, bare_address, is_plain_address
+from rohrpost.consumer.render import RenderedMail
+from rohrpost.shared.container import Attachment, MailContainer, bare_address, is_plain_address
 
 _MAX_LINE = 998
 _FOLD_AT = 76

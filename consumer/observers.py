@@ -9,12 +9,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Protocol
 
-import structlog
+from rohrpost.consumer.outcome import (
+    Cancelled,
+    DeadLetter,
+    Expired,
+    Processed,
+    Redelay,
+    Retry,
+    Sent,
+)
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.metrics import Metrics
 
-from consumer.outcome import Cancelled, DeadLetter, Expired, Processed, Redelay, Retry, Sent
-from shared.metrics import Metrics
-
-log = structlog.get_logger("consumer.worker")
+log = get_logger("rohrpost.consumer.worker")
 
 
 class Observer(Protocol):

@@ -11,11 +11,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from shared.broker import Delivery, Publication
-from shared.container import MailContainer
-from shared.events import EventKind, MailEvent
-from shared.topology import Topology
-from shared.wire import (
+from rohrpost.shared.broker import Delivery, Publication
+from rohrpost.shared.container import MailContainer
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.topology import Topology
+from rohrpost.shared.wire import (
     ATTEMPTS_HEADER,
     DEAD_AT_HEADER,
     ERROR_HEADER,

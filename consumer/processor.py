@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from consumer.mime import build_message, message_id
-from consumer.outcome import (
+from rohrpost.consumer.mime import build_message, message_id
+from rohrpost.consumer.outcome import (
     Cancelled,
     DeadLetter,
     Expired,
@@ -22,22 +22,23 @@ from consumer.outcome import (
     Retry,
     Sent,
 )
-from consumer.render import TemplateRenderer
-from consumer.smtp import Transport
-from shared.broker import Delivery
-from shared.container import MailContainer, bare_address, decode_container
-from shared.errors import (
+from rohrpost.consumer.render import TemplateRenderer
+from rohrpost.consumer.smtp import Transport
+from rohrpost.shared.broker import Delivery
+from rohrpost.shared.container import MailContainer, bare_address, decode_container
+from rohrpost.shared.errors import (
     ContainerError,
     DeliveryError,
     PermanentDeliveryError,
     RenderError,
     TransientDeliveryError,
 )
-from shared.settings import AppConfig, Settings
-from shared.topology import Topology
-from shared.wire import attempt_of
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.settings import AppConfig, Settings
+from rohrpost.shared.topology import Topology
+from rohrpost.shared.wire import attempt_of
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class MailProcessor:

@@ -15,8 +15,8 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from shared.container import MailContainer
-from shared.errors import RenderError
+from rohrpost.shared.container import MailContainer
+from rohrpost.shared.errors import RenderError
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ import ssl
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from shared.errors import (
+from rohrpost.shared.errors import (
     DeliveryError,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from shared.settings import SmtpServer
+from rohrpost.shared.settings import SmtpServer
 
 # SMTP's end-of-data is a line holding one dot, so a line starting with one gets two.
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")

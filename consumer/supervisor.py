@@ -26,18 +26,17 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Protocol
 
-import structlog
 from prometheus_client import CollectorRegistry, multiprocess
 
-from consumer.endpoints import Endpoints, QueueCollector
-from consumer.history import HistoryConsumer
-from consumer.worker import SendWorker
-from shared.logs import configure_logging
-from shared.metrics import Metrics
-from shared.settings import Settings
-from shared.topology import Topology
+from rohrpost.consumer.endpoints import Endpoints, QueueCollector
+from rohrpost.consumer.history import HistoryConsumer
+from rohrpost.consumer.worker import SendWorker
+from rohrpost.shared.logs import configure_logging, get_logger
+from rohrpost.shared.metrics import Metrics
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _RESTART_DELAY_SECONDS = 1.0
 

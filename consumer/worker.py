@@ -2,7 +2,7 @@
 
 Threads in one worker process:
 
-* the broker's I/O thread (``shared.broker.Broker``) receives deliveries, publishes,
+* the broker's I/O thread (``rohrpost.shared.broker.Broker``) receives deliveries, publishes,
   acks, and keeps heartbeats going however long an SMTP conversation takes;
 * ``threads`` sender threads, each with its own SMTP connections, take deliveries
   from an in-process queue, render and send them, then hand the outcome's
@@ -22,20 +22,21 @@ from collections.abc import Callable
 import structlog
 from prometheus_client import CollectorRegistry
 
-from consumer.control import ControlFollower
-from consumer.events import EventBatcher
-from consumer.observers import LogObserver, MetricsObserver, Observer
-from consumer.outcome import Processed, Sent, mail_publication, outcome_event
-from consumer.processor import MailProcessor
-from consumer.render import TemplateRenderer
-from consumer.smtp import SmtpTransport
-from shared.broker import Broker, Delivery, admin_channel
-from shared.control import ControlState
-from shared.metrics import Metrics
-from shared.settings import Settings
-from shared.topology import Topology, queue_depths
+from rohrpost.consumer.control import ControlFollower
+from rohrpost.consumer.events import EventBatcher
+from rohrpost.consumer.observers import LogObserver, MetricsObserver, Observer
+from rohrpost.consumer.outcome import Processed, Sent, mail_publication, outcome_event
+from rohrpost.consumer.processor import MailProcessor
+from rohrpost.consumer.render import TemplateRenderer
+from rohrpost.consumer.smtp import SmtpTransport
+from rohrpost.shared.broker import Broker, Delivery, admin_channel
+from rohrpost.shared.control import ControlState
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.metrics import Metrics
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology, queue_depths
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _POLL_SECONDS = 0.2
 #: Drain mode: queues must look empty this many polls in a row; a message being

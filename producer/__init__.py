@@ -1,5 +1,5 @@
 """The client services use to submit mails."""
 
-from producer.client import Producer, SubmitManyError
+from rohrpost.producer.client import Producer, SubmitManyError
 
 __all__ = ["Producer", "SubmitManyError"]

@@ -15,16 +15,15 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-import structlog
+from rohrpost.shared.broker import BatchConfirm, Broker, Publication
+from rohrpost.shared.container import MailContainer, encode_container, parse_container
+from rohrpost.shared.errors import ContainerError, NotConfirmed, RohrpostError, UnknownRoute
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology
+from rohrpost.shared.wire import mail_properties
 
-from shared.broker import BatchConfirm, Broker, Publication
-from shared.container import MailContainer, encode_container, parse_container
-from shared.errors import ContainerError, NotConfirmed, RohrpostError, UnknownRoute
-from shared.settings import Settings
-from shared.topology import Topology
-from shared.wire import mail_properties
-
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ContainerLike = MailContainer | Mapping[str, Any]
 

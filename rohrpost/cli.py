@@ -13,7 +13,7 @@ from rohrpost.commands.history import history, store
 from rohrpost.commands.operators import cancel, pause, resend, resume
 from rohrpost.commands.processes import history_consumer, run, worker
 from rohrpost.commands.submit import submit
-from shared.errors import ConfigError, RohrpostError
+from rohrpost.shared.errors import ConfigError, RohrpostError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -59,10 +59,25 @@ for command in (
     cli.add_command(command)
 
 
+# Import names of the packages in the `server` extra (pyproject.toml; a test keeps them equal).
+SERVER_MODULES = frozenset(
+    {"jinja2", "prometheus_client", "aiosmtpd", "sqlalchemy", "alembic", "psycopg"}
+)
+
+
 def main() -> None:
     """Entry point of the ``rohrpost`` console script."""
     try:
         cli(standalone_mode=False)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
+            raise
+        click.echo(
+            f"error: this command needs rohrpost's server extra (module {exc.name!r} is "
+            "missing): pip install 'rohrpost[server]'",
+            err=True,
+        )
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -20,16 +20,16 @@ from typing import Any
 
 import click
 
-from consumer.history import HistoryConsumer
-from consumer.worker import SendWorker
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.broker import admin_channel
-from shared.errors import BrokerUnavailable
-from shared.logs import configure_logging
-from shared.settings import Settings, redact_url, settings_from_mapping
-from shared.store import HistoryStore, MailHistory
-from shared.topology import Topology
+from rohrpost.consumer.history import HistoryConsumer
+from rohrpost.consumer.worker import SendWorker
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.errors import BrokerUnavailable
+from rohrpost.shared.logs import configure_logging
+from rohrpost.shared.settings import Settings, redact_url, settings_from_mapping
+from rohrpost.shared.store import HistoryStore, MailHistory
+from rohrpost.shared.topology import Topology
 
 TEMPLATES = Path(__file__).parent / "demo_templates"
 FINAL = {"sent", "dead_lettered", "expired"}

@@ -1,5 +1,5 @@
 """AMQP building blocks: connection parameters, a blocking admin channel, publications,
-deliveries, and confirm tracking. ``shared.broker.Broker`` puts them to work.
+deliveries, and confirm tracking. ``rohrpost.shared.broker.Broker`` puts them to work.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pika
 import pika.exceptions
 from pika import frame, spec
 
-from shared.errors import BrokerUnavailable, NotConfirmed
-from shared.settings import redact_url
+from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
+from rohrpost.shared.settings import redact_url
 
 
 def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:

@@ -25,10 +25,9 @@ from typing import Any
 
 import pika
 import pika.exceptions
-import structlog
 from pika.adapters.select_connection import IOLoop
 
-from shared.amqp import (
+from rohrpost.shared.amqp import (
     BatchConfirm,
     ConfirmTracker,
     Delivery,
@@ -39,8 +38,9 @@ from shared.amqp import (
     connection_parameters,
     unavailable,
 )
-from shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
-from shared.settings import redact_url
+from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.settings import redact_url
 
 __all__ = [
     "BatchConfirm",
@@ -52,7 +52,7 @@ __all__ = [
     "unavailable",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 15)
 

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.errors import ContainerError
+from rohrpost.shared.errors import ContainerError
 
 SCHEMA_VERSION = 1
 #: Decoded size of all attachments of one mail together.

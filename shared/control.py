@@ -17,8 +17,8 @@ from typing import Literal
 import pika
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from shared.amqp import Publication
-from shared.container import Name
+from rohrpost.shared.amqp import Publication
+from rohrpost.shared.container import Name
 
 Action = Literal["cancel", "pause", "resume", "marker"]
 

@@ -1,7 +1,8 @@
 """JSON Schemas of the wire formats, generated from the models into ``shared/schema/``.
 
 Producers in other languages validate against these files; a test fails when the
-committed files drift from the models (``rohrpost schema`` regenerates them).
+committed files drift from the models (``rohrpost schema -o shared/schema``
+regenerates them).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.container import SCHEMA_VERSION, MailContainer
-from shared.events import EVENT_SCHEMA_VERSION, MailEvent
+from rohrpost.shared.container import SCHEMA_VERSION, MailContainer
+from rohrpost.shared.events import EVENT_SCHEMA_VERSION, MailEvent
 
 SCHEMA_DIR = Path(__file__).parent / "schema"
 
@@ -41,13 +42,12 @@ def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_schemas(directory: Path | None = None) -> list[Path]:
-    """Write every schema into ``directory`` (default ``shared/schema``); return the paths."""
-    target = directory or SCHEMA_DIR
-    target.mkdir(parents=True, exist_ok=True)
+def write_schemas(directory: Path) -> list[Path]:
+    """Write every schema into ``directory``; return the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, schema in schemas().items():
-        path = target / name
+        path = directory / name
         path.write_text(render(schema))
         written.append(path)
     return written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -27,10 +28,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from shared.container import Address, Name, describe_validation_error
-from shared.delay import DelayLevels
-from shared.errors import ConfigError
-from shared.timeparse import parse_duration
+from rohrpost.shared.container import Address, Name, describe_validation_error
+from rohrpost.shared.delay import DelayLevels
+from rohrpost.shared.errors import ConfigError
+from rohrpost.shared.timeparse import parse_duration
 
 
 def _duration_text(value: timedelta) -> str:
@@ -183,19 +184,16 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _check_store_url(cls, value: SecretStr) -> SecretStr:
-        # Imported here: SQLAlchemy costs ~0.3 s to import, and most commands never need it.
-        from sqlalchemy import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            url = make_url(value.get_secret_value())
-        except ArgumentError:
+        # Checked without SQLAlchemy: a producer's install does not have it.
+        scheme, sep, _ = value.get_secret_value().partition("://")
+        backend = scheme.partition("+")[0]
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9]*(\+[a-z0-9_]+)?", scheme):
             raise ValueError(
                 "not a database URL; use sqlite:///path/to/file.db or "
                 "postgresql+psycopg://user:password@host:5432/database"
-            ) from None
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError(f"{url.get_backend_name()} is not supported; use sqlite or postgresql")
+            )
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"{backend} is not supported; use sqlite or postgresql")
         return value
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@
     worker (every outcome) ─► {ns}.events ─► {ns}.history
 
 (T.A is tenant.app; "D" is the delay in seconds as N octal digits, one word each, see
-shared.delay; a message waits in one queue per nonzero digit.)
+rohrpost.shared.delay; a message waits in one queue per nonzero digit.)
 Due mails take direct exchanges only: RabbitMQ 3.10 spends ~70 µs routing a message
 through a direct exchange here, 125-200 µs through a topic exchange, and the direct
 path is the hot one.
@@ -29,10 +29,10 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from shared.broker import admin_channel
-from shared.delay import DelayLevels
-from shared.errors import TopologyConflict
-from shared.settings import Settings
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.delay import DelayLevels
+from rohrpost.shared.errors import TopologyConflict
+from rohrpost.shared.settings import Settings
 
 _SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 

@@ -29,15 +29,15 @@ import tomli_w
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
-from consumer.events import BATCH_TYPE
-from consumer.worker import SendWorker
 from rohrpost.catcher import MailCatcher
-from shared.broker import admin_channel
-from shared.errors import BrokerUnavailable
-from shared.events import MailEvent
-from shared.settings import Settings, settings_from_mapping
-from shared.store import HistoryStore
-from shared.topology import Topology
+from rohrpost.consumer.events import BATCH_TYPE
+from rohrpost.consumer.worker import SendWorker
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.errors import BrokerUnavailable
+from rohrpost.shared.events import MailEvent
+from rohrpost.shared.settings import Settings, settings_from_mapping
+from rohrpost.shared.store import HistoryStore
+from rohrpost.shared.topology import Topology
 
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 RABBITMQ_IMAGE = "rabbitmq:3.13-management"

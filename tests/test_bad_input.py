@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from producer.client import Producer, SubmitManyError
 from rohrpost.catcher import MailCatcher
-from shared.broker import admin_channel
-from shared.container import MAX_CONTAINER_BYTES
-from shared.errors import ContainerError, NotConfirmed, UnknownRoute
-from shared.settings import Settings
-from shared.topology import Topology, queue_depths
-from shared.wire import REASON_HEADER
+from rohrpost.producer.client import Producer, SubmitManyError
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.container import MAX_CONTAINER_BYTES
+from rohrpost.shared.errors import ContainerError, NotConfirmed, UnknownRoute
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology, queue_depths
+from rohrpost.shared.wire import REASON_HEADER
 from tests.conftest import WorkerThread, dead_letters, declare, publish_raw
 
 

@@ -11,13 +11,13 @@ import pika
 import pytest
 from pika import frame, spec
 
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.amqp import ConfirmTracker, Pending, PublishFramer
-from shared.broker import Broker, Publication, admin_channel
-from shared.errors import NotConfirmed, TopologyMissing
-from shared.settings import Settings
-from shared.topology import Topology
+from rohrpost.producer.client import Producer
+from rohrpost.shared.amqp import ConfirmTracker, Pending, PublishFramer
+from rohrpost.shared.broker import Broker, Publication, admin_channel
+from rohrpost.shared.errors import NotConfirmed, TopologyMissing
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology
 from tests.conftest import WorkerThread
 
 

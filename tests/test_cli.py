@@ -12,9 +12,9 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker
 
 from rohrpost.catcher import MailCatcher
-from shared.broker import admin_channel
-from shared.settings import Settings
-from shared.topology import Topology, queue_depths
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology, queue_depths
 from tests.conftest import drain, rohrpost_command, write_config, write_template
 
 
@@ -276,8 +276,8 @@ def test_every_command_has_help() -> None:
 def test_history_commands_list_show_and_purge(
     config: Path, settings: Settings, catcher: MailCatcher
 ) -> None:
-    from consumer.history import HistoryConsumer
-    from shared.store import HistoryStore
+    from rohrpost.consumer.history import HistoryConsumer
+    from rohrpost.shared.store import HistoryStore
 
     assert run("store", "migrate", config=config).returncode == 0
     migrated = run("store", "migrate", config=config)

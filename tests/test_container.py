@@ -16,7 +16,7 @@ from email_validator import validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.container import (
+from rohrpost.shared.container import (
     MAX_ATTACHMENT_BYTES,
     MAX_CONTAINER_BYTES,
     MailContainer,
@@ -26,8 +26,8 @@ from shared.container import (
     new_mail_id,
     parse_container,
 )
-from shared.errors import ContainerError
-from shared.schema_export import SCHEMA_DIR, render, schemas
+from rohrpost.shared.errors import ContainerError
+from rohrpost.shared.schema_export import SCHEMA_DIR, render, schemas
 
 
 def mail(**fields: Any) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def test_committed_json_schemas_match_the_models() -> None:
     for name, schema in schemas().items():
         committed = (SCHEMA_DIR / name).read_text()
         assert committed == render(schema), (
-            f"shared/schema/{name} is out of date: run `rohrpost schema` and commit the result"
+            f"shared/schema/{name} is out of date: run `rohrpost schema -o shared/schema`"
         )
 
 

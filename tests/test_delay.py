@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.client import Producer
-from shared.broker import admin_channel
-from shared.delay import DelayLevels
-from shared.settings import Settings
-from shared.topology import Topology, queue_depths
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.delay import DelayLevels
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology, queue_depths
 from tests.conftest import declare
 
 NAMES = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,10}\Z")

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.settings import Settings
-from shared.wire import ATTEMPT_HEADER, ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER
+from rohrpost.producer.client import Producer
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.wire import ATTEMPT_HEADER, ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER
 from tests.conftest import EventLog, dead_letters, declare, drain, write_template
 
 RECIPIENT = "anna@example.com"

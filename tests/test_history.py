@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -19,16 +20,15 @@ from typing import Any
 import pika
 import pytest
 from sqlalchemy import create_engine, make_url, text
-from structlog.testing import capture_logs
 
-from consumer.history import HistoryConsumer
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.broker import Broker, Publication, admin_channel
-from shared.events import EventKind, MailEvent
-from shared.settings import Settings
-from shared.store import HistoryRecord, HistoryStore, MailFilter
-from shared.topology import Topology
+from rohrpost.consumer.history import HistoryConsumer
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import Broker, Publication, admin_channel
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.store import HistoryRecord, HistoryStore, MailFilter
+from rohrpost.shared.topology import Topology
 from tests.conftest import (
     declare,
     drain,
@@ -265,9 +265,10 @@ def store_outage(url: str) -> Iterator[Callable[[], None]]:
 
 
 def test_no_event_is_lost_while_the_store_is_unavailable(
-    history_settings: Settings, catcher: MailCatcher
+    history_settings: Settings, catcher: MailCatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = history_settings
+    caplog.set_level(logging.WARNING, logger="rohrpost")
     url = settings.store_url.get_secret_value()
     HistoryStore.open(url, migrate_schema=True).close()
     reader = create_engine(url)
@@ -276,13 +277,15 @@ def test_no_event_is_lost_while_the_store_is_unavailable(
         with reader.connect() as conn:
             return int(conn.execute(text("SELECT count(*) FROM mails")).scalar_one())
 
-    with capture_logs() as logs, ConsumerThread(settings), Producer(settings) as producer:
+    with ConsumerThread(settings), Producer(settings) as producer:
         producer.submit_many([mail(f"a{i}@example.com") for i in range(20)])
         wait_until(lambda: mails_archived() == 20)
         with store_outage(url) as bring_back:
             producer.submit_many([mail(f"b{i}@example.com") for i in range(30)])
             wait_until(
-                lambda: any(e["event"].startswith("history store write failed") for e in logs)
+                lambda: any(
+                    r.getMessage().startswith("history store write failed") for r in caplog.records
+                )
             )
             bring_back()
             reader.dispose()

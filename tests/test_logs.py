@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
-from structlog.testing import capture_logs
+import pytest
 
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher, free_port
-from shared.logs import SecretScrubber
-from shared.settings import Settings
+from rohrpost.producer.client import Producer
+from rohrpost.shared.logs import LineFormatter, SecretScrubber, get_logger
+from rohrpost.shared.settings import Settings
 from tests.conftest import (
     declare,
     drain,
@@ -30,7 +30,7 @@ PASSWORD = "pw-Zq8!x-not-for-logs"
 
 
 def test_each_mail_outcome_is_one_info_line_with_the_mail_fields(
-    settings: Settings, catcher: MailCatcher
+    settings: Settings, catcher: MailCatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     catcher.always("gone@example.com", "550 5.1.1 gone", stage="rcpt")
     with Producer(settings) as producer:
@@ -52,15 +52,15 @@ def test_each_mail_outcome_is_one_info_line_with_the_mail_fields(
                 "text": "t",
             }
         )
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-        drain(settings)
-    outcomes = [entry for entry in logs if "outcome" in entry]
+    caplog.set_level(logging.DEBUG, logger="rohrpost")
+    drain(settings)
+    outcomes = [record.__dict__ for record in caplog.records if hasattr(record, "outcome")]
     assert sorted((e["outcome"], e["mail_id"]) for e in outcomes) == sorted(
         [("sent", str(ok)), ("dead_lettered", str(bad))]
     )
     for entry in outcomes:
         assert entry["tenant"] == "acme" and entry["app"] == "billing" and entry["attempt"] == 1
-        assert entry["log_level"] in ("info", "warning")
+        assert entry["levelname"] in ("INFO", "WARNING")
 
 
 def test_the_scrubber_removes_secret_values_from_every_field() -> None:
@@ -71,16 +71,20 @@ def test_the_scrubber_removes_secret_values_from_every_field() -> None:
 
 def test_json_lines_are_rendered_through_the_scrubber() -> None:
     stream = io.StringIO()
-    structlog.configure(
-        processors=[SecretScrubber([PASSWORD]), structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
-    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LineFormatter("json", [PASSWORD]))
+    stdlib_logger = logging.getLogger("rohrpost.tests.scrubber")
+    stdlib_logger.addHandler(handler)
     try:
-        structlog.get_logger().info("connecting", url=f"smtp://u:{PASSWORD}@host")
+        get_logger(stdlib_logger.name).warning("connecting", url=f"smtp://u:{PASSWORD}@host")
     finally:
-        structlog.reset_defaults()
-    assert json.loads(stream.getvalue()) == {"event": "connecting", "url": "smtp://u:***@host"}
+        stdlib_logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert (line["event"], line["url"], line["level"]) == (
+        "connecting",
+        "smtp://u:***@host",
+        "warning",
+    )
 
 
 def test_an_smtp_password_appears_in_no_log_line_and_no_metric(

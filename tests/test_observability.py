@@ -19,10 +19,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.endpoints import Endpoints
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher, free_port
-from shared.settings import Settings
+from rohrpost.consumer.endpoints import Endpoints
+from rohrpost.producer.client import Producer
+from rohrpost.shared.settings import Settings
 from tests.conftest import declare, get, rohrpost_command, wait_until, write_config
 
 DEPLOY = Path(__file__).parent.parent / "deploy"

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from consumer.history import HistoryConsumer
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.broker import Broker, Publication, admin_channel
-from shared.container import encode_container, parse_container
-from shared.settings import Settings
-from shared.store import HistoryStore
-from shared.topology import Topology, queue_depths
-from shared.wire import ATTEMPTS_HEADER, REASON_HEADER, mail_properties
+from rohrpost.consumer.history import HistoryConsumer
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import Broker, Publication, admin_channel
+from rohrpost.shared.container import encode_container, parse_container
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.store import HistoryStore
+from rohrpost.shared.topology import Topology, queue_depths
+from rohrpost.shared.wire import ATTEMPTS_HEADER, REASON_HEADER, mail_properties
 from tests.conftest import WorkerThread, declare, drain, rohrpost_command, write_config
 
 GLOBEX = {"globex": {"apps": {"shop": {"smtp": "catcher", "sender": "shop@globex.example"}}}}

@@ -9,11 +9,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.broker import admin_channel
-from shared.settings import Settings
-from shared.topology import Topology
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology
 from tests.conftest import declare, rohrpost_command, write_config
 
 

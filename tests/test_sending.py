@@ -10,9 +10,9 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from producer.client import Producer
 from rohrpost.catcher import MailCatcher
-from shared.settings import Settings
+from rohrpost.producer.client import Producer
+from rohrpost.shared.settings import Settings
 from tests.conftest import EventLog, WorkerThread, drain, write_template
 
 # A minimal valid PDF with a binary comment line (bytes >= 0x80 must survive).

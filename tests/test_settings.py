@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.settings import Backoff, load_settings, redact_url
+from rohrpost.shared.errors import ConfigError
+from rohrpost.shared.settings import Backoff, load_settings, redact_url
 
 EXAMPLE = """
 broker_url = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -11,12 +11,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
-from shared.container import MailContainer, parse_container
-from shared.errors import StoreError
-from shared.events import EventKind, MailEvent
-from shared.store import HistoryRecord, HistoryStore, MailFilter
-from shared.store.database import create_store_engine, head_revision, migrate
-from shared.store.tables import events, mail_recipients, mail_tags, metadata
+from rohrpost.shared.container import MailContainer, parse_container
+from rohrpost.shared.errors import StoreError
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.store import HistoryRecord, HistoryStore, MailFilter
+from rohrpost.shared.store.database import create_store_engine, head_revision, migrate
+from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, metadata
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 

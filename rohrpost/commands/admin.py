@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from rohrpost.commands.context import CliContext, pass_context
-from shared.settings import redact_url
+from rohrpost.shared.settings import redact_url
 
 
 @click.group()
@@ -20,7 +20,7 @@ def topology() -> None:
 @pass_context
 def topology_declare(ctx: CliContext) -> None:
     """Declare every exchange, queue and binding (idempotent)."""
-    from shared.topology import declare_topology
+    from rohrpost.shared.topology import declare_topology
 
     settings = ctx.settings()
     declared = declare_topology(settings)
@@ -36,8 +36,8 @@ def topology_declare(ctx: CliContext) -> None:
 @pass_context
 def topology_delete(ctx: CliContext, yes: bool) -> None:
     """Delete every exchange and queue of the namespace, messages included."""
-    from shared.broker import admin_channel
-    from shared.topology import Topology
+    from rohrpost.shared.broker import admin_channel
+    from rohrpost.shared.topology import Topology
 
     if not yes:
         raise click.UsageError("this deletes queued mails; pass --yes to confirm")
@@ -67,12 +67,17 @@ def demo(broker_url: str) -> None:
     "--output",
     "-o",
     type=click.Path(file_okay=False),
-    default=None,
-    help="Directory to write into  [default: the package's shared/schema]",
+    default=".",
+    show_default=True,
+    help="Directory to write the schema files into (created if missing).",
 )
-def schema(output: str | None) -> None:
-    """Write the JSON Schemas of the mail container and the events."""
-    from shared.schema_export import write_schemas
+def schema(output: str) -> None:
+    """Write the JSON Schemas of the mail container and the events, one file each.
 
-    for path in write_schemas(Path(output) if output else None):
+    The same files are committed in the repository's shared/schema/; regenerate
+    them there with `rohrpost schema -o shared/schema`.
+    """
+    from rohrpost.shared.schema_export import write_schemas
+
+    for path in write_schemas(Path(output)):
         click.echo(path)

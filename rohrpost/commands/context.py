@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import click
 
-from shared.logs import configure_logging
-from shared.settings import Settings, load_settings
-from shared.timeparse import parse_when
+from rohrpost.shared.logs import configure_logging
+from rohrpost.shared.settings import Settings, load_settings
+from rohrpost.shared.timeparse import parse_when
 
 
 class CliContext:

@@ -13,11 +13,11 @@ from rohrpost.commands.context import CliContext, pass_context, short_time, when
 from rohrpost.commands.operators import ACTOR, session
 
 if TYPE_CHECKING:
-    from operations import DeadLetter, DeadLetterFilter, DeadLetterQueue, OperatorSession
+    from rohrpost.operations import DeadLetter, DeadLetterFilter, DeadLetterQueue, OperatorSession
 
 
 def _filter(ids: tuple[str, ...] = (), **given: Any) -> DeadLetterFilter:
-    from operations import DeadLetterFilter
+    from rohrpost.operations import DeadLetterFilter
 
     since = when_option(given.pop("since", None), "--since")
     return DeadLetterFilter(
@@ -47,7 +47,7 @@ def dlq() -> None:
 
 
 def _queue(opened: OperatorSession) -> DeadLetterQueue:
-    from operations import DeadLetterQueue
+    from rohrpost.operations import DeadLetterQueue
 
     return DeadLetterQueue(opened)
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import click
 
 from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
-from shared.timeparse import parse_duration
+from rohrpost.shared.timeparse import parse_duration
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only by commands that use it
-    from shared.store import HistoryStore, MailHistory, MailSummary
+    from rohrpost.shared.store import HistoryStore, MailHistory, MailSummary
 
 STATUSES = ["queued", "scheduled", "retrying", "sent", "expired", "dead_lettered", "cancelled"]
 
@@ -23,7 +23,7 @@ STATUSES = ["queued", "scheduled", "retrying", "sent", "expired", "dead_lettered
 @contextmanager
 def open_store(ctx: CliContext) -> Iterator[HistoryStore]:
     """The configured store, closed afterwards."""
-    from shared.store import HistoryStore
+    from rohrpost.shared.store import HistoryStore
 
     store = HistoryStore.open(ctx.settings().store_url.get_secret_value())
     try:
@@ -57,7 +57,7 @@ def list_(
     ctx: CliContext, /, as_json: bool, since: str | None, until: str | None, **criteria: object
 ) -> None:
     """List mails, newest change first."""
-    from shared.store import MailFilter
+    from rohrpost.shared.store import MailFilter
 
     mail_filter = MailFilter.model_validate(
         {**criteria, "since": when_option(since, "--since"), "until": when_option(until, "--until")}
@@ -178,9 +178,9 @@ def store() -> None:
 @pass_context
 def migrate(ctx: CliContext) -> None:
     """Create or upgrade the store's schema to this version (idempotent)."""
-    from shared.settings import redact_url
-    from shared.store.database import create_store_engine
-    from shared.store.database import migrate as run_migrations
+    from rohrpost.shared.settings import redact_url
+    from rohrpost.shared.store.database import create_store_engine
+    from rohrpost.shared.store.database import migrate as run_migrations
 
     url = ctx.settings().store_url.get_secret_value()
     engine = create_store_engine(url)

@@ -15,8 +15,8 @@ import click
 from rohrpost.commands.context import CliContext, pass_context
 
 if TYPE_CHECKING:
-    from operations import OperatorSession
-    from shared.store import HistoryStore
+    from rohrpost.operations import OperatorSession
+    from rohrpost.shared.store import HistoryStore
 
 ACTOR = click.option("--actor", help="Who is acting, for the history  [default: the OS user]")
 
@@ -24,7 +24,7 @@ ACTOR = click.option("--actor", help="Who is acting, for the history  [default: 
 @contextmanager
 def session(ctx: CliContext, actor: str | None) -> Iterator[OperatorSession]:
     """An operator session on the configured broker."""
-    from operations import OperatorSession
+    from rohrpost.operations import OperatorSession
 
     with OperatorSession(ctx.settings(), actor) as opened:
         yield opened
@@ -33,8 +33,8 @@ def session(ctx: CliContext, actor: str | None) -> Iterator[OperatorSession]:
 @contextmanager
 def optional_store(ctx: CliContext) -> Iterator[HistoryStore | None]:
     """The history store when history is enabled and reachable, else None."""
-    from shared.errors import StoreError
-    from shared.store import HistoryStore
+    from rohrpost.shared.errors import StoreError
+    from rohrpost.shared.store import HistoryStore
 
     settings = ctx.settings()
     if not settings.history_enabled:
@@ -58,7 +58,7 @@ def optional_store(ctx: CliContext) -> Iterator[HistoryStore | None]:
 @pass_context
 def cancel(ctx: CliContext, mail_ids: tuple[uuid.UUID, ...], actor: str | None) -> None:
     """Stop queued or scheduled mails from being sent."""
-    from operations.actions import cancel as cancel_mail
+    from rohrpost.operations.actions import cancel as cancel_mail
 
     with session(ctx, actor) as opened, optional_store(ctx) as store:
         for mail_id in mail_ids:
@@ -76,7 +76,7 @@ def _scope(value: str) -> tuple[str, str | None]:
 @pass_context
 def pause(ctx: CliContext, scope: str, actor: str | None) -> None:
     """Hold a tenant's (or one app's) mails: they are queued but not sent until resumed."""
-    from operations.actions import pause as pause_scope
+    from rohrpost.operations.actions import pause as pause_scope
 
     with session(ctx, actor) as opened:
         click.echo(pause_scope(opened, *_scope(scope)))
@@ -88,7 +88,7 @@ def pause(ctx: CliContext, scope: str, actor: str | None) -> None:
 @pass_context
 def resume(ctx: CliContext, scope: str, actor: str | None) -> None:
     """Send again what `pause` held back."""
-    from operations.actions import resume as resume_scope
+    from rohrpost.operations.actions import resume as resume_scope
 
     with session(ctx, actor) as opened:
         click.echo(resume_scope(opened, *_scope(scope)))
@@ -100,8 +100,8 @@ def resume(ctx: CliContext, scope: str, actor: str | None) -> None:
 @pass_context
 def resend(ctx: CliContext, mail_id: uuid.UUID, actor: str | None) -> None:
     """Submit an archived mail again, as a new mail linked to the original."""
-    from operations.actions import resend as resend_mail
     from rohrpost.commands.history import open_store
+    from rohrpost.operations.actions import resend as resend_mail
 
     with open_store(ctx) as store, session(ctx, actor) as opened:
         new_id = resend_mail(opened, mail_id, store)

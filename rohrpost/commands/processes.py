@@ -7,7 +7,7 @@ import sys
 import click
 
 from rohrpost.commands.context import CliContext, pass_context
-from shared.settings import Settings
+from rohrpost.shared.settings import Settings
 
 _PROCESSES = click.option(
     "--processes",
@@ -38,7 +38,7 @@ def _check_secrets(settings: Settings) -> None:
 @pass_context
 def worker(ctx: CliContext, processes: int, drain: bool, metrics_port: int | None) -> None:
     """Send mails: consume every enabled send queue. SIGTERM finishes in-flight mails."""
-    from consumer.supervisor import WORKER, Supervisor, run_worker
+    from rohrpost.consumer.supervisor import WORKER, Supervisor, run_worker
 
     settings = ctx.settings()
     _check_secrets(settings)
@@ -56,7 +56,7 @@ def worker(ctx: CliContext, processes: int, drain: bool, metrics_port: int | Non
 @pass_context
 def history_consumer(ctx: CliContext, drain: bool, metrics_port: int | None) -> None:
     """Archive every event into the history store (migrates the store at start)."""
-    from consumer.supervisor import run_history_consumer
+    from rohrpost.consumer.supervisor import run_history_consumer
 
     settings = ctx.settings()
     port = (
@@ -78,7 +78,7 @@ def history_consumer(ctx: CliContext, drain: bool, metrics_port: int | None) -> 
 @pass_context
 def run(ctx: CliContext, processes: int, drain: bool, metrics_port: int | None) -> None:
     """Run everything on one machine: send workers and the history consumer."""
-    from consumer.supervisor import HISTORY, WORKER, Supervisor
+    from rohrpost.consumer.supervisor import HISTORY, WORKER, Supervisor
 
     settings = ctx.settings()
     _check_secrets(settings)

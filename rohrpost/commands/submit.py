@@ -110,7 +110,7 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
 @pass_context
 def submit(ctx: CliContext, /, file_: str | None, **flags: Any) -> None:
     """Submit mails; print each mail's id once the broker confirmed it."""
-    from producer.client import Producer
+    from rohrpost.producer.client import Producer
 
     settings = ctx.settings()
     with Producer(settings) as producer:

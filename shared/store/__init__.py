@@ -1,6 +1,6 @@
 """The history store: every mail's fate, in SQLite (default) or PostgreSQL."""
 
-from shared.store.history import (
+from rohrpost.shared.store.history import (
     EventEntry,
     HistoryStore,
     MailFilter,
@@ -8,7 +8,7 @@ from shared.store.history import (
     MailSummary,
     OperatorAction,
 )
-from shared.store.writer import HistoryRecord
+from rohrpost.shared.store.writer import HistoryRecord
 
 __all__ = [
     "EventEntry",

@@ -14,15 +14,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine, Select, delete, exists, select
 
-from shared.events import MailEvent
-from shared.store.database import (
+from rohrpost.shared.events import MailEvent
+from rohrpost.shared.store.database import (
     create_store_engine,
     migrate,
     require_migrated,
     translate_errors,
 )
-from shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
-from shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
+from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
+from rohrpost.shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
 
 
 class MailFilter(BaseModel):

@@ -71,7 +71,7 @@ mails = Table(
     Column("tenant", String(63), nullable=False),
     Column("app", String(63), nullable=False),
     Column("status", String(20), nullable=False),
-    # (round, status_rank, status_at) orders state changes; see shared.store.writer.
+    # (round, status_rank, status_at) orders state changes; see rohrpost.shared.store.writer.
     Column("round", Integer, nullable=False),
     Column("status_rank", Integer, nullable=False),
     Column("status_at", UtcDateTime, nullable=False),

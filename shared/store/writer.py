@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 
-from shared.container import MailContainer, bare_address
-from shared.events import EventKind, MailEvent
-from shared.store.database import translate_errors
-from shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
+from rohrpost.shared.container import MailContainer, bare_address
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.store.database import translate_errors
+from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
 
 #: Status a kind of event puts a mail in, and how strongly (higher wins within a round).
 STATUS_OF: dict[EventKind, tuple[str, int]] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from shared.store.tables import UtcDateTime
+from rohrpost.shared.store.tables import UtcDateTime
 
 revision = "0001"
 down_revision = None

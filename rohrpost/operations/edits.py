@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from shared.errors import ContainerError
+from rohrpost.shared.errors import ContainerError
 
 #: Fields that identify a mail or its route; changing them would make another mail.
 FIXED_FIELDS = frozenset({"id", "tenant", "app", "schema_version", "created_at"})

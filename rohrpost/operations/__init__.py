@@ -5,7 +5,7 @@ ack second (a crash in between leaves a duplicate, never a loss), and every acti
 is recorded in the history with who did it.
 """
 
-from operations.deadletters import DeadLetter, DeadLetterFilter, DeadLetterQueue
-from operations.session import OperatorSession
+from rohrpost.operations.deadletters import DeadLetter, DeadLetterFilter, DeadLetterQueue
+from rohrpost.operations.session import OperatorSession
 
 __all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterQueue", "OperatorSession"]

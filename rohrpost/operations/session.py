@@ -8,13 +8,13 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
-from producer.client import Producer
-from shared.broker import Broker, Publication
-from shared.control import ControlMessage
-from shared.errors import NotConfirmed, OperatorError
-from shared.events import EventKind, MailEvent
-from shared.settings import Settings
-from shared.topology import Topology
+from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import Broker, Publication
+from rohrpost.shared.control import ControlMessage
+from rohrpost.shared.errors import NotConfirmed, OperatorError
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology
 
 
 def default_actor() -> str:

@@ -1,7 +1,7 @@
 """The dead-letter queues: list, show, edit, retry and purge dead letters.
 
 Reading holds every message of a dead-letter queue unacked and lets the broker put
-back what was not moved (see ``operations.browse``). Moving is publish-with-confirm
+back what was not moved (see ``rohrpost.operations.browse``). Moving is publish-with-confirm
 first, ack second: a crash in between leaves the mail twice (in the DLQ and where it
 went), never nowhere. Only the queues of the tenant/app asked for are opened.
 """
@@ -19,14 +19,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from operations.browse import Browse, Message, browse
-from operations.edits import apply_edits, diff
-from operations.session import OperatorSession
-from shared.broker import Publication
-from shared.container import encode_container, parse_container
-from shared.errors import ContainerError, OperatorError, UnknownRoute
-from shared.events import EventKind
-from shared.wire import (
+from rohrpost.operations.browse import Browse, Message, browse
+from rohrpost.operations.edits import apply_edits, diff
+from rohrpost.operations.session import OperatorSession
+from rohrpost.shared.broker import Publication
+from rohrpost.shared.container import encode_container, parse_container
+from rohrpost.shared.errors import ContainerError, OperatorError, UnknownRoute
+from rohrpost.shared.events import EventKind
+from rohrpost.shared.wire import (
     ACTOR_HEADER,
     ATTEMPTS_HEADER,
     DEAD_AT_HEADER,

@@ -20,12 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.wire import round_of
 
-from shared.broker import admin_channel
-from shared.wire import round_of
-
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _REPAIR_PASSES = 10
 

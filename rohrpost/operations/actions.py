@@ -5,14 +5,14 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from consumer.outcome import cancelled_event_id
-from operations.session import OperatorSession
-from shared.control import ControlMessage
-from shared.errors import OperatorError
-from shared.events import EventKind
-from shared.store import EventEntry, HistoryStore
-from shared.store.writer import TERMINAL
-from shared.wire import ACTOR_HEADER
+from rohrpost.consumer.outcome import cancelled_event_id
+from rohrpost.operations.session import OperatorSession
+from rohrpost.shared.control import ControlMessage
+from rohrpost.shared.errors import OperatorError
+from rohrpost.shared.events import EventKind
+from rohrpost.shared.store import EventEntry, HistoryStore
+from rohrpost.shared.store.writer import TERMINAL
+from rohrpost.shared.wire import ACTOR_HEADER
 
 
 def cancel(session: OperatorSession, mail_id: uuid.UUID, store: HistoryStore | None) -> str:
