@@ -71,8 +71,18 @@ class EventBatcher:
         )
         first = events[0]
         key = f"batch.{first.tenant}.{first.app or '_'}"
+        # Events are idempotent (the store keeps each event_id once): after a lost
+        # connection the batch is published again, so a mail that was sent keeps its
+        # `sent` event even though its delivery can no longer be acked.
         future = self._broker.publish(
-            Publication(self._exchange, key, batch_body(events), properties, mandatory=False)
+            Publication(
+                self._exchange,
+                key,
+                batch_body(events),
+                properties,
+                mandatory=False,
+                republish=True,
+            )
         )
 
         def settle(_future: object) -> None:

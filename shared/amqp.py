@@ -63,6 +63,9 @@ class Publication:
     body: bytes
     properties: Any
     mandatory: bool = True
+    #: Publish again on the next connection if this one is lost before the confirm,
+    #: even on a broker that fails other unconfirmed publishes (for idempotent messages).
+    republish: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,9 @@ class Broker:
 
     ``republish`` decides what happens to unconfirmed publishes when the connection is
     lost: sent again on the next connection (producers), or failed with
-    BrokerUnavailable (workers, whose source message the broker redelivers anyway).
+    BrokerUnavailable (workers, whose source message the broker redelivers anyway) —
+    except publications marked ``republish`` themselves (events, which are idempotent),
+    which are always sent again.
     """
 
     def __init__(self, url: str, *, name: str = "rohrpost", republish: bool = True) -> None:
@@ -325,10 +327,7 @@ class Broker:
             self._ioloop.stop()
             return
         log.warning("broker connection lost", reason=str(reason), broker=redact_url(self._url))
-        if self._republish:
-            state.waiting.extendleft(reversed(state.unconfirmed.take_all()))
-        else:
-            self._fail_unconfirmed(unavailable(self._url, reason))
+        self._requeue_unconfirmed(unavailable(self._url, reason))
         self._schedule_reconnect(reason)
 
     def _next_delay(self) -> float:
@@ -373,6 +372,8 @@ class Broker:
             return
         error = self._channel_error(reason)
         log.error("broker closed the channel", reason=str(reason))
+        # A channel closes for an error of ours (a missing exchange, …): publishing the
+        # same again would fail the same way, so nothing is republished.
         self._fail_unconfirmed(error)
         self._ioloop.call_later(
             self._next_delay(),
@@ -448,6 +449,16 @@ class Broker:
             self._state.channel.basic_ack(delivery.tag, multiple=multiple)
         else:
             self._state.channel.basic_nack(delivery.tag, requeue=requeue)
+
+    def _requeue_unconfirmed(self, error: BaseException) -> None:
+        """After a lost channel: publish again what may be, fail the rest with ``error``."""
+        again: list[Pending] = []
+        for pending in self._state.unconfirmed.take_all():
+            if self._republish or pending.publication.republish:
+                again.append(pending)
+            else:
+                pending.settle(error)
+        self._state.waiting.extendleft(reversed(again))
 
     def _fail_unconfirmed(self, error: BaseException) -> None:
         for pending in self._state.unconfirmed.take_all():

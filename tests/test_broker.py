@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+import uuid
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
+from urllib.parse import urlsplit
 
 import pika
 import pytest
 from pika import frame, spec
+from pydantic import SecretStr
 
 from rohrpost.catcher import MailCatcher
 from rohrpost.producer.client import Producer
 from rohrpost.shared.amqp import ConfirmTracker, Pending, PublishFramer
 from rohrpost.shared.broker import Broker, Publication, admin_channel
 from rohrpost.shared.errors import NotConfirmed, TopologyMissing
+from rohrpost.shared.events import EventKind
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
-from tests.conftest import WorkerThread
+from tests.conftest import EventLog, WorkerThread, declare, wait_until
+from tests.tcpproxy import TcpProxy
 
 
 def mail(i: int = 0) -> dict[str, object]:
@@ -195,3 +202,61 @@ def test_a_worker_keeps_consuming_after_losing_its_connection(
         assert close_connections(f"rohrpost-worker:{settings.namespace}") == 1
         producer.submit(mail(1))
     catcher.wait_for(lambda got: len(got) == 2, timeout=30)
+
+
+def test_every_delivery_keeps_its_sent_event_when_the_worker_loses_its_connection(
+    broker_url: str,
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    worker_thread: Callable[..., WorkerThread],
+) -> None:
+    settings = make_settings()
+    declare(settings)
+    event_log = EventLog(settings)
+    catcher.latency = 0.002
+    total = 300
+    parts = urlsplit(broker_url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+        proxied = settings.model_copy(
+            update={
+                "broker_url": SecretStr(
+                    parts._replace(
+                        netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}"
+                    ).geturl()
+                )
+            }
+        )
+        with Producer(settings) as producer:
+            ids = producer.submit_many([mail(i) for i in range(total)])
+        worker = worker_thread(proxied)
+        for fraction in (0.2, 0.5):
+            catcher.wait_for(lambda got, n=total * fraction: len(got) >= n, timeout=60)
+            # The connection freezes as if the broker node died: the worker keeps sending
+            # the mails it holds, and their `sent` events never reach the broker.
+            proxy.freeze()
+            time.sleep(0.3)
+            proxy.drop()
+        catcher.wait_for(lambda got: len({m.recipients for m in got}) == total, timeout=90)
+        worker.stop()
+    try:
+        deliveries = Counter(
+            m.parsed()["Message-ID"].split("@")[0].lstrip("<") for m in catcher.mails
+        )
+        assert set(deliveries) == {str(i) for i in ids}
+
+        def sent_events() -> dict[str, set[uuid.UUID]]:
+            by_mail: dict[str, set[uuid.UUID]] = defaultdict(set)
+            for event in event_log.read():
+                if event.kind == EventKind.SENT:
+                    by_mail[str(event.mail_id)].add(event.event_id)
+            return by_mail
+
+        # Each SMTP delivery published its own `sent` event, and every one reached the
+        # events exchange, also those whose batch was unconfirmed when the connection
+        # was lost.
+        wait_until(
+            lambda: all(len(sent_events()[m]) >= n for m, n in deliveries.items()), timeout=30
+        )
+        assert {m: len(e) for m, e in sent_events().items()} == dict(deliveries)
+    finally:
+        event_log.delete()

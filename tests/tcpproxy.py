@@ -1,0 +1,83 @@
+"""A TCP proxy for tests: freeze a connection as a dying peer would, then cut it.
+
+The broker confirms a publish within a millisecond, so closing a connection from
+outside rarely catches a publish in flight. Between client and broker, this proxy
+can stop passing bytes either way while the client keeps writing (as when a broker
+node dies), and then drop every connection: whatever the client published meanwhile
+never reached the broker and is unconfirmed when the connection is lost, every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to ``target``; use as a context manager."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        self.connections = 0
+
+    def __enter__(self) -> TcpProxy:
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._closed = True
+        self._listener.close()
+        self.drop()
+
+    def freeze(self) -> None:
+        """Stop passing bytes either way; they wait in the proxy until ``drop`` loses them."""
+        self._flowing.clear()
+
+    def drop(self) -> None:
+        """Close every proxied connection at once, both sides; held bytes are lost."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._flowing.set()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self._target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+                self.connections += 1
+            threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self._flowing.wait()
+                sink.sendall(data)
+        # One side ended: end the proxied connection on both.
+        with self._lock:
+            self._sockets = [s for s in self._sockets if s not in (source, sink)]
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
