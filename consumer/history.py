@@ -27,6 +27,7 @@ from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.settings import Settings
+from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
 from rohrpost.shared.wire import ACTOR_HEADER, round_of
@@ -117,14 +118,13 @@ class HistoryConsumer:
         self._drain = drain
         self._drain_when = drain_when
         settings = self._settings
-        store = self._store or HistoryStore.open(
-            settings.store_url.get_secret_value(), migrate_schema=True
+        started = start_with_retries(
+            self._connect, stopping=lambda: self._stopping, what="history consumer"
         )
+        if started is None:
+            return  # stopped before the broker and the store were ready
+        store, broker = started
         url = settings.broker_url.get_secret_value()
-        with admin_channel(url) as channel:
-            self._topology.declare(channel)
-        broker = Broker(url, name=f"rohrpost-history:{settings.namespace}", republish=False)
-        broker.start()
         self._broker = broker
         self._store_error = None
         self.metrics.ready.labels("history").set(1)
@@ -141,6 +141,24 @@ class HistoryConsumer:
             if self._store is None:
                 store.close()
             log.info("history consumer stopped", events_written=self.written)
+
+    def _connect(self) -> tuple[HistoryStore, Broker]:
+        """Open (and migrate) the store, declare the topology and connect."""
+        settings = self._settings
+        store = self._store or HistoryStore.open(
+            settings.store_url.get_secret_value(), migrate_schema=True
+        )
+        try:
+            url = settings.broker_url.get_secret_value()
+            with admin_channel(url) as channel:
+                self._topology.declare(channel)
+            broker = Broker(url, name=f"rohrpost-history:{settings.namespace}", republish=False)
+            broker.start()
+        except BaseException:
+            if self._store is None:
+                store.close()
+            raise
+        return store, broker
 
     def _loop(self, broker: Broker, store: HistoryStore, probe: object) -> None:
         empty_polls = 0

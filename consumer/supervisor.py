@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from rohrpost.consumer.endpoints import Endpoints, QueueCollector
 from rohrpost.consumer.history import HistoryConsumer
 from rohrpost.consumer.worker import SendWorker
+from rohrpost.shared.errors import RohrpostError
 from rohrpost.shared.logs import configure_logging, get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.settings import Settings
@@ -38,7 +40,30 @@ from rohrpost.shared.topology import Topology
 
 log = get_logger(__name__)
 
-_RESTART_DELAY_SECONDS = 1.0
+
+@dataclass
+class RestartBackoff:
+    """When to start a child again after it exited: exponential, reset after a healthy run.
+
+    A child that cannot start (broker away, a queue declared with other arguments)
+    would otherwise be respawned every second; one that ran ``healthy_after``
+    seconds before it died starts again after ``first`` seconds, as if for the first
+    time.
+    """
+
+    first: float = 1.0
+    factor: float = 2.0
+    cap: float = 60.0
+    healthy_after: float = 60.0
+    failures: int = 0
+
+    def delay(self, ran_for: float) -> float:
+        """The wait before the next start of a child that exited after ``ran_for`` seconds."""
+        if ran_for >= self.healthy_after:
+            self.failures = 0
+        delay = min(self.cap, self.first * self.factor**self.failures)
+        self.failures += 1
+        return delay
 
 
 def _on_signals(handlers: dict[signal.Signals, Callable[[], None]]) -> None:
@@ -116,14 +141,28 @@ def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> N
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     worker = SendWorker(settings, metrics=Metrics())  # multiprocess mode: values go to files
     _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
-    worker.run(drain=drain)
+    _exit_on_error(lambda: worker.run(drain=drain), "worker")
 
 
 def _history_main(settings: Settings, drain: bool, workers_done: EventLike) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     consumer = HistoryConsumer(settings, metrics=Metrics())
     _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
-    consumer.run(drain=drain, drain_when=workers_done.is_set)
+    _exit_on_error(
+        lambda: consumer.run(drain=drain, drain_when=workers_done.is_set), "history consumer"
+    )
+
+
+def _exit_on_error(run: Callable[[], None], what: str) -> None:
+    """Run a child's service; on an error, one log line and exit status 1 (no traceback)."""
+    try:
+        run()
+    except RohrpostError as exc:
+        log.error(f"{what} stopped by an error", error=str(exc), error_type=type(exc).__name__)
+        sys.exit(1)
+    except Exception:
+        log.exception(f"{what} stopped by an unexpected error")
+        sys.exit(1)
 
 
 @dataclass(frozen=True)
@@ -158,6 +197,9 @@ class Supervisor:
         self._stopping = False
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[BaseProcess] = []
+        self._started_at: list[float] = []
+        self._backoff = [RestartBackoff() for _ in children]
+        self._restart_at: dict[int, float] = {}
         self._workers_done = self._context.Event()
         self._metrics_dir = ""
 
@@ -199,6 +241,7 @@ class Supervisor:
         return None if ready >= wanted else f"{ready} of {wanted} processes ready"
 
     def _supervise(self) -> int:
+        self._started_at = [0.0] * len(self._children)
         self._processes = [self._spawn(i) for i in range(len(self._children))]
         while not self._stopping:
             time.sleep(0.2)
@@ -215,19 +258,29 @@ class Supervisor:
         return 0
 
     def _restart_dead(self) -> None:
+        now = time.monotonic()
         for index, process in enumerate(self._processes):
             if process.is_alive() or process.exitcode is None:
                 continue
             if self._drain and process.exitcode == 0:
                 continue
-            child = self._children[index]
-            log.error(
-                "process died; restarting", child=child.name, pid=process.pid, code=process.exitcode
-            )
-            if process.pid is not None:
-                multiprocess.mark_process_dead(process.pid, self._metrics_dir)
-            time.sleep(_RESTART_DELAY_SECONDS)
-            self._processes[index] = self._spawn(index)
+            if index not in self._restart_at:
+                child = self._children[index]
+                delay = self._backoff[index].delay(now - self._started_at[index])
+                self._restart_at[index] = now + delay
+                log.error(
+                    "process died; restarting",
+                    child=child.name,
+                    slot=index,
+                    pid=process.pid,
+                    code=process.exitcode,
+                    restart_in_seconds=delay,
+                )
+                if process.pid is not None:
+                    multiprocess.mark_process_dead(process.pid, self._metrics_dir)
+            elif now >= self._restart_at[index]:
+                del self._restart_at[index]
+                self._processes[index] = self._spawn(index)
 
     def _tell_followers_when_workers_are_done(self) -> None:
         leaders = [
@@ -245,5 +298,6 @@ class Supervisor:
             name=f"rohrpost-{child.name}-{index}",
         )
         process.start()
-        log.info("process started", child=child.name, pid=process.pid)
+        self._started_at[index] = time.monotonic()
+        log.info("process started", child=child.name, slot=index, pid=process.pid)
         return process

@@ -34,6 +34,7 @@ from rohrpost.shared.control import ControlState
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.settings import Settings
+from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.topology import Topology, queue_depths
 
 log = get_logger(__name__)
@@ -98,14 +99,10 @@ class SendWorker:
         Before any send queue is consumed, the control stream is replayed, so every
         cancellation and pause recorded so far is known.
         """
+        broker = start_with_retries(self._connect, stopping=lambda: self._stopping, what="worker")
+        if broker is None:
+            return  # stopped before the broker was ready
         url = self._settings.broker_url.get_secret_value()
-        with admin_channel(url) as channel:
-            self._topology.declare(channel)
-        broker = Broker(url, name=f"rohrpost-worker:{self._settings.namespace}", republish=False)
-        broker.start()
-        self._broker = broker
-        self._batcher = EventBatcher(broker, self._topology.events_exchange)
-        ControlFollower(broker, self._topology, self._control, self._follow_pauses).start()
         threads = [
             threading.Thread(target=self._send_loop, name=f"sender-{i}", daemon=True)
             for i in range(self._settings.threads)
@@ -124,6 +121,23 @@ class SendWorker:
                 self._wait(None)
         finally:
             self._shutdown(broker, threads)
+
+    def _connect(self) -> Broker:
+        """Declare the topology, connect and replay the control stream."""
+        url = self._settings.broker_url.get_secret_value()
+        with admin_channel(url) as channel:
+            self._topology.declare(channel)
+        broker = Broker(url, name=f"rohrpost-worker:{self._settings.namespace}", republish=False)
+        broker.start()
+        try:
+            self._broker = broker
+            self._batcher = EventBatcher(broker, self._topology.events_exchange)
+            ControlFollower(broker, self._topology, self._control, self._follow_pauses).start()
+        except BaseException:
+            self._broker = self._batcher = None
+            broker.close(timeout=1)
+            raise
+        return broker
 
     def _follow_pauses(self) -> None:
         """Consume exactly the send queues of routes that are not paused."""

@@ -33,7 +33,11 @@ def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrp
 
 def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
     """A BrokerUnavailable naming the broker (without its password) and the cause."""
-    cause = str(exc) or type(exc).__name__
+    # pika wraps the cause: AMQPConnectionError(AMQPConnectorSocketConnectError(
+    # ConnectionRefusedError(111, ...))) prints as an empty string.
+    while not str(exc) and exc.args and isinstance(exc.args[0], BaseException):
+        exc = exc.args[0]
+    cause = str(exc) or repr(exc)
     return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {cause}")
 
 

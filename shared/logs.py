@@ -167,5 +167,7 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
-    # pika narrates every connection step at INFO; its warnings and errors still show.
-    logging.getLogger("pika").setLevel(max(_LEVELS[level], logging.WARNING))
+    # pika narrates every frame at DEBUG (enough to slow a worker to a crawl) and logs a
+    # failed connect as seven ERROR lines with a traceback; rohrpost reports connection
+    # trouble itself, once. pika's own warnings and errors show at --log-level debug.
+    logging.getLogger("pika").setLevel(logging.WARNING if level == "debug" else logging.CRITICAL)

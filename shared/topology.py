@@ -31,8 +31,11 @@ import pika.exceptions
 
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.delay import DelayLevels
-from rohrpost.shared.errors import TopologyConflict
+from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyConflict
 from rohrpost.shared.settings import Settings
+
+#: AMQP reply code for a declaration whose arguments differ from the existing ones.
+PRECONDITION_FAILED = 406
 
 _SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
@@ -244,25 +247,32 @@ class Topology:
     def declare(self, channel: Any) -> None:
         """Declare everything on a blocking channel; idempotent.
 
-        Raises TopologyConflict when a queue exists with different arguments (the broker
-        refuses to change them; delete the queue or use a policy).
+        Raises TopologyConflict when a queue or exchange exists with other arguments
+        (the broker refuses to change them; delete it or use a policy), BrokerError
+        when the broker refuses for another reason (e.g. ``coordinator_unavailable``
+        while a cluster regains quorum) and BrokerUnavailable when the connection is
+        lost meanwhile.
         """
-        for name, kind in self.exchanges():
-            channel.exchange_declare(name, exchange_type=kind, durable=True)
-        for queue in self.queues():
-            try:
+        what = "exchanges"
+        try:
+            for name, kind in self.exchanges():
+                channel.exchange_declare(name, exchange_type=kind, durable=True)
+            for queue in self.queues():
+                what = f"queue {queue.name} with arguments {queue.arguments}"
                 channel.queue_declare(
                     queue.name,
                     durable=True,
                     arguments={"x-queue-type": queue.kind, **queue.arguments},
                 )
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                raise TopologyConflict(
-                    f"queue {queue.name} exists with other arguments than {queue.arguments}: "
-                    f"{exc.reply_text}"
-                ) from exc
-        for binding in self.bindings():
-            channel.queue_bind(binding.destination, binding.source, binding.pattern)
+            what = "bindings"
+            for binding in self.bindings():
+                channel.queue_bind(binding.destination, binding.source, binding.pattern)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == PRECONDITION_FAILED:
+                raise TopologyConflict(f"declaring {what}: {exc.reply_text}") from exc
+            raise BrokerError(f"declaring {what}: {exc.reply_text}") from exc
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"declaring {what}: lost the connection: {exc!r}") from exc
 
     def delete(self, channel: Any) -> None:
         """Delete every queue and exchange of this topology, messages included."""

@@ -8,13 +8,17 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from rohrpost.catcher import MailCatcher
+from pydantic import SecretStr
+
+from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
 from tests.conftest import declare, rohrpost_command, write_config
+from tests.tcpproxy import TcpProxy
 
 
 def mails(count: int) -> list[dict[str, object]]:
@@ -117,3 +121,70 @@ def test_several_worker_processes_drain_the_queue_together(
     assert sorted(message_ids(catcher)) == sorted(f"<{i}@acme.example>" for i in ids)
     pids = {line for line in result.stderr.decode().splitlines() if '"worker started"' in line}
     assert len(pids) == 2, "two worker processes ran"
+
+
+def test_a_worker_waits_for_a_broker_that_is_not_up_yet_and_then_sends(
+    broker_url: str, make_settings: Callable[..., Settings], catcher: MailCatcher, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    declare(settings)
+    port = free_port()
+    parts = urlsplit(broker_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    later = parts._replace(netloc=f"{credentials}@127.0.0.1:{port}").geturl()
+    config = write_config(
+        settings.model_copy(update={"broker_url": SecretStr(later)}), tmp_path / "rohrpost.toml"
+    )
+    worker = subprocess.Popen(rohrpost_command(config, "worker"), stderr=subprocess.PIPE, text=True)
+    lines: list[dict[str, object]] = []
+    try:
+        assert worker.stderr is not None
+        while len([x for x in lines if x.get("event") == "worker cannot start yet; retrying"]) < 2:
+            lines.append(json.loads(worker.stderr.readline()))
+        assert worker.poll() is None, "the worker waits instead of exiting"
+        with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672, port=port):
+            with Producer(settings) as producer:
+                mail_id = producer.submit(mails(1)[0])
+            catcher.wait_for(lambda got: len(got) == 1, timeout=60)
+            worker.send_signal(signal.SIGTERM)
+            _, rest = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, rest[-2000:]
+    assert message_ids(catcher) == [f"<{mail_id}@acme.example>"]
+    retries = [x for x in lines if x.get("event") == "worker cannot start yet; retrying"]
+    assert [x["retry_in_seconds"] for x in retries] == [0.5, 1.0]
+    assert "Traceback" not in rest and "exception" not in json.dumps(lines)
+
+
+def test_a_child_that_cannot_start_is_restarted_with_growing_waits_and_no_tracebacks(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    topology = Topology.from_settings(settings)
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        # a classic queue where rohrpost declares a quorum queue: no worker can start
+        channel.queue_declare(topology.send_queue("acme", "billing"), durable=True)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    supervisor = subprocess.Popen(
+        rohrpost_command(config, "worker", "--processes", "2"), stderr=subprocess.PIPE, text=True
+    )
+    died: list[dict[str, object]] = []
+    try:
+        assert supervisor.stderr is not None
+        while len(died) < 6:
+            line = json.loads(supervisor.stderr.readline())
+            if line["event"] == "process died; restarting":
+                died.append(line)
+        supervisor.send_signal(signal.SIGTERM)
+        _, rest = supervisor.communicate(timeout=30)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.communicate()
+    assert "Traceback" not in rest
+    for slot in {line["slot"] for line in died}:
+        delays = [line["restart_in_seconds"] for line in died if line["slot"] == slot]
+        assert delays == [1.0, 2.0, 4.0][: len(delays)]
