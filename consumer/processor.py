@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from rohrpost.consumer.addresses import envelope_address
 from rohrpost.consumer.mime import build_message, message_id
 from rohrpost.consumer.outcome import (
     Cancelled,
@@ -25,13 +26,14 @@ from rohrpost.consumer.outcome import (
 from rohrpost.consumer.render import TemplateRenderer
 from rohrpost.consumer.smtp import Transport
 from rohrpost.shared.broker import Delivery
-from rohrpost.shared.container import MailContainer, bare_address, decode_container
+from rohrpost.shared.container import MailContainer, decode_container
 from rohrpost.shared.errors import (
     ContainerError,
     DeliveryError,
     PermanentDeliveryError,
     RenderError,
     TransientDeliveryError,
+    UnencodableMail,
 )
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
@@ -111,12 +113,10 @@ class MailProcessor:
             return not_now
         try:
             return self._send(mail, config, transport)
-        except RenderError as exc:
-            return DeadLetter("template_error", str(exc))
-        except PermanentDeliveryError as exc:
-            return DeadLetter("rejected", str(exc))
         except TransientDeliveryError as exc:
             return self._transient(mail, attempt, tenant, app, str(exc))
+        except (RenderError, PermanentDeliveryError, UnencodableMail, UnicodeError) as exc:
+            return _permanent(exc)
 
     def _not_now(self, mail: MailContainer) -> Cancelled | Expired | Redelay | None:
         """Why ``mail`` is not to be sent now, if it is not."""
@@ -146,9 +146,22 @@ class MailProcessor:
         msg_id = message_id(mail, sender)
         message = build_message(mail, rendered, sender=sender, msg_id=msg_id)
         sending.measured.render = time.perf_counter() - started
-        recipients = list(dict.fromkeys(bare_address(r) for r in mail.recipients))
-        reply = sending.send(config.smtp, bare_address(sender), recipients, message)
+        recipients = list(dict.fromkeys(envelope_address(r) for r in mail.recipients))
+        reply = sending.send(config.smtp, envelope_address(sender), recipients, message)
         return Sent(reply, msg_id, rendered.subject)
+
+
+def _permanent(exc: Exception) -> DeadLetter:
+    """The dead letter for a failure that retrying cannot mend."""
+    match exc:
+        case RenderError():
+            return DeadLetter("template_error", str(exc))
+        case PermanentDeliveryError():
+            return DeadLetter("rejected", str(exc))
+        case UnencodableMail():
+            return DeadLetter("unencodable", str(exc))
+    # A UnicodeError that escaped translation: how a text encodes does not change.
+    return DeadLetter("unencodable", f"{type(exc).__name__}: {exc}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ re-read when their file changes, so an edit applies to mails already queued.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,15 @@ class RenderedMail:
     html: str | None
 
 
+#: Control characters that are not whitespace (str.split() takes care of those).
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+
+
 def _one_line(subject: str) -> str:
-    # A subject is a header: rendered newlines must not become header injection.
-    return " ".join(subject.split())
+    # A subject is a header, and template data may hold anything: line breaks (CR, LF,
+    # NEL, U+2028 …) and runs of whitespace become one space, other control
+    # characters (NUL, ESC, DEL …) are dropped, as they have no meaning in a subject.
+    return " ".join(_CONTROL.sub("", subject).split())
 
 
 class TemplateRenderer:

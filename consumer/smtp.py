@@ -3,11 +3,14 @@
 Connection-level failures (refused, timeout, bad greeting, failed login) are
 transient: they are not the mail's fault. Replies to the mail itself are classified
 by code: 4xx transient, 5xx permanent. A server answering 421 closes the connection,
-so the next mail opens a fresh one.
+so the next mail opens a fresh one. A mail that needs SMTPUTF8 (an address whose
+local part is not ASCII) is not sent to a server that does not offer it:
+UnencodableMail, before any command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
 import ssl
@@ -18,6 +21,7 @@ from rohrpost.shared.errors import (
     DeliveryError,
     PermanentDeliveryError,
     TransientDeliveryError,
+    UnencodableMail,
 )
 from rohrpost.shared.settings import SmtpServer
 
@@ -26,7 +30,7 @@ _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
 
 class Transport(Protocol):
-    """Sends one finished message; raises a DeliveryError subclass on failure."""
+    """Sends one finished message; raises a DeliveryError subclass or UnencodableMail."""
 
     def send(
         self, server: str, envelope_from: str, recipients: Sequence[str], message: bytes
@@ -94,6 +98,28 @@ def _finish(
     return reply
 
 
+def needs_smtputf8(envelope_from: str, recipients: Sequence[str], message: bytes) -> str | None:
+    """What in this transaction needs SMTPUTF8 (RFC 6531), or None."""
+    if not envelope_from.isascii():
+        return f"sender {envelope_from}"
+    for recipient in recipients:
+        if not recipient.isascii():
+            return f"recipient {recipient}"
+    if not message.isascii():  # the writer keeps it ASCII but for such addresses
+        return "an address in the message's headers"
+    return None
+
+
+def _login(connection: smtplib.SMTP, user: str, password: str, where: str) -> None:
+    try:
+        connection.login(user, password)
+    except UnicodeError:
+        # smtplib sends AUTH as ASCII; its error would quote a character of the secret.
+        raise TransientDeliveryError(
+            f"{where}: the user name or password is not ASCII, which smtplib cannot send"
+        ) from None
+
+
 def classify(code: int, text: bytes | str, stage: str) -> DeliveryError:
     """Our error for an SMTP reply ``code`` at ``stage`` (MAIL, RCPT, DATA)."""
     reply = f"{stage}: {_reply(code, text)}"
@@ -115,8 +141,16 @@ class SmtpTransport:
         """Send over ``server``'s connection, reconnecting once if a reused one went stale."""
         reused = server in self._connections
         connection = self._connection(server)
+        utf8 = needs_smtputf8(envelope_from, recipients, message)
+        if utf8 is not None and not connection.has_extn("smtputf8"):
+            where = f"{self._servers[server].host}:{self._servers[server].port}"
+            raise UnencodableMail(
+                f"{utf8} needs SMTPUTF8, which smtp server {server} ({where}) does not offer"
+            )
         try:
-            return self._transaction(connection, envelope_from, recipients, message)
+            return self._transaction(
+                connection, envelope_from, recipients, message, utf8=bool(utf8)
+            )
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
             self._drop(server)
             if reused:
@@ -131,6 +165,9 @@ class SmtpTransport:
         except (OSError, smtplib.SMTPException) as exc:
             self._drop(server)
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        except UnicodeError as exc:
+            self._drop(server)  # the transaction may be half sent
+            raise UnencodableMail(f"cannot encode the SMTP transaction: {exc}") from None
 
     def close(self) -> None:
         """Say QUIT to every server and forget the connections."""
@@ -143,12 +180,16 @@ class SmtpTransport:
 
     @staticmethod
     def _transaction(
-        connection: smtplib.SMTP, envelope_from: str, recipients: Sequence[str], message: bytes
+        connection: smtplib.SMTP,
+        envelope_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        utf8: bool,
     ) -> str:
         # smtplib.sendmail re-parses every address (~0.13 ms each) and does not return
         # the final reply (the queue id we record), so the transaction is spelled out;
         # with PIPELINING (RFC 2920) it takes two round trips instead of 3 + recipients.
-        utf8 = not envelope_from.isascii() or not all(r.isascii() for r in recipients)
         commands = [f"MAIL FROM:<{envelope_from}>{' SMTPUTF8' if utf8 else ''}"]
         commands += [f"RCPT TO:<{recipient}>" for recipient in recipients]
         if connection.has_extn("pipelining"):
@@ -174,30 +215,34 @@ class SmtpTransport:
     def _connect(server: SmtpServer) -> smtplib.SMTP:
         timeout = server.timeout.total_seconds()
         where = f"{server.host}:{server.port}"
-        try:
-            connection: smtplib.SMTP
-            if server.security == "tls":
-                connection = smtplib.SMTP_SSL(
-                    server.host,
-                    server.port,
-                    timeout=timeout,
-                    context=ssl.create_default_context(),
-                )
-            else:
-                connection = smtplib.SMTP(server.host, server.port, timeout=timeout)
-            connection.ehlo()
-            if server.security == "starttls":
-                connection.starttls(context=ssl.create_default_context())
+        # A handshake that fails (greeting, STARTTLS, login) closes its socket.
+        with contextlib.ExitStack() as on_failure:
+            try:
+                connection: smtplib.SMTP
+                if server.security == "tls":
+                    connection = smtplib.SMTP_SSL(
+                        server.host,
+                        server.port,
+                        timeout=timeout,
+                        context=ssl.create_default_context(),
+                    )
+                else:
+                    connection = smtplib.SMTP(server.host, server.port, timeout=timeout)
+                on_failure.callback(connection.close)
                 connection.ehlo()
-            password = server.password()
-            if server.user is not None and password is not None:
-                connection.login(server.user, password.get_secret_value())
-        except smtplib.SMTPResponseException as exc:
-            raise TransientDeliveryError(
-                f"{where}: {_reply(exc.smtp_code, exc.smtp_error)}", exc.smtp_code
-            ) from exc
-        except (OSError, smtplib.SMTPException) as exc:
-            raise TransientDeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
+                if server.security == "starttls":
+                    connection.starttls(context=ssl.create_default_context())
+                    connection.ehlo()
+                password = server.password()
+                if server.user is not None and password is not None:
+                    _login(connection, server.user, password.get_secret_value(), where)
+            except smtplib.SMTPResponseException as exc:
+                raise TransientDeliveryError(
+                    f"{where}: {_reply(exc.smtp_code, exc.smtp_error)}", exc.smtp_code
+                ) from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                raise TransientDeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            on_failure.pop_all()
         return connection
 
     def _reset(self, name: str) -> None:

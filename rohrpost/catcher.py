@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 Stage = Literal["rcpt", "data"]
 
@@ -32,6 +33,7 @@ class CaughtMail:
     recipients: tuple[str, ...]
     data: bytes
     received_at: float
+    smtputf8: bool = False  # MAIL FROM carried SMTPUTF8
 
     def parsed(self) -> EmailMessage:
         """The message parsed with the modern email API (decoded headers)."""
@@ -101,10 +103,25 @@ def free_port() -> int:
 class MailCatcher:
     """An SMTP server on 127.0.0.1 that records mail; use as a context manager."""
 
-    def __init__(self, port: int = 0, *, latency: float = 0.0, pipelining: bool = False) -> None:
-        """``pipelining``: advertise RFC 2920 PIPELINING, as Postfix does."""
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        latency: float = 0.0,
+        pipelining: bool = False,
+        smtputf8: bool = True,
+        login: tuple[str, str] | None = None,
+    ) -> None:
+        """``pipelining``: advertise RFC 2920 PIPELINING, as Postfix does.
+
+        ``smtputf8``: offer RFC 6531 SMTPUTF8 (UTF-8 addresses and headers); without
+        it, non-ASCII in a command is refused, as a strict ASCII server would.
+        ``login``: offer AUTH (without TLS) and accept this user and password.
+        """
         self.latency = latency
         self.pipelining = pipelining
+        self.smtputf8 = smtputf8
+        self.login = login
         self._requested_port = port
         self._controller: Controller | None = None
         self._cond = threading.Condition()
@@ -123,7 +140,16 @@ class MailCatcher:
         """Start listening (on a free port unless one was given)."""
         for _ in range(5):
             port = self._requested_port or free_port()
-            controller = Controller(_Handler(self), hostname="127.0.0.1", port=port)
+            auth: dict[str, Any] = {}
+            if self.login is not None:
+                auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+            controller = Controller(
+                _Handler(self),
+                hostname="127.0.0.1",
+                port=port,
+                enable_SMTPUTF8=self.smtputf8,
+                **auth,
+            )
             try:
                 controller.start()
             except OSError:  # another process took the free port first
@@ -181,6 +207,16 @@ class MailCatcher:
                 self._cond.wait(remaining)
             return list(self._mails)
 
+    def _authenticate(self, *args: Any) -> AuthResult:
+        credentials = args[-1]  # (server, session, envelope, mechanism, credentials)
+        expected = tuple(part.encode() for part in self.login or ())
+        given = (
+            (credentials.login, credentials.password)
+            if isinstance(credentials, LoginPassword)
+            else None
+        )
+        return AuthResult(success=given == expected)
+
     def _scripted(self, recipient: str, stage: Stage) -> str | None:
         key = (recipient.lower(), stage)
         with self._cond:
@@ -195,7 +231,13 @@ class MailCatcher:
 
     def _accept(self, envelope: Any) -> None:
         data = envelope.original_content or envelope.content
-        mail = CaughtMail(envelope.mail_from, tuple(envelope.rcpt_tos), bytes(data), time.time())
+        mail = CaughtMail(
+            envelope.mail_from,
+            tuple(envelope.rcpt_tos),
+            bytes(data),
+            time.time(),
+            bool(envelope.smtp_utf8),
+        )
         with self._cond:
             for recipient in mail.recipients:
                 self._attempts.append(Attempt(recipient, "250", mail.received_at))

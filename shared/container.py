@@ -95,10 +95,22 @@ RESERVED_HEADERS = frozenset(
 )
 
 
-def _no_crlf(value: str) -> str:
-    if "\r" in value or "\n" in value:
+#: What no header may carry: the C0 and C1 controls and DEL (Unicode category Cc) and
+#: the line and paragraph separators. Mail software takes some of them for line ends
+#: (CR, LF, VT, FF, NEL, U+2028); the others reach parsers and terminals raw (NUL, ESC).
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _no_control_characters(value: str) -> str:
+    found = _CONTROL_CHARACTER.search(value)
+    if found is None:
+        return value
+    if found.group() in "\r\n":
         raise ValueError("must not contain CR or LF (header injection)")
-    return value
+    raise ValueError(
+        f"must not contain control characters "
+        f"(U+{ord(found.group()):04X} at position {found.start() + 1})"
+    )
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -135,9 +147,9 @@ def bare_address(address: str) -> str:
 
 
 def _address(value: str) -> str:
-    _no_crlf(value)
     if is_plain_address(value):
         return value
+    _no_control_characters(value)
     parsed = getaddresses([value])
     if len(parsed) != 1 or not parsed[0][1]:
         raise ValueError(f"{value!r} is not one e-mail address")
@@ -163,16 +175,29 @@ def _template_name(value: str) -> str:
     return value
 
 
+#: The rule of ``_no_control_characters`` for the JSON Schema (ECMA-262), so that
+#: producers in other languages can check it before publishing.
+_NO_CONTROL_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\u2028\u2029]*$"
+_NO_CONTROL = Field(json_schema_extra={"pattern": _NO_CONTROL_PATTERN})
+
 Name = Annotated[str, StringConstraints(pattern=_NAME_PATTERN)]
 Address = Annotated[
     str,
     StringConstraints(max_length=998),
     AfterValidator(_address),
     Field(description="One address: 'anna@example.com' or 'Anna Müller <anna@example.com>'."),
+    _NO_CONTROL,
 ]
-HeaderText = Annotated[str, StringConstraints(max_length=998), AfterValidator(_no_crlf)]
+HeaderText = Annotated[
+    str, StringConstraints(max_length=998), AfterValidator(_no_control_characters), _NO_CONTROL
+]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
-Tag = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_crlf)]
+Tag = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64),
+    AfterValidator(_no_control_characters),
+    _NO_CONTROL,
+]
 TemplateName = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"),
@@ -195,7 +220,8 @@ class Attachment(BaseModel):
     filename: HeaderText = Field(min_length=1, max_length=255)
     content_type: str = Field(
         default="application/octet-stream",
-        pattern=r"^[A-Za-z0-9][\w!#$&^.+-]*/[A-Za-z0-9][\w!#$&^.+-]*$",
+        # RFC 6838 restricted-name, ASCII only: type and subtype of 1-127 characters
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$",
     )
     content: str = Field(description="The document, base64-encoded (RFC 4648, with padding).")
 
@@ -274,11 +300,17 @@ class MailContainer(BaseModel):
         return self.to + self.cc + self.bcc
 
 
+def _shown(part: object) -> str:
+    """A part of a field path, escaped when it holds control characters (a bad key)."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """Render pydantic errors as ``field.path: message`` lines."""
     lines = []
     for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"] if p != "[key]") or "container"
+        where = ".".join(_shown(p) for p in error["loc"] if p != "[key]") or "container"
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {message}")
     return "; ".join(lines)

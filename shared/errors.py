@@ -13,6 +13,9 @@
     ├── StoreError                  the history store failed
     │   └── StoreUnavailable        cannot reach it (down, locked, read-only): try later
     ├── RenderError                 a template is missing, broken or needs data it lacks
+    ├── UnencodableMail             the mail cannot be written for its SMTP server: a
+    │                               character no encoding carries, or an address that
+    │                               needs SMTPUTF8 the server does not offer
     └── DeliveryError               the SMTP server did not take the mail
         ├── TransientDeliveryError  4xx, refused connection, timeout: retry later
         └── PermanentDeliveryError  5xx: retrying will not help
@@ -74,6 +77,10 @@ class StoreUnavailable(StoreError):
 
 class RenderError(RohrpostError):
     """A template could not be rendered."""
+
+
+class UnencodableMail(RohrpostError):
+    """The mail cannot be put into SMTP as it is; retrying will not help."""
 
 
 class DeliveryError(RohrpostError):

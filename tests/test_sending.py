@@ -173,7 +173,9 @@ def test_non_ascii_subjects_names_and_bodies_arrive_correctly_encoded(
     assert message["Subject"] == "Grüße aus Köln — 日本へようこそ"
     assert message["From"] == "Jürgen Groß <billing@acme.example>"
     assert message["To"] == "日本 太郎 <taro@example.jp>, Zoë Ünal <zoe@example.com>"
-    assert message.get_body(("plain",)).get_content() == "Liebe Grüße,\n日本語のテキスト ✓"
+    # Text goes out in canonical form, CRLF line ends (RFC 2046 4.1.1), base64 included.
+    text = message.get_body(("plain",)).get_content()
+    assert text == "Liebe Grüße,\r\n日本語のテキスト ✓"
     assert message.get_body(("html",)).get_content().strip() == "<p>Grüße — 日本</p>"
 
 

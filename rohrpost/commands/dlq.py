@@ -32,7 +32,10 @@ def _filters(command: Any) -> Any:
             click.option("--app"),
             click.option(
                 "--reason",
-                help="invalid, misrouted, template_error, rejected, max_attempts, delivery_limit",
+                help=(
+                    "invalid, misrouted, template_error, rejected, unencodable, max_attempts,"
+                    " delivery_limit"
+                ),
             ),
             click.option("--since", help="Dead-lettered at or after: ISO 8601 or -2h, -7d."),
         )
