@@ -6,12 +6,16 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.producer.client import Producer
@@ -21,6 +25,7 @@ from tests.conftest import (
     declare,
     drain,
     get,
+    postgres_database,
     rohrpost_command,
     wait_until,
     write_config,
@@ -130,3 +135,148 @@ def test_an_smtp_password_appears_in_no_log_line_and_no_metric(
     assert any(line.get("outcome") == "dead_lettered" for line in lines)
     assert PASSWORD not in stderr and PASSWORD not in stdout
     assert PASSWORD not in metrics
+
+
+def test_a_traceback_shows_no_local_variables_and_no_secret() -> None:
+    secret = "pässwört-Ω-\u20ac"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LineFormatter("json", [secret]))
+    stdlib_logger = logging.getLogger("rohrpost.tests.traceback")
+    stdlib_logger.addHandler(handler)
+
+    def login(password: str) -> None:
+        password.encode("ascii")  # what smtplib does with a non-ASCII password
+
+    try:
+        try:
+            login(secret)
+        except UnicodeEncodeError:
+            get_logger(stdlib_logger.name).exception("login failed", detail={"pw": [secret]})
+    finally:
+        stdlib_logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert secret not in text and json.dumps(secret)[1:-1] not in text
+    line = json.loads(text)
+    assert line["detail"] == {"pw": ["***"]}
+    assert all("locals" not in frame for frame in line["exception"][0]["frames"])
+
+
+# ASCII secrets are covered above; these need escaping in JSON, URLs and reprs.
+SECRETS = ["pässwört-Grüße-€-ß", 'q"uo\\te-ä%40-@:/?#']
+
+
+@pytest.fixture
+def broker_user(broker_url: str) -> Iterator[Callable[[str], str]]:
+    """A RabbitMQ user with the given password; returns the broker URL that logs in as it."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("needs a local rabbitmqctl to create a user")
+    made: list[str] = []
+
+    def make(password: str) -> str:
+        user = f"rp-test-{uuid.uuid4().hex[:8]}"
+        ctl = ["rabbitmqctl", "-q"]
+        subprocess.run([*ctl, "add_user", user, password], check=True, capture_output=True)
+        made.append(user)
+        subprocess.run(
+            [*ctl, "set_permissions", "-p", "/", user, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        parts = urlsplit(broker_url)
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
+
+    yield make
+    for user in made:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=False, capture_output=True)
+
+
+def _forms(secret: str) -> list[str]:
+    """How a secret could show: raw, URL-encoded, JSON- and repr-escaped."""
+    forms = {secret, quote(secret, safe=""), json.dumps(secret)[1:-1], repr(secret)[1:-1]}
+    return [form for form in forms if form]
+
+
+@pytest.mark.parametrize("password", SECRETS)
+def test_no_secret_reaches_a_log_line_a_metric_cli_output_or_a_stored_row(
+    password: str,
+    *,
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    postgres_url: str,
+    broker_user: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    catcher.login = ("mailer", password)
+    catcher.always("gone@example.com", "550 5.1.1 gone", stage="rcpt")
+    port = free_port()
+    with postgres_database(postgres_url) as database_url:
+        parts = urlsplit(database_url)
+        store_url = parts._replace(
+            netloc=f"postgres:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        ).geturl()
+        settings = make_settings(
+            broker_url=broker_user(password),
+            store_url=store_url,
+            metrics_port=port,
+            smtp={"catcher": {"user": "mailer", "password_env": "SMTP_PW"}},
+        )
+        declare(settings)
+        config = write_config(settings, tmp_path / "rohrpost.toml")
+        env = {**os.environ, "SMTP_PW": password}
+        with Producer(settings) as producer:
+            ids = [
+                producer.submit(
+                    {"tenant": "acme", "app": "billing", "to": [to], "subject": "s", "text": "t"}
+                    | {"max_attempts": 1}
+                )
+                for to in ("a@example.com", "gone@example.com")
+            ]
+        run = subprocess.Popen(
+            rohrpost_command(config, "--log-level", "debug", "run"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        outputs: list[str] = []
+        try:
+            metrics = wait_until(
+                lambda: (
+                    (text := get(f"http://127.0.0.1:{port}/metrics")[1])
+                    and "rohrpost_mails_dead_lettered_total{" in text
+                    and text
+                ),
+                timeout=90,
+            )
+            outputs.append(metrics)
+
+            def cli(*args: str) -> str:
+                command = rohrpost_command(config, *args)
+                done = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+                return done.stdout + done.stderr
+
+            wait_until(lambda: str(ids[1]) in cli("history", "list", "--json"), timeout=60)
+            for args in (
+                ("history", "list", "--json"),
+                ("history", "show", str(ids[0])),
+                ("history", "show", str(ids[1]), "--json"),
+                ("dlq", "list"),
+                ("dlq", "show", str(ids[1]), "--json"),
+                ("topology", "declare"),
+            ):
+                outputs.append(cli(*args))
+        finally:
+            run.send_signal(signal.SIGTERM)
+            stdout, stderr = run.communicate(timeout=60)
+            outputs += [stdout, stderr]
+        engine = create_engine(database_url)
+        with engine.connect() as conn:
+            for table in ("mails", "events", "mail_recipients", "mail_tags", "operator_actions"):
+                outputs.append(repr(conn.execute(text(f"SELECT * FROM {table}")).all()))
+        engine.dispose()
+    assert any("mail dead-lettered" in line for line in outputs)
+    everything = "\n".join(outputs)
+    for form in _forms(password):
+        assert form not in everything
