@@ -12,6 +12,7 @@ from typing import Protocol
 from rohrpost.consumer.outcome import (
     Cancelled,
     DeadLetter,
+    Duplicate,
     Expired,
     Processed,
     Redelay,
@@ -50,8 +51,10 @@ class LogObserver:
                 log.info("mail expired", outcome="expired")
             case Cancelled():
                 log.info("mail cancelled", outcome="cancelled")
-            case Redelay(delay):
-                log.debug("mail early; delayed again", outcome="redelayed", delay_seconds=delay)
+            case Duplicate():
+                log.info("mail sent before; copy dropped", outcome="duplicate")
+            case Redelay(delay, why):
+                log.debug("mail delayed again", outcome="redelayed", delay_seconds=delay, why=why)
 
 
 class MetricsObserver:
@@ -80,6 +83,8 @@ class MetricsObserver:
                 m.expired.labels(*labels).inc()
             case Cancelled():
                 m.cancelled.labels(*labels).inc()
+            case Duplicate():
+                m.duplicates.labels(*labels).inc()
 
     def _timeliness(self, processed: Processed) -> None:
         mail = processed.mail

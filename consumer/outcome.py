@@ -46,9 +46,14 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Redelay:
-    """Arrived before its ``not_before`` (clock skew, or a delay longer than one pass)."""
+    """Not to be sent now; back into the delay levels, same attempt.
+
+    It arrived before its ``not_before`` (clock skew, or a delay longer than one
+    pass), or another worker is sending a copy of it right now.
+    """
 
     delay_seconds: int
+    why: str = "early"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,11 @@ class Cancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class Duplicate:
+    """Sent before in this round (another copy of it): dropped, not sent again."""
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Will not be sent: moved to the dead-letter queue with the reason."""
 
@@ -69,7 +79,7 @@ class DeadLetter:
     error: str
 
 
-Outcome = Sent | Retry | Redelay | Expired | Cancelled | DeadLetter
+Outcome = Sent | Retry | Redelay | Expired | Cancelled | Duplicate | DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +115,7 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
             properties = mail_properties(
                 mail_id, attempt=processed.attempt + 1, round=processed.round, headers=headers
             )
-        case Redelay(delay):
+        case Redelay(delay, _):
             properties = mail_properties(mail_id, attempt=processed.attempt, round=processed.round)
         case DeadLetter(reason, error):
             headers = {
@@ -157,8 +167,9 @@ def outcome_event(processed: Processed) -> MailEvent | None:
             return MailEvent(
                 kind=EventKind.ATTEMPT_FAILED, error=error, retry_in_seconds=delay, **common
             )
-        case Expired():
-            return MailEvent(kind=EventKind.EXPIRED, **common)
+        case Expired() | Duplicate():
+            kind = EventKind.EXPIRED if isinstance(outcome, Expired) else EventKind.DUPLICATE
+            return MailEvent(kind=kind, **common)
         case Cancelled():
             # The same id as the event `rohrpost cancel` recorded, so it is stored once.
             assert processed.mail is not None

@@ -16,6 +16,7 @@ from rohrpost.consumer.mime import build_message, message_id
 from rohrpost.consumer.outcome import (
     Cancelled,
     DeadLetter,
+    Duplicate,
     Expired,
     Outcome,
     Processed,
@@ -35,12 +36,16 @@ from rohrpost.shared.errors import (
     TransientDeliveryError,
     UnencodableMail,
 )
+from rohrpost.shared.idempotency import ClaimState, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
 from rohrpost.shared.topology import Topology
-from rohrpost.shared.wire import attempt_of
+from rohrpost.shared.wire import attempt_of, round_of
 
 log = get_logger(__name__)
+
+#: A copy that another worker is sending right now is looked at again after this.
+BUSY_RETRY_SECONDS = 5
 
 
 class MailProcessor:
@@ -55,7 +60,10 @@ class MailProcessor:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         is_cancelled: Callable[[uuid.UUID], bool] = lambda _mail_id: False,
+        claims: SendClaims | None = None,
     ) -> None:
+        """``claims``: where workers agree that a mail is sent once per round (None: nowhere)."""
+        self._claims = claims or SendClaims(None, settings.namespace)
         self._is_cancelled = is_cancelled
         self._settings = settings
         self._topology = topology
@@ -84,7 +92,8 @@ class MailProcessor:
         structlog.contextvars.bind_contextvars(mail_id=str(mail.id))
         measured = _Measured()
         try:
-            outcome = self._decide(mail, attempt, tenant, app, _Sending(transport, measured))
+            job = _Job(mail, attempt, tenant, app, round_of(delivery.properties))
+            outcome = self._decide(job, _Sending(transport, measured))
         except Exception as exc:
             # A bug or an unforeseen environment failure: never crash the worker, never
             # spin on the message; treat it like a transient failure.
@@ -102,15 +111,33 @@ class MailProcessor:
             smtp_error=measured.smtp_error,
         )
 
-    def _decide(
-        self, mail: MailContainer, attempt: int, tenant: str, app: str, transport: _Sending
-    ) -> Outcome:
+    def _decide(self, job: _Job, transport: _Sending) -> Outcome:
+        mail, tenant, app = job.mail, job.tenant, job.app
         if (mail.tenant, mail.app) != (tenant, app):
             return DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
         config = self._settings.app(tenant, app)
         assert config is not None  # we only consume queues of configured apps
         if (not_now := self._not_now(mail)) is not None:
             return not_now
+        claim = self._claims.claim(mail.id, job.round)
+        if claim.state is ClaimState.SENT:
+            return Duplicate()
+        if claim.state is ClaimState.BUSY:
+            return Redelay(BUSY_RETRY_SECONDS, "being sent by another worker")
+        try:
+            outcome = self._attempt(job, config, transport)
+        except BaseException:
+            self._claims.release(claim)
+            raise
+        if isinstance(outcome, Sent):
+            self._claims.sent(claim, (config.retention_days + 1) * 86400)
+        else:
+            self._claims.release(claim)
+        return outcome
+
+    def _attempt(self, job: _Job, config: AppConfig, transport: _Sending) -> Outcome:
+        """Render and send the mail once; the outcome of this attempt."""
+        mail, attempt, tenant, app = job.mail, job.attempt, job.tenant, job.app
         try:
             return self._send(mail, config, transport)
         except TransientDeliveryError as exc:
@@ -162,6 +189,17 @@ def _permanent(exc: Exception) -> DeadLetter:
             return DeadLetter("unencodable", str(exc))
     # A UnicodeError that escaped translation: how a text encodes does not change.
     return DeadLetter("unencodable", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One delivery's mail, with where and how often it was tried."""
+
+    mail: MailContainer
+    attempt: int
+    tenant: str
+    app: str
+    round: int
 
 
 @dataclass

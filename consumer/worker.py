@@ -31,10 +31,12 @@ from rohrpost.consumer.render import TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
 from rohrpost.shared.control import ControlState
+from rohrpost.shared.idempotency import SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
+from rohrpost.shared.state import SharedState
 from rohrpost.shared.topology import Topology, queue_depths
 
 log = get_logger(__name__)
@@ -62,12 +64,16 @@ class SendWorker:
         self.metrics = metrics or Metrics(CollectorRegistry())
         self._observers: list[Observer] = [LogObserver(), MetricsObserver(self.metrics)]
         self._control = ControlState()
+        redis_url = settings.redis_url
+        self._state = SharedState(redis_url.get_secret_value()) if redis_url else None
+        self._claims = SendClaims(self._state, settings.namespace)
         self._processor = MailProcessor(
             settings,
             self._topology,
             renderer,
             clock=clock,
             is_cancelled=self._control.is_cancelled,
+            claims=self._claims,
         )
         self._consuming: set[str] = set()
         self._consuming_started = False
@@ -193,6 +199,9 @@ class SendWorker:
             thread.join()
         if self._batcher is not None:
             self._batcher.flush()
+        self._claims.close()
+        if self._state is not None:
+            self._state.close()
         broker.close(timeout=self._settings.publish_timeout.total_seconds())
         self._broker = None
         # received: deliveries this process took; each was sent, retried, dead-lettered

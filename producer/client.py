@@ -13,13 +13,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from rohrpost.shared.broker import BatchConfirm, Broker, Publication
 from rohrpost.shared.container import MailContainer, encode_container, parse_container
-from rohrpost.shared.errors import ContainerError, NotConfirmed, RohrpostError, UnknownRoute
+from rohrpost.shared.errors import (
+    BrokerError,
+    ContainerError,
+    DuplicateMail,
+    NotConfirmed,
+    RohrpostError,
+    UnknownRoute,
+)
+from rohrpost.shared.idempotency import IdRegistry, Submission, Verdict, fingerprint
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import Settings
+from rohrpost.shared.state import SharedState
 from rohrpost.shared.topology import Topology
 from rohrpost.shared.wire import mail_properties
 
@@ -48,9 +57,19 @@ class Producer:
         *,
         clock: Callable[[], datetime] | None = None,
         broker: Broker | None = None,
+        state: SharedState | None = None,
     ) -> None:
-        """``broker``: an already started connection to share (then ``close`` leaves it open)."""
+        """``broker``: an already started connection to share (then ``close`` leaves it open).
+
+        ``state``: the shared state to record mail ids in (default: ``redis_url``'s).
+        """
         self._settings = settings
+        self._owns_state = state is None and settings.redis_url is not None
+        if self._owns_state:
+            assert settings.redis_url is not None
+            state = SharedState(settings.redis_url.get_secret_value())
+        self._state = state
+        self._ids = IdRegistry(state, settings.namespace)
         self._topology = Topology.from_settings(settings)
         self._timeout = settings.publish_timeout.total_seconds()
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -73,6 +92,8 @@ class Producer:
         if self._broker is not None and self._owns_broker:
             self._broker.close()
             self._broker = None
+        if self._owns_state and self._state is not None:
+            self._state.close()
 
     def __enter__(self) -> Producer:
         return self.connect()
@@ -119,14 +140,32 @@ class Producer:
     ) -> uuid.UUID:
         """Submit one mail; return its id once the broker confirmed it.
 
-        Raises ContainerError / UnknownRoute before publishing, NotConfirmed when the
-        broker nacked or could not route it or did not answer within ``publish_timeout``.
-        ``headers`` travel with the message (operator tools record who submitted).
+        Raises ContainerError / UnknownRoute before publishing, DuplicateMail when its
+        id was submitted before (nothing is published), NotConfirmed when the broker
+        nacked or could not route it or did not answer within ``publish_timeout``
+        (then the id may be submitted again). ``headers`` travel with the message
+        (operator tools record who submitted).
         """
         mail, publication = self.prepare(container, headers=headers)
-        self._wait(self._require_broker().publish(publication), mail.id)
+        submission = self._submission(mail, publication)
+        verdict = self._ids.claim([submission])[0]
+        if verdict in (Verdict.SAME, Verdict.DIFFERENT):
+            raise DuplicateMail(mail.id, same_content=verdict is Verdict.SAME)
+        try:
+            self._wait(self._require_broker().publish(publication), mail.id)
+        except BrokerError:
+            self._ids.release([submission])
+            raise
         log.debug("mail submitted", mail_id=str(mail.id), tenant=mail.tenant, app=mail.app)
         return mail.id
+
+    def _submission(self, mail: MailContainer, publication: Publication) -> Submission:
+        """What the id registry keeps of ``mail``: until its history is purged."""
+        app = self._settings.app(mail.tenant, mail.app)
+        keep_days = (app.retention_days if app else 30) + 1
+        waits = (mail.not_before - self._clock()).total_seconds() if mail.not_before else 0
+        ttl = int(max(0.0, waits)) + keep_days * 86400
+        return Submission(mail.id, fingerprint(publication.body), ttl)
 
     def submit_many(
         self,
@@ -134,6 +173,7 @@ class Producer:
         *,
         window: int = 4000,
         on_progress: Callable[[int], None] | None = None,
+        on_duplicate: Callable[[int, uuid.UUID], None] | None = None,
     ) -> list[uuid.UUID]:
         """Submit many mails with up to ``window`` unconfirmed at once; return their ids.
 
@@ -143,59 +183,44 @@ class Producer:
         published, everything before is confirmed, and SubmitManyError names its
         position and carries the confirmed ids. When the broker fails to confirm,
         later mails may or may not be queued.
+
+        A mail whose id was submitted before stops the run the same way, unless
+        ``on_duplicate`` is given and its content is the same: then it is skipped
+        (not published, not among the returned ids) and ``on_duplicate(position,
+        mail_id)`` is called. A different mail under a used id always stops the run.
         """
-        broker = self._require_broker()
-        chunk_size = max(1, window // 2)
-        confirmed: list[uuid.UUID] = []
-        in_flight: deque[tuple[list[uuid.UUID], BatchConfirm]] = deque()
-
-        def settle_oldest() -> None:
-            ids, batch = in_flight.popleft()
-            self._wait_batch(batch, ids)
-            confirmed.extend(ids)
-            if on_progress is not None:
-                on_progress(len(ids))
-
+        bulk = _Bulk(self._require_broker(), self._ids, self._timeout, on_progress)
         try:
-            for start, chunk in _chunks(containers, chunk_size):
-                prepared = []
+            for start, chunk in _chunks(containers, max(1, window // 2)):
+                prepared: list[tuple[MailContainer, Publication]] = []
                 try:
                     for container in chunk:
                         prepared.append(self.prepare(container))
                 except (ContainerError, UnknownRoute) as exc:
-                    while in_flight:
-                        settle_oldest()
-                    position = start + len(prepared)
-                    raise SubmitManyError(
-                        f"mail #{position}: {exc} ({len(confirmed)} mails before it were "
-                        "confirmed; none after it was published)",
-                        confirmed,
-                    ) from exc
-                if len(in_flight) >= 2:
-                    settle_oldest()
-                batch = broker.publish_many([publication for _, publication in prepared])
-                in_flight.append(([mail.id for mail, _ in prepared], batch))
-                # Validate the next chunk while the broker confirms this one, but not
-                # while the I/O thread still writes it: two busy threads would only
-                # fight over the GIL.
-                batch.written.wait(self._timeout)
-            while in_flight:
-                settle_oldest()
+                    bulk.stop(start + len(prepared), exc)
+                claimed = [(mail, pub, self._submission(mail, pub)) for mail, pub in prepared]
+                verdicts = self._ids.claim([submission for _, _, submission in claimed])
+                kept = []
+                for offset, (item, verdict) in enumerate(zip(claimed, verdicts, strict=True)):
+                    mail_id = item[0].id
+                    if verdict is Verdict.SAME and on_duplicate is not None:
+                        on_duplicate(start + offset, mail_id)
+                    elif verdict in (Verdict.SAME, Verdict.DIFFERENT):
+                        self._ids.release(
+                            [c[2] for c, v in zip(claimed, verdicts, strict=True) if _fresh(v)]
+                        )
+                        same = verdict is Verdict.SAME
+                        bulk.stop(start + offset, DuplicateMail(mail_id, same_content=same))
+                    else:
+                        kept.append(item)
+                if kept:
+                    bulk.publish(kept)
+            bulk.settle_all()
         except NotConfirmed as exc:
             raise SubmitManyError(
-                f"{exc} ({len(confirmed)} mails were confirmed before)", confirmed
+                f"{exc} ({len(bulk.confirmed)} mails were confirmed before)", bulk.confirmed
             ) from exc
-        return confirmed
-
-    def _wait_batch(self, batch: BatchConfirm, ids: list[uuid.UUID]) -> None:
-        if not batch.wait(self._timeout):
-            raise NotConfirmed(
-                f"no confirm from the broker within {self._timeout:g}s for {batch.size} mails "
-                f"(first {ids[0]}); they may or may not be queued"
-            )
-        if batch.failures:
-            index, error = batch.failures[0]
-            raise NotConfirmed(f"mail {ids[index]}: {error}") from error
+        return bulk.confirmed
 
     def _require_broker(self) -> Broker:
         if self._broker is None:
@@ -211,6 +236,69 @@ class Producer:
                 f"mail {mail_id}: no confirm from the broker within {self._timeout:g}s; "
                 "it may or may not be queued"
             ) from None
+
+
+def _fresh(verdict: Verdict) -> bool:
+    """The id was recorded by this call (so it is to be released if not published)."""
+    return verdict is Verdict.NEW
+
+
+class _Bulk:
+    """The chunks of one ``submit_many`` in flight: published, awaiting confirms."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        ids: IdRegistry,
+        timeout: float,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
+        self._broker = broker
+        self._ids = ids
+        self._timeout = timeout
+        self._on_progress = on_progress
+        self._in_flight: deque[tuple[list[Submission], BatchConfirm]] = deque()
+        self.confirmed: list[uuid.UUID] = []
+
+    def publish(self, items: list[tuple[MailContainer, Publication, Submission]]) -> None:
+        """Publish one chunk, after the oldest of two chunks in flight is confirmed."""
+        if len(self._in_flight) >= 2:
+            self._settle_oldest()
+        batch = self._broker.publish_many([publication for _, publication, _ in items])
+        self._in_flight.append(([submission for _, _, submission in items], batch))
+        # Validate the next chunk while the broker confirms this one, but not while
+        # the I/O thread still writes it: two busy threads would only fight over the GIL.
+        batch.written.wait(self._timeout)
+
+    def settle_all(self) -> None:
+        """Wait for every chunk in flight to be confirmed."""
+        while self._in_flight:
+            self._settle_oldest()
+
+    def stop(self, position: int, exc: RohrpostError) -> NoReturn:
+        """End the run at the mail at ``position``: what is in flight is confirmed first."""
+        self.settle_all()
+        raise SubmitManyError(
+            f"mail #{position}: {exc} ({len(self.confirmed)} mails before it were "
+            "confirmed; none after it was published)",
+            self.confirmed,
+        ) from exc
+
+    def _settle_oldest(self) -> None:
+        submissions, batch = self._in_flight.popleft()
+        if not batch.wait(self._timeout):
+            self._ids.release(submissions)
+            raise NotConfirmed(
+                f"no confirm from the broker within {self._timeout:g}s for {batch.size} mails "
+                f"(first {submissions[0].mail_id}); they may or may not be queued"
+            )
+        if batch.failures:
+            self._ids.release([submissions[index] for index, _ in batch.failures])
+            index, error = batch.failures[0]
+            raise NotConfirmed(f"mail {submissions[index].mail_id}: {error}") from error
+        self.confirmed.extend(submission.mail_id for submission in submissions)
+        if self._on_progress is not None:
+            self._on_progress(len(submissions))
 
 
 def _chunks(items: Iterable[ContainerLike], size: int) -> Iterator[tuple[int, list[ContainerLike]]]:

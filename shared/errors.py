@@ -4,6 +4,7 @@
     ├── ConfigError                 the configuration is invalid; names the key
     ├── ContainerError              a mail container is invalid; names the field
     ├── UnknownRoute                tenant/app is not configured, or disabled
+    ├── DuplicateMail               a mail id that was submitted before
     ├── OperatorError               an operator action cannot be done as asked
     ├── BrokerError                 RabbitMQ did not do what we asked
     │   ├── BrokerUnavailable       cannot connect (or lost the connection)
@@ -26,6 +27,8 @@ occur, with ``raise Ours(...) from exc``.
 
 from __future__ import annotations
 
+import uuid
+
 
 class RohrpostError(Exception):
     """Root of every error rohrpost raises."""
@@ -41,6 +44,26 @@ class ContainerError(RohrpostError, ValueError):
 
 class UnknownRoute(RohrpostError):
     """A mail names a tenant/app that is not configured or not enabled."""
+
+
+class DuplicateMail(RohrpostError):
+    """A mail id was submitted before; this submit published nothing.
+
+    ``same_content`` tells a harmless repetition (a client retrying) from a second,
+    different mail under the same id (refused; the first one stands).
+    """
+
+    def __init__(self, mail_id: uuid.UUID, *, same_content: bool) -> None:
+        if same_content:
+            text = f"mail {mail_id} was submitted before with the same content; not submitted again"
+        else:
+            text = (
+                f"mail {mail_id}: this id was submitted before for a different mail; "
+                "not submitted (the first mail stands; give the new one its own id)"
+            )
+        super().__init__(text)
+        self.mail_id = mail_id
+        self.same_content = same_content
 
 
 class OperatorError(RohrpostError):

@@ -24,6 +24,8 @@ class EventKind(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     RESUBMITTED = "resubmitted"
     CANCELLED = "cancelled"
+    #: a copy of a mail already sent in its round was dropped, not sent again
+    DUPLICATE = "duplicate"
     # operator actions: who did what
     EDITED = "edited"
     RESENT = "resent"

@@ -54,6 +54,12 @@ class Metrics:
             TENANT_APP,
             registry=r,
         )
+        self.duplicates = Counter(
+            "rohrpost_mails_duplicates",
+            "Copies of mails already sent in their round, dropped instead of sent again.",
+            TENANT_APP,
+            registry=r,
+        )
         self.smtp_errors = Counter(
             "rohrpost_smtp_errors",
             "Failed SMTP transactions, by reply class (4xx, 5xx, connection).",

@@ -13,7 +13,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         default=SecretStr("sqlite:///rohrpost.db"),
         description="History store: sqlite:///file.db or postgresql+psycopg://user@host/db.",
     )
+    redis_url: SecretStr | None = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="Shared state (Redis): which mail ids were submitted and sent. Empty: "
+        "none, so a mail id is not checked for duplicates.",
+    )
     history_enabled: bool = Field(
         default=True, description="Declare the history queue; run a history consumer for it."
     )
@@ -180,6 +185,23 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's contents arrive as init kwargs; the environment overrides them.
         return (env_settings, init_settings)
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if text in ("", None) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in (
+            "redis",
+            "rediss",
+            "unix",
+        ):
+            raise ValueError("not a Redis URL; use redis://host:6379/0 (or rediss://, unix://)")
+        return value
 
     @field_validator("store_url")
     @classmethod
@@ -230,10 +252,10 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value the configuration refers to, for scrubbing logs."""
         found = []
-        for url in (self.broker_url, self.store_url):
-            password = urlsplit(url.get_secret_value()).password
+        for url in (self.broker_url, self.store_url, self.redis_url):
+            password = urlsplit(url.get_secret_value()).password if url else None
             if password:
-                found.append(password)
+                found += [password, unquote(password)]  # as written, and as a driver sees it
         for server in self.smtp.values():
             if server.password_env and os.environ.get(server.password_env):
                 found.append(os.environ[server.password_env])

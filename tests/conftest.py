@@ -25,6 +25,7 @@ from typing import Any
 
 import pika
 import pytest
+import redis
 import tomli_w
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
@@ -43,6 +44,8 @@ LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 RABBITMQ_IMAGE = "rabbitmq:3.13-management"
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 POSTGRES_IMAGE = "postgres:16"
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+REDIS_IMAGE = "redis:7"
 
 
 def _answers(url: str) -> bool:
@@ -141,6 +144,51 @@ def postgres_url() -> Iterator[str]:
     )
 
 
+def _redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis holding the shared state of the tests' installations."""
+    if url := os.environ.get("ROHRPOST_TEST_REDIS_URL"):
+        yield url
+        return
+    if _redis_answers(LOCAL_REDIS):
+        yield LOCAL_REDIS
+        return
+    if _docker_runs():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer(REDIS_IMAGE) as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        return
+    pytest.fail(
+        "No Redis for the tests. Set ROHRPOST_TEST_REDIS_URL=redis://host:6379/0, or start "
+        "one on 127.0.0.1:6379 (`redis-server --daemonize yes`), or install Docker so the "
+        "tests can start a container.",
+        pytrace=False,
+    )
+
+
+def delete_redis_keys(url: str, namespace: str) -> None:
+    """Delete every key of ``namespace`` from the shared state (the server outlives the run)."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def postgres_database(server_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
@@ -215,10 +263,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def base_config(broker_url: str, namespace: str, templates: Path, smtp_port: int) -> dict[str, Any]:
+def base_config(
+    broker_url: str, namespace: str, templates: Path, smtp_port: int, redis_url: str = ""
+) -> dict[str, Any]:
     """The configuration tests start from: tenant acme, app billing, fast backoff."""
     return {
         "broker_url": broker_url,
+        "redis_url": redis_url,
         "namespace": namespace,
         "templates_dir": str(templates),
         "store_url": f"sqlite:///{templates.parent / 'history.db'}",
@@ -246,14 +297,14 @@ def base_config(broker_url: str, namespace: str, templates: Path, smtp_port: int
 
 @pytest.fixture
 def make_settings(
-    broker_url: str, namespace: str, templates: Path, catcher: MailCatcher
+    broker_url: str, redis_url: str, namespace: str, templates: Path, catcher: MailCatcher
 ) -> Iterator[Callable[..., Settings]]:
     """Build Settings for this test's namespace; deletes everything declared afterwards."""
     made: list[Settings] = []
 
     def make(**overrides: Any) -> Settings:
-        config = _merge(base_config(broker_url, namespace, templates, catcher.port), overrides)
-        settings = settings_from_mapping(config)
+        base = base_config(broker_url, namespace, templates, catcher.port, redis_url)
+        settings = settings_from_mapping(_merge(base, overrides))
         made.append(settings)
         return settings
 
@@ -261,6 +312,7 @@ def make_settings(
     with admin_channel(broker_url) as channel:
         for settings in made:
             Topology.from_settings(settings).delete(channel)
+    delete_redis_keys(redis_url, namespace)
 
 
 @pytest.fixture
@@ -284,6 +336,7 @@ def write_config(settings: Settings, path: Path) -> Path:
     data = settings.model_dump(mode="json", exclude_none=True)
     data["broker_url"] = settings.broker_url.get_secret_value()
     data["store_url"] = settings.store_url.get_secret_value()
+    data["redis_url"] = settings.redis_url.get_secret_value() if settings.redis_url else ""
     path.write_text(tomli_w.dumps(data))
     return path
 

@@ -6,6 +6,7 @@ import base64
 import json
 import mimetypes
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +110,37 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
 )
 @pass_context
 def submit(ctx: CliContext, /, file_: str | None, **flags: Any) -> None:
-    """Submit mails; print each mail's id once the broker confirmed it."""
+    """Submit mails; print each mail's id once the broker confirmed it.
+
+    A mail whose id was submitted before is not submitted again: with the same
+    content it is reported on stderr and skipped (exit 0); with other content it is
+    an error (exit 1).
+    """
     from rohrpost.producer.client import Producer
+    from rohrpost.shared.errors import DuplicateMail
 
     settings = ctx.settings()
     with Producer(settings) as producer:
         if file_ is None:
-            click.echo(producer.submit(_from_flags(flags)))
+            try:
+                click.echo(producer.submit(_from_flags(flags)))
+            except DuplicateMail as exc:
+                if not exc.same_content:
+                    raise
+                click.echo(f"duplicate: {exc}", err=True)
             return
         items = _read_file(file_)
+        skipped: list[str] = []
+
+        def on_duplicate(position: int, mail_id: uuid.UUID) -> None:
+            skipped.append(
+                f"duplicate: mail #{position + 1} ({mail_id}) was submitted before "
+                "with the same content; not submitted again"
+            )
+
         with click.progressbar(length=len(items), label="submitting", file=sys.stderr) as bar:
-            ids = producer.submit_many(items, on_progress=bar.update)
+            ids = producer.submit_many(items, on_progress=bar.update, on_duplicate=on_duplicate)
+        for line in skipped:
+            click.echo(line, err=True)
         for mail_id in ids:
             click.echo(mail_id)

@@ -1,0 +1,305 @@
+"""The mail id as idempotency key: submitted once, sent at most once per round.
+
+Two records per mail in the shared state (Redis, ``rohrpost.shared.state``):
+
+* ``{ns}:id:{mail_id}`` — written by the producer with ``SET NX`` before it
+  publishes: the content's fingerprint. A second submit of the id finds it and is
+  refused as a duplicate (same or different content, the caller is told which).
+  A publish the broker did not confirm releases it, so the caller may try again.
+  Kept as long as the history keeps the mail (its delay plus ``retention_days``).
+* ``{ns}:send:{mail_id}:{round}`` — written by the worker that sends: ``sending:…``
+  with a lease (15 s, renewed while its SMTP transaction runs), ``sent`` once the server took the
+  mail. Another copy of the mail in the same round (a redelivery after a crash or a
+  lost connection, a producer's republish, two copies consumed at the same moment)
+  finds it: ``sent`` → dropped as a duplicate; ``sending`` → delayed a few seconds
+  and looked at again. A failed attempt releases the claim.
+
+What remains possible, and documented: a duplicate send when a worker dies (or
+Redis fails) in the ~20 ms between the server's 250 and the ``sent`` mark reaching
+Redis; while Redis is unreachable (producers and workers go on without the checks);
+after Redis lost its data (run it with persistence); after the record expired.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.state import SharedState, StateUnavailable
+
+log = get_logger(__name__)
+
+_SUBMIT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[2 * i - 1], 'NX', 'EX', ARGV[2 * i]) then
+    out[i] = ''
+  else
+    out[i] = redis.call('GET', key) or ''
+  end
+end
+return out
+"""
+
+_RELEASE = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i] then n = n + redis.call('DEL', key) end
+end
+return n
+"""
+
+_RENEW = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    n = n + redis.call('PEXPIRE', key, ARGV[1])
+  end
+end
+return n
+"""
+
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return '' end
+return redis.call('GET', KEYS[1]) or ''
+"""
+
+#: ``"created_at":"…",`` in a container's wire JSON: two submits of the same mail
+#: differ there only.
+_CREATED_AT = re.compile(rb'"created_at":"[^"]*",?')
+
+
+def fingerprint(body: bytes) -> str:
+    """A short hash of a container's wire JSON, ignoring when it was created."""
+    return hashlib.blake2b(_CREATED_AT.sub(b"", body), digest_size=12).hexdigest()
+
+
+class Verdict(enum.Enum):
+    """What the registry says about a submitted id."""
+
+    NEW = "new"
+    SAME = "same"  # submitted before with the same content
+    DIFFERENT = "different"  # submitted before with other content
+    UNCHECKED = "unchecked"  # the shared state is unreachable: not checked
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One mail about to be published: its id, fingerprint and how long to remember it."""
+
+    mail_id: uuid.UUID
+    fingerprint: str
+    ttl_seconds: int
+
+
+class IdRegistry:
+    """The producer's side: each mail id is submitted once."""
+
+    def __init__(self, state: SharedState | None, namespace: str) -> None:
+        self._state = state
+        self._prefix = f"{namespace}:id:"
+        self._submit = state.script(_SUBMIT) if state else None
+        self._release = state.script(_RELEASE) if state else None
+
+    def claim(self, submissions: Sequence[Submission]) -> list[Verdict]:
+        """Record the ids (one round trip); say for each whether it was submitted before."""
+        if self._state is None or self._submit is None or not submissions:
+            return [Verdict.UNCHECKED] * len(submissions)
+        keys = [f"{self._prefix}{s.mail_id}" for s in submissions]
+        args: list[str | int] = []
+        for s in submissions:
+            args += [s.fingerprint, s.ttl_seconds]
+        script = self._submit
+        try:
+            found = self._state.run(lambda client: script(keys=keys, args=args, client=client))
+        except StateUnavailable:
+            return [Verdict.UNCHECKED] * len(submissions)
+        return [
+            _verdict(s.fingerprint, _text(seen)) for s, seen in zip(submissions, found, strict=True)
+        ]
+
+    def release(self, submissions: Sequence[Submission]) -> None:
+        """Forget ids whose publish failed, so they may be submitted again."""
+        if self._state is None or self._release is None or not submissions:
+            return
+        keys = [f"{self._prefix}{s.mail_id}" for s in submissions]
+        args = [s.fingerprint for s in submissions]
+        script = self._release
+        try:
+            self._state.run(lambda client: script(keys=keys, args=args, client=client))
+        except StateUnavailable:
+            log.warning("could not release mail ids after a failed publish", count=len(keys))
+
+
+def _text(value: bytes | str | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value or ""
+
+
+def _verdict(mine: str, seen: str) -> Verdict:
+    if not seen:
+        return Verdict.NEW
+    return Verdict.SAME if seen == mine else Verdict.DIFFERENT
+
+
+class ClaimState(enum.Enum):
+    """What a worker may do with a mail it is about to send."""
+
+    MINE = "mine"  # send it
+    SENT = "sent"  # sent before in this round: drop this copy
+    BUSY = "busy"  # another worker is sending it now: look again shortly
+    UNCHECKED = "unchecked"  # the shared state is unreachable: send it
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A worker's claim on sending one mail in one round."""
+
+    state: ClaimState
+    key: str = ""
+    token: str = ""
+
+
+class SendClaims:
+    """The workers' side: a mail is sent at most once per round.
+
+    ``claim`` is one round trip before the SMTP transaction. ``sent`` and ``release``
+    are written by a background thread in batches (every 20 ms), which also renews
+    the leases of the claims still sending (every ``lease / 3``): a claim outlives
+    a slow SMTP server but not a dead worker, whose mails another worker sends once
+    the lease ran out (15 s).
+    """
+
+    def __init__(
+        self,
+        state: SharedState | None,
+        namespace: str,
+        *,
+        lease_seconds: float = 15.0,
+        interval: float = 0.02,
+    ) -> None:
+        self._state = state
+        self._prefix = f"{namespace}:send:"
+        self._claim = state.script(_CLAIM) if state else None
+        self._release = state.script(_RELEASE) if state else None
+        self._renew = state.script(_RENEW) if state else None
+        self._lease_ms = int(lease_seconds * 1000)
+        self._interval = interval
+        self._pending: queue.SimpleQueue[tuple[str, str, int] | None] = queue.SimpleQueue()
+        self._active: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+
+    def claim(self, mail_id: uuid.UUID, round: int) -> Claim:
+        """Claim the sending of ``mail_id`` in ``round``."""
+        if self._state is None or self._claim is None:
+            return Claim(ClaimState.UNCHECKED)
+        key = f"{self._prefix}{mail_id}:{round}"
+        token = f"sending:{uuid.uuid4().hex}"
+        script, lease = self._claim, self._lease_ms
+        try:
+            seen = _text(
+                self._state.run(
+                    lambda client: script(keys=[key], args=[token, lease], client=client)
+                )
+            )
+        except StateUnavailable:
+            return Claim(ClaimState.UNCHECKED)
+        if seen:
+            return Claim(ClaimState.SENT if seen == "sent" else ClaimState.BUSY, key)
+        with self._lock:
+            self._active[key] = token
+            self._start_writer()
+        return Claim(ClaimState.MINE, key, token)
+
+    def sent(self, claim: Claim, ttl_seconds: int) -> None:
+        """Mark the claimed mail sent, for ``ttl_seconds`` (written within ~20 ms)."""
+        if claim.state is ClaimState.MINE:
+            self._done(claim.key, (claim.key, "", ttl_seconds))
+
+    def release(self, claim: Claim) -> None:
+        """Give up the claim after a failed attempt, so another copy may try."""
+        if claim.state is ClaimState.MINE:
+            self._done(claim.key, (claim.key, claim.token, 0))
+
+    def close(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._pending.put(None)
+            writer.join(5)
+
+    def _done(self, key: str, op: tuple[str, str, int]) -> None:
+        with self._lock:
+            self._active.pop(key, None)
+        self._pending.put(op)
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="send-claims", daemon=True
+            )
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        renew_every = self._lease_ms / 3000
+        next_renewal = time.monotonic() + renew_every
+        while True:
+            try:
+                ops = [self._pending.get(timeout=max(0.0, next_renewal - time.monotonic()))]
+                time.sleep(self._interval)  # gather what the next 20 ms bring
+            except queue.Empty:
+                ops = []
+            while not self._pending.empty():
+                ops.append(self._pending.get())
+            self._write([op for op in ops if op is not None])
+            if None in ops:
+                return
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + renew_every
+                self._renew_active()
+
+    def _renew_active(self) -> None:
+        with self._lock:
+            active = list(self._active.items())
+        if not active or self._state is None or self._renew is None:
+            return
+        script, lease = self._renew, self._lease_ms
+        keys = [key for key, _ in active]
+        args: list[str | int] = [lease, *[token for _, token in active]]
+        try:
+            self._state.run(lambda client: script(keys=keys, args=args, client=client))
+        except StateUnavailable:
+            log.warning("could not renew the claims of mails being sent", count=len(keys))
+
+    def _write(self, ops: list[tuple[str, str, int]]) -> None:
+        if not ops or self._state is None or self._release is None:
+            return
+        releases = [(key, token) for key, token, _ in ops if token]
+        release = self._release
+
+        def write(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            for key, token, ttl in ops:
+                if not token:
+                    pipe.set(key, "sent", ex=ttl)
+            if releases:
+                release(keys=[k for k, _ in releases], args=[t for _, t in releases], client=pipe)
+            pipe.execute()
+
+        try:
+            self._state.run(write)
+        except StateUnavailable:
+            log.warning("could not record sent mails in the shared state", count=len(ops))
