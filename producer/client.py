@@ -29,11 +29,24 @@ ContainerLike = MailContainer | Mapping[str, Any]
 
 
 class SubmitManyError(RohrpostError):
-    """``submit_many`` stopped; ``submitted`` holds the ids the broker confirmed before."""
+    """``submit_many`` stopped; ``submitted`` holds the ids the broker confirmed before.
 
-    def __init__(self, message: str, submitted: list[uuid.UUID]) -> None:
+    When one mail was refused, ``position`` is its place in the input (the first
+    mail is 1) and ``reason`` what was wrong with it (``field: message``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        submitted: list[uuid.UUID],
+        *,
+        position: int | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.submitted = submitted
+        self.position = position
+        self.reason = reason
 
 
 class Producer:
@@ -141,8 +154,8 @@ class Producer:
         published; while one chunk waits for its confirms the next is validated, so
         the broker is never idle. When a mail is invalid, nothing of its chunk is
         published, everything before is confirmed, and SubmitManyError names its
-        position and carries the confirmed ids. When the broker fails to confirm,
-        later mails may or may not be queued.
+        position (the first mail is #1) and carries the confirmed ids. When the broker
+        fails to confirm, later mails may or may not be queued.
         """
         broker = self._require_broker()
         chunk_size = max(1, window // 2)
@@ -165,11 +178,13 @@ class Producer:
                 except (ContainerError, UnknownRoute) as exc:
                     while in_flight:
                         settle_oldest()
-                    position = start + len(prepared)
+                    position = start + len(prepared) + 1
                     raise SubmitManyError(
                         f"mail #{position}: {exc} ({len(confirmed)} mails before it were "
                         "confirmed; none after it was published)",
                         confirmed,
+                        position=position,
+                        reason=str(exc),
                     ) from exc
                 if len(in_flight) >= 2:
                     settle_oldest()
