@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pika
 import pytest
 from pika import spec
 
+from rohrpost.catcher import MailCatcher
 from rohrpost.consumer.history import HistoryConsumer
 from rohrpost.producer.client import Producer, SubmitManyError
 from rohrpost.shared.broker import admin_channel
@@ -37,7 +39,13 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
 from rohrpost.shared.wire import ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER, mail_properties
-from tests.conftest import dead_letters, publish_raw, rohrpost_command, write_config
+from tests.conftest import (
+    WorkerThread,
+    dead_letters,
+    publish_raw,
+    rohrpost_command,
+    write_config,
+)
 
 #: What must never reach an operator's terminal: C0 controls but tab and newline, DEL,
 #: C1 controls, bidirectional overrides.
@@ -412,6 +420,37 @@ def test_dlq_edit_of_an_odd_container_names_the_field(
     result = cli(config, "dlq", "edit", str(odd["odd fields"]), "--set", "cc=b@example.com")
     assert_clean(result, 1)
     assert "to: " in result.stderr and "subject: " in result.stderr
+
+
+def test_a_worker_sends_a_mail_whose_headers_pika_cannot_decode_and_keeps_running(
+    settings: Settings, catcher: MailCatcher, worker_thread: Callable[..., WorkerThread]
+) -> None:
+    handle = worker_thread(settings)
+    mail_id, body = _container_body(subject="odd headers")
+    send_queue = Topology.from_settings(settings).send_queue("acme", "billing")
+    publish_raw(settings, send_queue, body, "", RawProperties(ODD_HEADERS, mail_id.encode()))
+    with Producer(settings) as producer:
+        producer.submit(mail(subject="after it"))
+    catcher.wait_for(lambda mails: len(mails) == 2)
+    handle.stop()
+    assert sorted(m.parsed()["Subject"] for m in catcher.mails) == ["after it", "odd headers"]
+
+
+def test_an_unexpected_error_is_one_escaped_line_not_a_traceback() -> None:
+    code = (
+        "import sys, rohrpost.cli as c\n"
+        "@c.cli.command()\n"
+        "def boom() -> None:\n"
+        "    raise RuntimeError('broken \\x1b[31m')\n"
+        "sys.argv[1:] = ['boom']\n"
+        "c.main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert_clean(result, 1)
+    assert result.stderr.startswith("error: unexpected RuntimeError: broken \\x1b[31m (a bug")
+    assert len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
