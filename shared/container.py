@@ -302,11 +302,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     """Render pydantic errors as ``field.path: message`` lines."""
     lines = []
     for error in exc.errors(include_url=False):
-        parts = [str(p) for p in error["loc"] if p != "[key]"]
-        if error["type"] == "plain_json" and error.get("ctx", {}).get("path"):
-            parts.append(error["ctx"]["path"])  # where inside ``data``
-        where = ".".join(parts) or "container"
+        where = ".".join(str(p) for p in error["loc"] if p != "[key]") or "container"
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "plain_json" and error.get("ctx", {}).get("path"):
+            where = f"{where}.{error['ctx']['path']}"  # where inside ``data``
         lines.append(f"{where}: {message}")
     return "; ".join(lines)
 
