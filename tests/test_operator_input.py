@@ -436,6 +436,15 @@ def test_a_worker_sends_a_mail_whose_headers_pika_cannot_decode_and_keeps_runnin
     assert sorted(m.parsed()["Subject"] for m in catcher.mails) == ["after it", "odd headers"]
 
 
+def test_dlq_list_without_the_topology_says_how_to_declare_it(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = write_config(make_settings(), tmp_path / "rohrpost.toml")  # nothing declared
+    result = cli(config, "dlq", "list")
+    assert_clean(result, 1)
+    assert "does not exist (run `rohrpost topology declare`)" in result.stderr
+
+
 def test_an_unexpected_error_is_one_escaped_line_not_a_traceback() -> None:
     code = (
         "import sys, rohrpost.cli as c\n"
