@@ -38,11 +38,24 @@ ContainerLike = MailContainer | Mapping[str, Any]
 
 
 class SubmitManyError(RohrpostError):
-    """``submit_many`` stopped; ``submitted`` holds the ids the broker confirmed before."""
+    """``submit_many`` stopped; ``submitted`` holds the ids the broker confirmed before.
 
-    def __init__(self, message: str, submitted: list[uuid.UUID]) -> None:
+    When one mail was refused, ``position`` is its place in the input (the first
+    mail is 1) and ``reason`` what was wrong with it (``field: message``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        submitted: list[uuid.UUID],
+        *,
+        position: int | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.submitted = submitted
+        self.position = position
+        self.reason = reason
 
 
 class Producer:
@@ -181,13 +194,14 @@ class Producer:
         published; while one chunk waits for its confirms the next is validated, so
         the broker is never idle. When a mail is invalid, nothing of its chunk is
         published, everything before is confirmed, and SubmitManyError names its
-        position and carries the confirmed ids. When the broker fails to confirm,
-        later mails may or may not be queued.
+        position (the first mail is #1) and carries the confirmed ids. When the broker
+        fails to confirm, later mails may or may not be queued.
 
         A mail whose id was submitted before stops the run the same way, unless
         ``on_duplicate`` is given and its content is the same: then it is skipped
         (not published, not among the returned ids) and ``on_duplicate(position,
-        mail_id)`` is called. A different mail under a used id always stops the run.
+        mail_id)`` is called (position from 1). A different mail under a used id always
+        stops the run.
         """
         bulk = _Bulk(self._require_broker(), self._ids, self._timeout, on_progress)
         try:
@@ -197,20 +211,20 @@ class Producer:
                     for container in chunk:
                         prepared.append(self.prepare(container))
                 except (ContainerError, UnknownRoute) as exc:
-                    bulk.stop(start + len(prepared), exc)
+                    bulk.stop(start + len(prepared) + 1, exc)
                 claimed = [(mail, pub, self._submission(mail, pub)) for mail, pub in prepared]
                 verdicts = self._ids.claim([submission for _, _, submission in claimed])
                 kept = []
                 for offset, (item, verdict) in enumerate(zip(claimed, verdicts, strict=True)):
                     mail_id = item[0].id
                     if verdict is Verdict.SAME and on_duplicate is not None:
-                        on_duplicate(start + offset, mail_id)
+                        on_duplicate(start + offset + 1, mail_id)
                     elif verdict in (Verdict.SAME, Verdict.DIFFERENT):
                         self._ids.release(
                             [c[2] for c, v in zip(claimed, verdicts, strict=True) if _fresh(v)]
                         )
                         same = verdict is Verdict.SAME
-                        bulk.stop(start + offset, DuplicateMail(mail_id, same_content=same))
+                        bulk.stop(start + offset + 1, DuplicateMail(mail_id, same_content=same))
                     else:
                         kept.append(item)
                 if kept:
@@ -276,12 +290,14 @@ class _Bulk:
             self._settle_oldest()
 
     def stop(self, position: int, exc: RohrpostError) -> NoReturn:
-        """End the run at the mail at ``position``: what is in flight is confirmed first."""
+        """End the run at mail #``position`` (from 1); what is in flight is confirmed first."""
         self.settle_all()
         raise SubmitManyError(
             f"mail #{position}: {exc} ({len(self.confirmed)} mails before it were "
             "confirmed; none after it was published)",
             self.confirmed,
+            position=position,
+            reason=str(exc),
         ) from exc
 
     def _settle_oldest(self) -> None:

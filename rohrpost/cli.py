@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import sys
+from typing import NoReturn
 
 import click
 
@@ -13,7 +15,12 @@ from rohrpost.commands.history import history, store
 from rohrpost.commands.operators import cancel, pause, resend, resume
 from rohrpost.commands.processes import history_consumer, run, worker
 from rohrpost.commands.submit import submit
+from rohrpost.commands.terminal import printable
 from rohrpost.shared.errors import ConfigError, RohrpostError
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.preview import clip
+
+log = get_logger(__name__)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -67,26 +74,43 @@ SERVER_MODULES = frozenset(
 
 def main() -> None:
     """Entry point of the ``rohrpost`` console script."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that is not UTF-8 gets escapes
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         cli(standalone_mode=False)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
-            raise
-        click.echo(
-            f"error: this command needs rohrpost's server extra (module {exc.name!r} is "
-            "missing): pip install 'rohrpost[server]'",
-            err=True,
-        )
-        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        click.echo(f"configuration error: {exc}", err=True)
-        sys.exit(2)
-    except RohrpostError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    except Exception as exc:
+        _exit_for(exc)
+
+
+def _exit_for(exc: Exception) -> NoReturn:
+    """One line on stderr and the exit status for ``exc``; never a traceback."""
+    missing = (exc.name or "") if isinstance(exc, ModuleNotFoundError) else ""
+    if missing.partition(".")[0] in SERVER_MODULES:
+        _fail(
+            f"error: this command needs rohrpost's server extra (module {missing!r} is "
+            "missing): pip install 'rohrpost[server]'",
+            2,
+        )
+    if isinstance(exc, ConfigError):
+        _fail(f"configuration error: {exc}", 2)
+    if isinstance(exc, RohrpostError):
+        _fail(f"error: {exc}", 1)
+    # The last resort, for a bug: the traceback goes to the log at debug level.
+    log.debug("the command failed unexpectedly", exc_info=exc)
+    _fail(
+        f"error: unexpected {type(exc).__name__}: {clip(str(exc), 500)} (a bug in rohrpost; "
+        "`rohrpost --log-level debug …` logs the traceback)",
+        1,
+    )
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    click.echo(printable(message), err=True)
+    sys.exit(status)

@@ -17,11 +17,13 @@ import pika.exceptions
 from pika import frame, spec
 
 from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
+from rohrpost.shared.headers import use_tolerant_properties
 from rohrpost.shared.settings import redact_url
 
 
 def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:
     """pika parameters for ``url`` with bounded connect and socket timeouts."""
+    use_tolerant_properties()  # before any connection reads a message
     params = pika.URLParameters(url)
     params.socket_timeout = timeout
     params.stack_timeout = timeout

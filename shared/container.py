@@ -22,14 +22,17 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError, PydanticSerializationError
 
 from rohrpost.shared.errors import ContainerError
+from rohrpost.shared.jsonvalue import JsonValueError, check_plain_json, deep_path
 
 SCHEMA_VERSION = 1
 #: Decoded size of all attachments of one mail together.
@@ -38,6 +41,9 @@ MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 #: Quorum queues keep every message on disk and in the Raft log; big messages cost
 #: throughput for every tenant, so the cap is deliberately modest.
 MAX_CONTAINER_BYTES = 16 * 1024 * 1024
+#: Nesting of template ``data``: each object or list is a level (``{"a": [1]}`` is 2).
+#: JSON parsers and the template engine recurse once per level; real data needs few.
+MAX_DATA_DEPTH = 64
 
 
 class _Uuid4Pool:
@@ -226,6 +232,21 @@ class Attachment(BaseModel):
     content: str = Field(description="The document, base64-encoded (RFC 4648, with padding).")
 
 
+def _plain_data(value: Any) -> Any:
+    """Refuse template data that JSON cannot carry as given, or that nests too deeply."""
+    if isinstance(value, dict):
+        try:
+            check_plain_json(value, max_depth=MAX_DATA_DEPTH)
+        except JsonValueError as exc:
+            raise PydanticCustomError(
+                "plain_json", "{reason}", {"path": exc.path, "reason": exc.reason}
+            ) from None
+    return value
+
+
+TemplateData = Annotated[dict[str, Any], BeforeValidator(_plain_data)]
+
+
 class MailContainer(BaseModel):
     """One mail, with everything needed to send it and the settings that govern it.
 
@@ -255,7 +276,10 @@ class MailContainer(BaseModel):
     text: str | None = None
     html: str | None = None
     template: TemplateName | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: TemplateData = Field(
+        default_factory=dict,
+        description=f"Template data: plain JSON, nested at most {MAX_DATA_DEPTH} levels.",
+    )
     attachments: tuple[Attachment, ...] = Field(default=(), max_length=50)
     not_before: AwareDatetime | None = Field(default=None, description="Earliest send time.")
     expires_at: AwareDatetime | None = Field(
@@ -312,8 +336,15 @@ def describe_validation_error(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False):
         where = ".".join(_shown(p) for p in error["loc"] if p != "[key]") or "container"
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "plain_json" and error.get("ctx", {}).get("path"):
+            where = f"{where}.{error['ctx']['path']}"  # where inside ``data``
         lines.append(f"{where}: {message}")
     return "; ".join(lines)
+
+
+def _too_deep(where: list[str]) -> ContainerError:
+    field = where[0] if where else "container"
+    return ContainerError(f"{field}: nested deeper than {MAX_DATA_DEPTH} levels (the limit)")
 
 
 def parse_container(data: Any) -> MailContainer:
@@ -328,7 +359,10 @@ def parse_container(data: Any) -> MailContainer:
 
 def encode_container(container: MailContainer) -> bytes:
     """Serialize to wire JSON; raise ContainerError when it exceeds the size cap."""
-    body = container.model_dump_json(by_alias=True, exclude_none=True).encode()
+    try:
+        body = container.model_dump_json(by_alias=True, exclude_none=True).encode()
+    except PydanticSerializationError as exc:  # only a container built without validation
+        raise ContainerError(f"container: cannot be written as JSON: {exc}") from exc
     if len(body) > MAX_CONTAINER_BYTES:
         raise ContainerError(
             f"container: {len(body)} bytes as JSON, more than the cap of {MAX_CONTAINER_BYTES}"
@@ -345,4 +379,8 @@ def decode_container(body: bytes) -> MailContainer:
     try:
         return MailContainer.model_validate_json(body)
     except ValidationError as exc:
+        if any("recursion limit" in e["msg"] for e in exc.errors(include_url=False)):
+            # The JSON parser's own limit (~200 levels): name the field as for shallower data.
+            where = deep_path(body.decode("utf-8", "replace"), MAX_DATA_DEPTH + 1)
+            raise _too_deep(where or []) from exc
         raise ContainerError(describe_validation_error(exc)) from exc

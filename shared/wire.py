@@ -72,8 +72,10 @@ def round_of(properties: Any) -> int:
 
 
 def _int_header(properties: Any, name: str, default: int) -> int:
-    value = (properties.headers or {}).get(name, default)
-    return value if isinstance(value, int) and value >= default else default
+    headers = properties.headers if isinstance(properties.headers, dict) else {}
+    value = headers.get(name, default)
+    # Bounded: the next round or attempt must still fit the header's 64-bit integer.
+    return int(value) if isinstance(value, int) and default <= value < 2**31 else default
 
 
 def header_text(value: object) -> str:

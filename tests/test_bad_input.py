@@ -81,7 +81,7 @@ def test_submit_many_reports_the_position_of_a_bad_mail_and_what_was_confirmed(
     mails = [mail(), mail(), mail(), mail(to=["broken"]), mail()]
     with Producer(settings) as producer, pytest.raises(SubmitManyError) as error:
         producer.submit_many(mails, window=4)  # validated in chunks of two
-    assert "mail #3" in str(error.value) and "to.0" in str(error.value)
+    assert "mail #4" in str(error.value) and "to.0" in str(error.value)
     # the first chunk of two was published and confirmed; the bad mail's chunk was not
     assert len(error.value.submitted) == 2
     topology = Topology.from_settings(settings)

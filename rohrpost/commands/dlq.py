@@ -11,17 +11,19 @@ import click
 
 from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
 from rohrpost.commands.operators import ACTOR, session
+from rohrpost.commands.terminal import cell, json_text, printable
+from rohrpost.shared.preview import BRIEF, SHOW, as_text, preview
 
 if TYPE_CHECKING:
     from rohrpost.operations import DeadLetter, DeadLetterFilter, DeadLetterQueue, OperatorSession
 
 
-def _filter(ids: tuple[str, ...] = (), **given: Any) -> DeadLetterFilter:
+def _filter(ids: tuple[uuid.UUID, ...] = (), **given: Any) -> DeadLetterFilter:
     from rohrpost.operations import DeadLetterFilter
 
     since = when_option(given.pop("since", None), "--since")
     return DeadLetterFilter(
-        since=since, ids=frozenset(str(uuid.UUID(i)) for i in ids) if ids else None, **given
+        since=since, ids=frozenset(str(i) for i in ids) if ids else None, **given
     )
 
 
@@ -77,61 +79,63 @@ def dlq_list(ctx: CliContext, /, as_json: bool, **given: Any) -> None:
 
 def _row(letter: DeadLetter) -> str:
     when = short_time(letter.dead_at)
-    what = " / ".join(
-        part for part in (", ".join(letter.recipients), letter.subject, letter.error) if part
-    )
+    everyone = letter.recipients
+    recipients = ", ".join(everyone[:3]) + (f" (+{len(everyone) - 3})" if len(everyone) > 3 else "")
+    parts = [recipients, letter.subject, letter.error]
+    if letter.problem:
+        parts = [f"not a mail container: {letter.problem}", letter.error]
+    what = " / ".join(part[: BRIEF.text] for part in parts if part)
+    attempts = "-" if letter.attempts is None else letter.attempts
     return (
-        f"{letter.mail_id or '-':36}  {letter.tenant + '/' + letter.app:20.20}  "
-        f"{letter.reason:14.14}  {letter.attempts or 0:>3}  {when:19}  {what[:90]}"
+        f"{cell(letter.mail_id, 36):36}  {cell(letter.tenant + '/' + letter.app, 20):20}  "
+        f"{cell(letter.reason, 14):14}  {cell(attempts, 3):>3}  {when:19}  {cell(what, 90)}"
     )
 
 
 @dlq.command("show")
-@click.argument("mail_id")
+@click.argument("mail_id", type=click.UUID)
 @click.option("--tenant", help="Look only in this tenant's dead-letter queues.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_context
-def dlq_show(ctx: CliContext, mail_id: str, tenant: str | None, as_json: bool) -> None:
-    """Show one dead letter: its container and its dead-letter headers."""
+def dlq_show(ctx: CliContext, mail_id: uuid.UUID, tenant: str | None, as_json: bool) -> None:
+    """Show one dead letter: its container and its dead-letter headers.
+
+    Long values are cut with a note of how much was left out.
+    """
     with session(ctx, None) as opened:
-        letter = _queue(opened).get(str(uuid.UUID(mail_id)), tenant=tenant)
+        letter = _queue(opened).get(str(mail_id), tenant=tenant)
     shown = {
         **letter.summary(),
         "round": letter.round,
-        "headers": {k: _plain(v) for k, v in letter.headers.items()},
+        "size": len(letter.body),
+        "headers": letter.headers,
         "container": letter.container,
     }
     if letter.container is None:
-        shown["body"] = letter.body.decode("utf-8", "replace")
-    click.echo(json.dumps(shown, indent=2, default=str) if as_json else _pretty(shown))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+        shown["body"] = as_text(letter.body, SHOW.text)
+    click.echo(json.dumps(preview(shown), indent=2) if as_json else _pretty(shown))
 
 
 def _pretty(shown: dict[str, Any]) -> str:
     lines = [
-        f"{key:10}  {value}"
+        f"{key:10}  {printable(value)}"
         for key, value in shown.items()
-        if key not in ("headers", "container", "body")
+        if key not in ("headers", "container", "body") and value not in (None, [])
     ]
     lines.append("headers")
-    lines += [f"  {key}: {value}" for key, value in shown["headers"].items()]
-    lines.append("container")
-    body = shown["container"] if shown["container"] is not None else shown.get("body")
-    lines.append(json.dumps(body, indent=2, ensure_ascii=False, default=str))
+    lines += [
+        f"  {printable(key)}: {json_text(value, BRIEF, indent=None)}"
+        for key, value in preview(shown["headers"]).items()
+    ]
+    if shown["container"] is not None:
+        lines += ["container", json_text(shown["container"])]
+    else:
+        lines += ["body", printable(shown["body"])]
     return "\n".join(lines)
 
 
 @dlq.command("edit")
-@click.argument("mail_id")
+@click.argument("mail_id", type=click.UUID)
 @click.option(
     "--set",
     "assignments",
@@ -149,7 +153,7 @@ def dlq_edit(
     ctx: CliContext,
     /,
     *,
-    mail_id: str,
+    mail_id: uuid.UUID,
     assignments: tuple[str, ...],
     removals: tuple[str, ...],
     editor: bool,
@@ -159,27 +163,16 @@ def dlq_edit(
     """Correct a dead letter; it stays in the dead-letter queue until `dlq retry`."""
     if not (assignments or removals or editor):
         raise click.UsageError("say what to change: --set, --unset or --editor")
-    mail_id = str(uuid.UUID(mail_id))
     with session(ctx, actor) as opened:
         queue = _queue(opened)
         replacement = None
         if editor:
-            letter = queue.get(mail_id, tenant=tenant)
-            text = (
-                json.dumps(letter.container, indent=2, ensure_ascii=False)
-                if (letter.container is not None)
-                else letter.body.decode("utf-8", "replace")
-            )
-            edited = click.edit(text, extension=".json")
-            if edited is None:
+            replacement = _edited(queue.get(str(mail_id), tenant=tenant))
+            if replacement is None:
                 click.echo("nothing changed")
                 return
-            try:
-                replacement = json.loads(edited)
-            except json.JSONDecodeError as exc:
-                raise click.ClickException(f"the edited text is not JSON: {exc}") from exc
         changes = queue.edit(
-            mail_id,
+            str(mail_id),
             assignments=assignments,
             removals=removals,
             replacement=replacement,
@@ -188,14 +181,33 @@ def dlq_edit(
     if not changes:
         click.echo("nothing changed")
     for path, (old, new) in changes.items():
-        click.echo(
-            f"{path}: {json.dumps(old, ensure_ascii=False)} -> "
-            f"{json.dumps(new, ensure_ascii=False)}"
-        )
+        old_text, new_text = (json_text(v, BRIEF, indent=None) for v in (old, new))
+        click.echo(f"{printable(path)}: {old_text} -> {new_text}")
+
+
+def _edited(letter: DeadLetter) -> dict[str, Any] | None:
+    """The container as corrected in $EDITOR; None when the editor saved nothing."""
+    text = (
+        json.dumps(letter.container, indent=2, ensure_ascii=False)
+        if (letter.container is not None)
+        else letter.body.decode("utf-8", "replace")
+    )
+    edited = click.edit(text, extension=".json")
+    if edited is None:
+        return None
+    try:
+        replacement = json.loads(edited)
+    except RecursionError:
+        raise click.ClickException("the edited text nests too deeply to read") from None
+    except ValueError as exc:
+        raise click.ClickException(f"the edited text is not JSON: {exc}") from exc
+    if not isinstance(replacement, dict):
+        raise click.ClickException("the edited text must be one JSON object (a mail container)")
+    return replacement
 
 
 @dlq.command("retry")
-@click.argument("mail_ids", nargs=-1)
+@click.argument("mail_ids", nargs=-1, type=click.UUID)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @_filters
 @click.option("--dry-run", is_flag=True, help="Say what would be re-submitted; move nothing.")
@@ -212,7 +224,7 @@ def dlq_retry(
     ctx: CliContext,
     /,
     *,
-    mail_ids: tuple[str, ...],
+    mail_ids: tuple[uuid.UUID, ...],
     all_: bool,
     dry_run: bool,
     window: int,
@@ -239,9 +251,9 @@ def dlq_retry(
         bar.render_finish()
     verb = "would re-submit" if dry_run else "re-submitted"
     for letter in ready:
-        click.echo(f"{verb} {letter.mail_id}")
+        click.echo(f"{verb} {printable(letter.mail_id)}")
     for letter, why in skipped:
-        click.echo(f"skipped {letter.mail_id}: {why}", err=True)
+        click.echo(f"skipped {printable(letter.mail_id or '-')}: {printable(why)}", err=True)
     click.echo(f"{verb} {len(ready)}, skipped {len(skipped)}", err=True)
     found = {letter.mail_id for letter in ready} | {letter.mail_id for letter, _ in skipped}
     if missing := set(criteria.ids or ()) - found:
@@ -251,14 +263,21 @@ def dlq_retry(
 
 
 @dlq.command("purge")
+@click.argument("mail_ids", nargs=-1, type=click.UUID)
 @_filters
 @click.option("--yes", is_flag=True, help="Really delete the dead letters.")
 @ACTOR
 @pass_context
-def dlq_purge(ctx: CliContext, /, yes: bool, actor: str | None, **given: Any) -> None:
-    """Delete dead letters for good (each is recorded in its mail's history)."""
+def dlq_purge(
+    ctx: CliContext, /, mail_ids: tuple[uuid.UUID, ...], yes: bool, actor: str | None, **given: Any
+) -> None:
+    """Delete dead letters for good: these ids, or all matching the filters.
+
+    Each is recorded in its mail's history. Anything in a dead-letter queue can be
+    purged, also what is not a mail container.
+    """
     if not yes:
         raise click.UsageError("this deletes mails for good; pass --yes to confirm")
     with session(ctx, actor) as opened:
-        count = _queue(opened).purge(_filter(**given))
+        count = _queue(opened).purge(_filter(mail_ids, **given))
     click.echo(f"purged {count} dead letters")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
+from rohrpost.commands.terminal import cell, printable, printable_json
 from rohrpost.shared.timeparse import parse_duration
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only by commands that use it
@@ -30,11 +31,6 @@ def open_store(ctx: CliContext) -> Iterator[HistoryStore]:
         yield store
     finally:
         store.close()
-
-
-def _clip(text: str | None, width: int) -> str:
-    text = text or "-"
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @click.group()
@@ -78,8 +74,8 @@ def list_(
 def _row(mail: MailSummary) -> str:
     return (
         f"{mail.id}  {mail.status:13}  {short_time(mail.updated_at)}  "
-        f"{_clip(f'{mail.tenant}/{mail.app}', 20):20}  {_clip(mail.recipients, 28):28}  "
-        f"{_clip(mail.subject, 40)}"
+        f"{cell(f'{mail.tenant}/{mail.app}', 20):20}  {cell(mail.recipients, 28):28}  "
+        f"{cell(mail.subject, 40)}"
     )
 
 
@@ -94,7 +90,7 @@ def show(ctx: CliContext, mail_id: uuid.UUID, as_json: bool) -> None:
     if found is None:
         raise click.ClickException(f"the history has no mail {mail_id}")
     if as_json:
-        click.echo(found.model_dump_json(indent=2))
+        click.echo(printable_json(found.model_dump_json(indent=2)))
     else:
         click.echo(_describe(found))
 
@@ -133,7 +129,7 @@ def _describe(found: MailHistory) -> str:
         ]
         text = "; ".join(d for d in details if d)
         lines.append(f"  {short_time(event.at)}  {event.kind:15} {text}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # one line each, whatever they quote
 
 
 @history.command("actions")
@@ -150,7 +146,10 @@ def actions(ctx: CliContext, tenant: str | None, limit: int, as_json: bool) -> N
         return
     for action in found:
         scope = f"{action.tenant}/{action.app}" if action.app else action.tenant
-        click.echo(f"{short_time(action.at)}  {action.kind:8} {scope:24} by {action.actor or '-'}")
+        click.echo(
+            f"{short_time(action.at)}  {action.kind:8} {printable(scope):24} "
+            f"by {printable(action.actor or '-')}"
+        )
 
 
 @history.command("purge")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from rohrpost.commands.context import CliContext, pass_context
+from rohrpost.commands.terminal import printable
 
 if TYPE_CHECKING:
     from rohrpost.operations import OperatorSession
@@ -62,7 +63,7 @@ def cancel(ctx: CliContext, mail_ids: tuple[uuid.UUID, ...], actor: str | None) 
 
     with session(ctx, actor) as opened, optional_store(ctx) as store:
         for mail_id in mail_ids:
-            click.echo(cancel_mail(opened, mail_id, store))
+            click.echo(printable(cancel_mail(opened, mail_id, store)))  # quotes the history
 
 
 def _scope(value: str) -> tuple[str, str | None]:

@@ -8,11 +8,16 @@ import mimetypes
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rohrpost.commands.context import CliContext, pass_context, when_option
+from rohrpost.commands.mailfile import MailFile, read_mail_file
+from rohrpost.shared.container import MAX_DATA_DEPTH
+
+if TYPE_CHECKING:
+    from rohrpost.producer.client import Producer
 
 
 def _attachment(path: str) -> dict[str, str]:
@@ -25,19 +30,51 @@ def _attachment(path: str) -> dict[str, str]:
     }
 
 
-def _read_file(path: str) -> list[dict[str, Any]]:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    items: Any
+def _read_file(path: str) -> MailFile:
+    if path == "-":
+        return read_mail_file("stdin", sys.stdin.buffer.read())
     try:
-        if text.lstrip().startswith("["):
-            items = json.loads(text)
-        else:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{path}: not JSON or JSON lines: {exc}") from exc
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise click.BadParameter(f"{path}: every entry must be a JSON object (a mail container)")
-    return items
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror}", param_hint="--file"
+        ) from exc
+    return read_mail_file(path, raw)
+
+
+def _submit_file(producer: Producer, mails: MailFile) -> None:
+    """Submit every mail of the file; print each id once confirmed; refusals name the line."""
+    from rohrpost.producer.client import SubmitManyError
+
+    skipped: list[str] = []
+
+    def on_duplicate(position: int, mail_id: uuid.UUID) -> None:
+        skipped.append(
+            f"duplicate: {mails.where(position)} ({mail_id}) was submitted before with the "
+            "same content; not submitted again"
+        )
+
+    try:
+        with click.progressbar(length=len(mails.mails), label="submitting", file=sys.stderr) as bar:
+            ids = producer.submit_many(
+                mails.mails, on_progress=bar.update, on_duplicate=on_duplicate
+            )
+    except SubmitManyError as exc:
+        for mail_id in exc.submitted:
+            click.echo(mail_id)
+        if exc.position is None:
+            raise
+        raise SubmitManyError(
+            f"{mails.where(exc.position)}: {exc.reason} ({len(exc.submitted)} mails before it "
+            "were confirmed, their ids are printed; none after it was published)",
+            exc.submitted,
+            position=exc.position,
+            reason=exc.reason,
+        ) from exc
+    for line in skipped:
+        click.echo(line, err=True)
+    for mail_id in ids:
+        click.echo(mail_id)
 
 
 def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +104,11 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
     if flags["data"] is not None:
         try:
             data["data"] = json.loads(flags["data"])
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise click.BadParameter(
+                f"nested deeper than {MAX_DATA_DEPTH} levels (the limit)", param_hint="--data"
+            ) from None
+        except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
     for key, flag in (("not_before", "not_before"), ("expires_at", "expires")):
         moment = when_option(flags[flag], f"--{flag.replace('_', '-')}")
@@ -105,7 +146,7 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
 @click.option(
     "--file",
     "file_",
-    type=click.Path(allow_dash=True, dir_okay=False),
+    type=click.Path(exists=True, allow_dash=True, dir_okay=False),
     help="Submit many mails: a JSON array or JSON lines of containers ('-' = stdin).",
 )
 @pass_context
@@ -120,27 +161,14 @@ def submit(ctx: CliContext, /, file_: str | None, **flags: Any) -> None:
     from rohrpost.shared.errors import DuplicateMail
 
     settings = ctx.settings()
+    mails = _read_file(file_) if file_ is not None else None  # refuse a bad file before connecting
     with Producer(settings) as producer:
-        if file_ is None:
-            try:
-                click.echo(producer.submit(_from_flags(flags)))
-            except DuplicateMail as exc:
-                if not exc.same_content:
-                    raise
-                click.echo(f"duplicate: {exc}", err=True)
+        if mails is not None:
+            _submit_file(producer, mails)
             return
-        items = _read_file(file_)
-        skipped: list[str] = []
-
-        def on_duplicate(position: int, mail_id: uuid.UUID) -> None:
-            skipped.append(
-                f"duplicate: mail #{position + 1} ({mail_id}) was submitted before "
-                "with the same content; not submitted again"
-            )
-
-        with click.progressbar(length=len(items), label="submitting", file=sys.stderr) as bar:
-            ids = producer.submit_many(items, on_progress=bar.update, on_duplicate=on_duplicate)
-        for line in skipped:
-            click.echo(line, err=True)
-        for mail_id in ids:
-            click.echo(mail_id)
+        try:
+            click.echo(producer.submit(_from_flags(flags)))
+        except DuplicateMail as exc:
+            if not exc.same_content:
+                raise
+            click.echo(f"duplicate: {exc}", err=True)

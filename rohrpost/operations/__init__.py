@@ -5,7 +5,8 @@ ack second (a crash in between leaves a duplicate, never a loss), and every acti
 is recorded in the history with who did it.
 """
 
-from rohrpost.operations.deadletters import DeadLetter, DeadLetterFilter, DeadLetterQueue
+from rohrpost.operations.deadletters import DeadLetterFilter, DeadLetterQueue
+from rohrpost.operations.letter import DeadLetter
 from rohrpost.operations.session import OperatorSession
 
 __all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterQueue", "OperatorSession"]

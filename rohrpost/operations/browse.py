@@ -20,7 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pika.exceptions
+
 from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.wire import round_of
 
@@ -62,11 +65,20 @@ class Browse:
 def _take_all(channel: Any, queues: list[str]) -> list[Message]:
     taken = []
     for queue in queues:
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=False)
-            if method is None:
-                break
-            taken.append(Message(queue, method.delivery_tag, properties, body))
+        try:
+            while True:
+                method, properties, body = channel.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                taken.append(Message(queue, method.delivery_tag, properties, body))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                raise TopologyMissing(
+                    f"queue {queue} does not exist (run `rohrpost topology declare`)"
+                ) from exc
+            raise BrokerError(f"reading {queue}: {exc.reply_text}") from exc
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"lost RabbitMQ while reading {queue}: {exc!r}") from exc
     return taken
 
 

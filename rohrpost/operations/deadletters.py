@@ -14,18 +14,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from rohrpost.operations.browse import Browse, Message, browse
 from rohrpost.operations.edits import apply_edits, diff
+from rohrpost.operations.letter import DeadLetter, read_letter
 from rohrpost.operations.session import OperatorSession
 from rohrpost.shared.broker import Publication
 from rohrpost.shared.container import encode_container, parse_container
 from rohrpost.shared.errors import ContainerError, OperatorError, UnknownRoute
 from rohrpost.shared.events import EventKind
+from rohrpost.shared.preview import clip
 from rohrpost.shared.wire import (
     ACTOR_HEADER,
     ATTEMPTS_HEADER,
@@ -35,56 +37,7 @@ from rohrpost.shared.wire import (
     ERROR_HEADER,
     REASON_HEADER,
     mail_properties,
-    round_of,
 )
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One message in a dead-letter queue, as an operator sees it."""
-
-    mail_id: str | None
-    tenant: str
-    app: str
-    queue: str
-    reason: str
-    error: str | None
-    attempts: int | None
-    dead_at: datetime | None
-    round: int
-    edited_by: str | None
-    container: dict[str, Any] | None  # None when the body is not a JSON object
-    body: bytes
-    headers: dict[str, Any]
-
-    @property
-    def recipients(self) -> list[str]:
-        """to, cc and bcc of the container."""
-        data = self.container or {}
-        return [*data.get("to", []), *data.get("cc", []), *data.get("bcc", [])]
-
-    @property
-    def subject(self) -> str | None:
-        """The subject, or ``template: name`` for template mails."""
-        data = self.container or {}
-        return data.get("subject") or (
-            f"template: {data['template']}" if "template" in data else None
-        )
-
-    def summary(self) -> dict[str, Any]:
-        """What ``dlq list --json`` prints."""
-        return {
-            "id": self.mail_id,
-            "tenant": self.tenant,
-            "app": self.app,
-            "recipients": self.recipients,
-            "subject": self.subject,
-            "reason": self.reason,
-            "attempts": self.attempts,
-            "error": self.error,
-            "dead_at": self.dead_at.isoformat() if self.dead_at else None,
-            "edited_by": self.edited_by,
-        }
 
 
 class DeadLetterFilter(BaseModel):
@@ -113,36 +66,6 @@ class DeadLetterFilter(BaseModel):
 class _Held:
     letter: DeadLetter
     message: Message
-
-
-def _letter(tenant: str, app: str, queue: str, properties: Any, body: bytes) -> DeadLetter:
-    headers = dict(properties.headers or {})
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        data = None
-    reason = headers.get(REASON_HEADER) or headers.get("x-first-death-reason") or "unknown"
-    dead_at = headers.get(DEAD_AT_HEADER) or properties.timestamp
-    edited_by = headers.get(EDITED_BY_HEADER)
-    return DeadLetter(
-        mail_id=properties.message_id,
-        tenant=tenant,
-        app=app,
-        queue=queue,
-        reason=_text(reason) or "unknown",
-        error=_text(headers.get(ERROR_HEADER)),
-        attempts=headers.get(ATTEMPTS_HEADER),
-        dead_at=datetime.fromtimestamp(dead_at, UTC) if isinstance(dead_at, int) else None,
-        round=round_of(properties),
-        edited_by=_text(edited_by),
-        container=data if isinstance(data, dict) else None,
-        body=body,
-        headers=headers,
-    )
-
-
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class DeadLetterQueue:
@@ -185,7 +108,10 @@ class DeadLetterQueue:
                 raise OperatorError(f"no dead letter {mail_id}")
             letter, message = held[0].letter, held[0].message
             if replacement is None and letter.container is None:
-                raise OperatorError(f"dead letter {mail_id} is not a JSON object; use --editor")
+                raise OperatorError(
+                    f"dead letter {mail_id} is not a mail container: {letter.problem}; "
+                    "replace it whole with --editor, or delete it with `rohrpost dlq purge`"
+                )
             before = letter.container or {}
             after = (
                 replacement
@@ -203,7 +129,11 @@ class DeadLetterQueue:
             changes = diff(before, json.loads(body))
             if not changes:
                 return {}
-            headers = {k: v for k, v in letter.headers.items() if not k.startswith("x-")}
+            headers = {
+                k: v
+                for k, v in letter.headers.items()
+                if isinstance(k, str) and not k.startswith("x-")
+            }
             headers |= {
                 REASON_HEADER: letter.reason,
                 ERROR_HEADER: letter.error or "",
@@ -250,11 +180,12 @@ class DeadLetterQueue:
         with self._held(criteria) as (browsing, held):
             ready = []
             for item in held:
+                if item.letter.container is None:
+                    skipped.append((item.letter, f"not a mail container: {item.letter.problem}"))
+                    continue
                 try:
                     _, publication = producer.prepare(
-                        item.letter.container or {},
-                        headers=headers,
-                        round=item.letter.round + 1,
+                        item.letter.container, headers=headers, round=item.letter.round + 1
                     )
                 except (ContainerError, UnknownRoute) as exc:
                     skipped.append((item.letter, f"{exc}; fix it with `rohrpost dlq edit`"))
@@ -287,7 +218,7 @@ class DeadLetterQueue:
                             tenant=letter.tenant,
                             app=letter.app,
                             round=letter.round,
-                            detail={"reason": letter.reason},
+                            detail={"reason": clip(letter.reason, 1000)},
                         )
                 browsing.remove(item.message)
                 count += 1
@@ -308,7 +239,7 @@ class DeadLetterQueue:
             held = []
             for message in session.messages:
                 tenant, app = routes[message.queue]
-                letter = _letter(tenant, app, message.queue, message.properties, message.body)
+                letter = read_letter(tenant, app, message.queue, message.properties, message.body)
                 if criteria.matches(letter):
                     held.append(_Held(letter, message))
             yield session, held
