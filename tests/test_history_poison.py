@@ -30,7 +30,7 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryRecord, HistoryStore
 from rohrpost.shared.topology import Topology
 from rohrpost.shared.wire import ACTOR_HEADER, ERROR_HEADER, REASON_HEADER, ROUND_HEADER
-from tests.conftest import declare, publish_raw, wait_until
+from tests.conftest import declare, postgres_database, publish_raw, wait_until
 
 GLOBEX = {"globex": {"apps": {"shop": {"smtp": "catcher", "sender": "shop@globex.example"}}}}
 Rejected = tuple[pika.BasicProperties, bytes]
@@ -411,6 +411,28 @@ def test_values_the_store_refuses_are_found_by_splitting_and_set_aside_alone(
     assert [e["event_id"] for e in json.loads(bodies[BATCH_TYPE])] == [in_batch["event_id"]]
     if refusal == "the database refuses":
         assert all("poison" in reason_of(p)[1] for p, _ in found)
+
+
+def test_a_value_beyond_a_postgresql_limit_is_set_aside_not_retried_forever(
+    make_settings: Callable[..., Settings], postgres_url: str
+) -> None:
+    with postgres_database(postgres_url) as url:
+        settings = make_settings(store_url=url, tenants=GLOBEX)
+        declare(settings)
+        store = HistoryStore.open(url, migrate_schema=True)
+        try:
+            with store.engine.begin() as conn:  # an index an operator added, say
+                conn.execute(text("CREATE INDEX ix_events_error ON events (error)"))
+            poison = event(
+                kind="attempt_failed", error="".join(uuid.uuid4().hex for _ in range(300))
+            )
+            _, [(properties, _)] = run_with_poison(
+                settings, store, [event_message(poison)], rejected=1
+            )
+        finally:
+            store.close()
+    reason, error = reason_of(properties)
+    assert reason == "unstorable" and "index row" in error
 
 
 def test_a_message_that_kills_the_consumer_is_dead_lettered_after_the_delivery_limit(

@@ -77,12 +77,20 @@ def require_migrated(engine: Engine) -> None:
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn database driver errors into StoreUnavailable (may pass) or StoreError."""
+    """Turn database driver errors into StoreUnavailable (may pass) or StoreError (will not)."""
     try:
         yield
     except OperationalError as exc:
+        if _beyond_a_limit(exc.orig):
+            raise StoreError(f"history store error: {exc.orig}") from exc
         raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
         raise StoreError(f"history store error: {exc.orig}") from exc
+
+
+def _beyond_a_limit(error: object) -> bool:
+    # psycopg files PostgreSQL's class 54 (a value beyond a limit, such as an index
+    # row too large) under OperationalError, but no retry will ever store it.
+    return str(getattr(error, "sqlstate", None) or "").startswith("54")
