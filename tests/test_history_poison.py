@@ -18,7 +18,7 @@ from typing import Any
 import pika
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, insert, make_url, text
 
 from rohrpost.consumer.events import BATCH_TYPE
 from rohrpost.consumer.history import HistoryConsumer
@@ -28,12 +28,14 @@ from rohrpost.shared.errors import ContainerError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryRecord, HistoryStore
+from rohrpost.shared.store.tables import mails
 from rohrpost.shared.topology import Topology
 from rohrpost.shared.wire import ACTOR_HEADER, ERROR_HEADER, REASON_HEADER, ROUND_HEADER
 from tests.conftest import declare, postgres_database, publish_raw, wait_until
 
 GLOBEX = {"globex": {"apps": {"shop": {"smtp": "catcher", "sender": "shop@globex.example"}}}}
 Rejected = tuple[pika.BasicProperties, bytes]
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 def container(**fields: Any) -> dict[str, Any]:
@@ -433,6 +435,55 @@ def test_a_value_beyond_a_postgresql_limit_is_set_aside_not_retried_forever(
             store.close()
     reason, error = reason_of(properties)
     assert reason == "unstorable" and "index row" in error
+
+
+def test_a_collision_with_another_writer_is_retried_not_set_aside(
+    make_settings: Callable[..., Settings], postgres_url: str
+) -> None:
+    with postgres_database(postgres_url) as url:
+        settings = make_settings(store_url=url, tenants=GLOBEX)
+        declare(settings)
+        store = HistoryStore.open(url, migrate_schema=True)
+        sent = good_events(1)
+        # Another history consumer is storing the same new mail, not yet committed.
+        other = store.engine.connect()
+        writing = other.begin()
+        other.execute(
+            insert(mails).values(
+                id=sent[0].mail_id,
+                tenant="globex",
+                app="shop",
+                status="queued",
+                round=0,
+                status_rank=0,
+                status_at=T0,
+                updated_at=T0,
+                attempts=0,
+                content_deleted=False,
+            )
+        )
+        try:
+            publish(settings, as_messages(sent))
+            with RunningConsumer(settings, store) as consumer:
+                wait_until(lambda: waiting_for_a_lock(store), timeout=30)
+                writing.commit()
+                wait_until(lambda: (found := store.mail(sent[0].mail_id)) and found.events)
+                assert consumer.running
+            assert RejectedQueue(settings).read() == []
+            found = store.mail(sent[0].mail_id)
+            assert found is not None and found.mail.status == "sent"
+        finally:
+            other.close()
+            store.close()
+
+
+def waiting_for_a_lock(store: HistoryStore) -> bool:
+    with store.engine.connect() as conn:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return bool(conn.execute(text(query)).scalar_one())
 
 
 def test_a_message_that_kills_the_consumer_is_dead_lettered_after_the_delivery_limit(
