@@ -3,26 +3,29 @@
 It reads ``{ns}.history`` (bound to the events exchange, and to the submit exchange
 so each submitted mail arrives through the broker, without a second publish),
 writes in batches — one transaction each — and acks a batch only after it is
-committed. When the store is down it keeps the batch, stops acking, backs off and
-tries again: the events wait in the queue, nothing is lost. Messages it cannot
-read are rejected into ``{ns}.history.rejected``.
+committed. When the store is down (``StoreUnavailable``) it keeps the batch, stops
+acking, backs off and tries again: the events wait in the queue, nothing is lost.
+
+No message stops it. One it cannot read, or whose values the store refuses (any
+other error of a write: the batch is split until the bad part stands alone), is
+moved into ``{ns}.history.rejected`` with headers ``x-rohrpost-reason``
+(``unreadable`` / ``unstorable``) and ``x-rohrpost-error``; the rest is written. A
+message that kills the process itself is dead-lettered there by the broker after
+``delivery_limit`` deliveries.
 """
 
 from __future__ import annotations
 
 import queue
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
-from pydantic import TypeAdapter, ValidationError
 
-from rohrpost.consumer.events import BATCH_TYPE
-from rohrpost.shared.broker import Broker, Delivery, admin_channel
-from rohrpost.shared.container import decode_container
-from rohrpost.shared.errors import ContainerError, StoreError
+from rohrpost.consumer.history_messages import UNSTORABLE, Part, Rejection, describe, read
+from rohrpost.shared.broker import Broker, Delivery, Publication, admin_channel
+from rohrpost.shared.errors import StoreError, StoreUnavailable
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
@@ -30,51 +33,11 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
-from rohrpost.shared.wire import ACTOR_HEADER, round_of
 
 log = get_logger(__name__)
 
 _BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
-_EVENT_BATCH = TypeAdapter(list[MailEvent])
 _EMPTY_POLLS_TO_DRAIN = 3
-
-
-def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
-    """The history records one message stands for; ValueError when it is unreadable."""
-    kind = delivery.properties.type or ""
-    if kind == BATCH_TYPE:
-        return [HistoryRecord(event) for event in _EVENT_BATCH.validate_json(delivery.body)]
-    if kind.startswith("rohrpost.event."):
-        return [HistoryRecord(MailEvent.model_validate_json(delivery.body))]
-    mail = decode_container(delivery.body)
-    round_ = round_of(delivery.properties)
-    common = {"mail_id": mail.id, "tenant": mail.tenant, "app": mail.app, "round": round_}
-    actor = (delivery.properties.headers or {}).get(ACTOR_HEADER)
-    submitted = MailEvent(
-        event_id=uuid.uuid5(mail.id, f"submitted.{round_}"),
-        kind=EventKind.SUBMITTED if round_ == 0 else EventKind.RESUBMITTED,
-        at=mail.created_at if round_ == 0 else _published_at(delivery),
-        actor=actor.decode() if isinstance(actor, bytes) else actor,
-        **common,
-    )
-    app = settings.app(mail.tenant, mail.app)
-    records = [HistoryRecord(submitted, mail, mail.from_ or (app.sender if app else None))]
-    if mail.not_before is not None and mail.not_before > mail.created_at:
-        scheduled = MailEvent(
-            event_id=uuid.uuid5(mail.id, f"scheduled.{round_}"),
-            kind=EventKind.SCHEDULED,
-            at=mail.created_at,
-            **common,
-        )
-        records.append(HistoryRecord(scheduled))
-    return records
-
-
-def _published_at(delivery: Delivery) -> datetime:
-    # A re-submitted container keeps its first creation time; the publish time
-    # (whole seconds, so never after what follows) places the re-submission.
-    stamp = delivery.properties.timestamp
-    return datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, int) else datetime.now(UTC)
 
 
 class HistoryConsumer:
@@ -190,24 +153,55 @@ class HistoryConsumer:
         return batch
 
     def _archive(self, broker: Broker, store: HistoryStore, batch: list[Delivery]) -> bool:
-        records: list[HistoryRecord] = []
-        readable: list[Delivery] = []
+        parts: list[Part] = []
+        rejections: list[Rejection] = []
         for delivery in batch:
-            try:
-                records.extend(records_from(delivery, self._settings))
-                readable.append(delivery)
-            except (ContainerError, ValidationError, ValueError) as exc:
-                log.warning("unreadable history message rejected", error=str(exc)[:500])
-                broker.nack(delivery, requeue=False)
-        if not readable:
-            return True
+            readable, unreadable = read(delivery, self._settings)
+            parts += readable
+            rejections += unreadable
+        if parts:
+            refused = self._write(store, parts)
+            if refused is None:
+                return False  # stopping while the store was down: the broker redelivers
+            rejections += refused
+        dead_lettered = self._set_aside(broker, rejections)
+        # Every delivery up to the last one is now written or set aside.
+        last = next((d for d in reversed(batch) if id(d) not in dead_lettered), None)
+        if last is not None:
+            broker.ack(last, multiple=True)
+        return True
+
+    def _write(self, store: HistoryStore, parts: list[Part]) -> list[Rejection] | None:
+        """Write ``parts``; return those the store refuses (None: stopped during an outage).
+
+        A refused batch is split in halves until each refused part stands alone, so
+        k bad parts among n cost about k·log₂(n) extra writes, and only on failure.
+        """
+        try:
+            return [] if self._write_when_available(store, parts) else None
+        except Exception as exc:  # not an outage: some value in here cannot be stored
+            self.metrics.history_write_errors.inc()
+            if len(parts) == 1:
+                pieces = parts[0].split()
+                if len(pieces) == 1:
+                    part = parts[0]
+                    return [Rejection(part.delivery, part.body(), UNSTORABLE, describe(exc))]
+                parts = pieces
+            half = len(parts) // 2
+            first = self._write(store, parts[:half])
+            second = None if first is None else self._write(store, parts[half:])
+            return None if first is None or second is None else first + second
+
+    def _write_when_available(self, store: HistoryStore, parts: list[Part]) -> bool:
+        """Write, waiting out a store outage with backoff; False when stopped meanwhile."""
+        records: list[HistoryRecord] = [record for part in parts for record in part.records]
         failures = 0
         while True:
             try:
                 self._count(store.write_new(records))
                 self._store_error = None
-                break
-            except StoreError as exc:
+                return True
+            except StoreUnavailable as exc:
                 self._store_error = f"history store: {exc}"
                 self.metrics.history_write_errors.inc()
                 delay = _BACKOFF_SECONDS[min(failures, len(_BACKOFF_SECONDS) - 1)]
@@ -217,13 +211,40 @@ class HistoryConsumer:
                     error=str(exc),
                     retry_in_seconds=delay,
                     failures=failures,
-                    batch=len(batch),
+                    events=len(records),
                 )
                 if not self._sleep(delay):
                     return False
-        # Everything before it is either in this batch or was rejected above.
-        broker.ack(readable[-1], multiple=True)
-        return True
+
+    def _set_aside(self, broker: Broker, rejections: list[Rejection]) -> set[int]:
+        """Move each rejection into the rejected queue with its reason, confirmed.
+
+        Returns the ids of deliveries that could not be moved so: those are
+        dead-lettered whole by the broker instead (at-least-once), never dropped.
+        """
+        queue_name = self._topology.history_rejected_queue
+        moving = []
+        for rejection in rejections:
+            log.warning(
+                "history message set aside",
+                reason=rejection.reason,
+                error=rejection.error,
+                message_id=rejection.delivery.properties.message_id,
+                queue=queue_name,
+            )
+            publication = Publication("", queue_name, rejection.body, rejection.properties())
+            moving.append((rejection, broker.publish(publication)))
+        dead_lettered: set[int] = set()
+        timeout = self._settings.publish_timeout.total_seconds()
+        for rejection, future in moving:
+            try:
+                future.result(timeout=timeout)
+            except Exception as exc:  # dead-letter the whole message instead
+                if id(rejection.delivery) not in dead_lettered:
+                    log.error("setting a history message aside failed", error=str(exc))
+                    broker.nack(rejection.delivery, requeue=False)
+                    dead_lettered.add(id(rejection.delivery))
+        return dead_lettered
 
     def _count(self, new: list[MailEvent]) -> None:
         self.written += len(new)

@@ -20,7 +20,6 @@ from typing import Annotated, Any, Literal
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +32,7 @@ from pydantic_core import PydanticCustomError, PydanticSerializationError
 
 from rohrpost.shared.errors import ContainerError
 from rohrpost.shared.jsonvalue import JsonValueError, check_plain_json, deep_path
+from rohrpost.shared.storable import StoredDatetime
 
 SCHEMA_VERSION = 1
 #: Decoded size of all attachments of one mail together.
@@ -281,8 +281,8 @@ class MailContainer(BaseModel):
         description=f"Template data: plain JSON, nested at most {MAX_DATA_DEPTH} levels.",
     )
     attachments: tuple[Attachment, ...] = Field(default=(), max_length=50)
-    not_before: AwareDatetime | None = Field(default=None, description="Earliest send time.")
-    expires_at: AwareDatetime | None = Field(
+    not_before: StoredDatetime | None = Field(default=None, description="Earliest send time.")
+    expires_at: StoredDatetime | None = Field(
         default=None, description="Not sent after this; ends as 'expired'."
     )
     max_attempts: int | None = Field(
@@ -290,7 +290,7 @@ class MailContainer(BaseModel):
     )
     history: Literal["keep", "delete"] = "keep"
     tags: tuple[Tag, ...] = Field(default=(), max_length=20)
-    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: StoredDatetime = Field(default_factory=lambda: datetime.now(UTC))
     resend_of: uuid.UUID | None = Field(
         default=None, description="The mail this one re-sends (set by `history resend`)."
     )

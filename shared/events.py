@@ -5,12 +5,21 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pika
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from rohrpost.shared.container import Name
+from rohrpost.shared.storable import StoredDatetime, StoredInt, clipped
 
 EVENT_SCHEMA_VERSION = 1
+
+# Free text in an event records what happened (an SMTP reply, an exception): it is
+# made storable and clipped, never refused, so a worker can always record an outcome.
+_Code = Annotated[str, clipped(40)]  # the store's reason column holds 40
+_Line = Annotated[str, clipped(2000)]
+_Text = Annotated[str, clipped(10_000)]
 
 
 class EventKind(StrEnum):
@@ -45,20 +54,22 @@ class MailEvent(BaseModel):
     mail_id: uuid.UUID | None = Field(
         default=None, description="None when the mail was unreadable, or for tenant-wide actions."
     )
-    tenant: str
-    app: str | None = Field(default=None, description="None for actions on a whole tenant.")
-    at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
-    round: int = Field(
-        default=0, ge=0, description="Re-submissions of the mail before this event (0 = first)."
+    tenant: Name
+    app: Name | None = Field(default=None, description="None for actions on a whole tenant.")
+    at: StoredDatetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="Between 1970 and 9999 (UTC)."
     )
-    attempt: int | None = None
-    reason: str | None = Field(default=None, description="Why it was dead-lettered.")
-    error: str | None = Field(default=None, description="The SMTP reply or exception.")
-    smtp_reply: str | None = Field(default=None, description="The server's reply when sent.")
-    subject: str | None = Field(default=None, description="The subject as sent (rendered).")
-    message_id: str | None = Field(default=None, description="The Message-ID header sent.")
-    retry_in_seconds: int | None = None
-    actor: str | None = Field(default=None, description="Who did it, for operator actions.")
+    round: StoredInt = Field(
+        default=0, description="Re-submissions of the mail before this event (0 = first)."
+    )
+    attempt: StoredInt | None = None
+    reason: _Code | None = Field(default=None, description="Why it was dead-lettered.")
+    error: _Text | None = Field(default=None, description="The SMTP reply or exception.")
+    smtp_reply: _Text | None = Field(default=None, description="The server's reply when sent.")
+    subject: _Line | None = Field(default=None, description="The subject as sent (rendered).")
+    message_id: _Line | None = Field(default=None, description="The Message-ID header sent.")
+    retry_in_seconds: int | None = Field(default=None, description="Wait before the next attempt.")
+    actor: _Line | None = Field(default=None, description="Who did it, for operator actions.")
     detail: dict[str, Any] | None = Field(
         default=None, description="What changed (edits: field → [old, new]), links to mails."
     )

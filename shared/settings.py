@@ -134,8 +134,9 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(
         default=20,
         ge=1,
-        description="x-delivery-limit of send queues: deliveries before the "
-        "broker dead-letters a mail that keeps crashing workers.",
+        description="x-delivery-limit of send queues and the history queue: deliveries "
+        "before the broker dead-letters a message that keeps crashing workers or the "
+        "history consumer.",
     )
     prefetch: int = Field(default=100, ge=1, description="Unacked mails per send queue consumer.")
     threads: int = Field(default=4, ge=1, description="SMTP sender threads per worker process.")

@@ -9,6 +9,7 @@
     worker (retry) ─► {ns}.delay (topic, like schedule without history)
     worker (dead-letter), x-delivery-limit ─► {ns}.dead (direct, "T.A") ─► {ns}.dead.T.A
     worker (every outcome) ─► {ns}.events ─► {ns}.history
+    history consumer (unreadable, unstorable), x-delivery-limit ─► {ns}.history.rejected
 
 (T.A is tenant.app; "D" is the delay in seconds as N octal digits, one word each, see
 rohrpost.shared.delay; a message waits in one queue per nonzero digit.)
@@ -118,7 +119,7 @@ class Topology:
 
     @property
     def history_rejected_queue(self) -> str:
-        """History messages the consumer could not read, kept for inspection."""
+        """History messages the consumer could not read or store, kept for inspection."""
         return f"{self.namespace}.history.rejected"
 
     def send_queue(self, tenant: str, app: str) -> str:
@@ -179,6 +180,9 @@ class Topology:
                 Queue(
                     self.history_queue,
                     {
+                        # The consumer sets aside what it cannot read or store; this
+                        # removes a message that kills the consumer process itself.
+                        "x-delivery-limit": self.delivery_limit,
                         "x-dead-letter-exchange": "",
                         "x-dead-letter-routing-key": self.history_rejected_queue,
                         **_SAFE_DEAD_LETTERING,

@@ -8,6 +8,8 @@ from typing import Any
 
 import pika
 
+from rohrpost.shared.storable import MAX_INTEGER
+
 #: Which attempt the next delivery of this message is (1-based).
 ATTEMPT_HEADER = "x-rohrpost-attempt"
 #: How often an operator re-submitted this mail (0 = never); orders its history.
@@ -62,20 +64,21 @@ def mail_properties(
 
 
 def attempt_of(properties: Any) -> int:
-    """The attempt number a delivered mail carries (1 when absent or malformed)."""
+    """The attempt number a delivered mail carries (1 when absent, malformed or absurd)."""
     return _int_header(properties, ATTEMPT_HEADER, 1)
 
 
 def round_of(properties: Any) -> int:
-    """The re-submission round a delivered mail carries (0 when absent or malformed)."""
+    """The re-submission round a delivered mail carries (0 when absent, malformed or absurd)."""
     return _int_header(properties, ROUND_HEADER, 0)
 
 
 def _int_header(properties: Any, name: str, default: int) -> int:
     headers = properties.headers if isinstance(properties.headers, dict) else {}
     value = headers.get(name, default)
-    # Bounded: the next round or attempt must still fit the header's 64-bit integer.
-    return int(value) if isinstance(value, int) and default <= value < 2**31 else default
+    # Bounded: the next round or attempt must still fit the store's and the header's integer.
+    valid = isinstance(value, int) and not isinstance(value, bool)
+    return value if valid and default <= value <= MAX_INTEGER else default
 
 
 def header_text(value: object) -> str:

@@ -170,6 +170,13 @@ def test_a_bad_recipient_is_edited_retried_and_sent_with_the_whole_story_in_hist
         }
     }
     assert found.container is not None and found.container["to"] == ["Anna <anna@example.com>"]
+    # The new round's outcome replaces the last one's; the timeline keeps both.
+    assert (found.mail.reason, found.mail.last_error) == (None, None)
+    assert found.mail.subject == "Invoice (corrected)"
+    summary, timeline = cli(config, "history", "show", mail_id).stdout.split("timeline (UTC)")
+    assert "status      sent\n" in summary and "rejected" not in summary
+    assert "subject     Invoice (corrected)\n" in summary
+    assert "rejected; RCPT TO: 550 5.1.2 bad destination domain" in timeline
 
 
 def test_retry_all_for_a_tenant_moves_exactly_its_dead_letters(

@@ -277,3 +277,133 @@ def test_purge_removes_exactly_the_finished_mails_older_than_the_limit(
     assert remaining == {old_pending.id, new_sent.id, other_app.id}
     assert count(store, events, mail_id=old_sent.id) == 0, "events go with their mail"
     assert count(store, mail_recipients, mail_id=old_dead.id) == 0
+
+
+def edited_retried_and_sent(mail: MailContainer) -> list[HistoryRecord]:
+    """Dead-lettered, corrected by an operator, re-submitted (round 1) and sent."""
+    corrected = container(
+        id=str(mail.id), subject="Invoice 7 (corrected)", to=["anna@example.org"], cc=[]
+    )
+    resubmitted = MailEvent(
+        event_id=uuid.uuid5(mail.id, "submitted.1"),
+        kind=EventKind.RESUBMITTED,
+        mail_id=mail.id,
+        tenant=mail.tenant,
+        app=mail.app,
+        at=T0 + timedelta(minutes=11),
+        round=1,
+        actor="carol",
+    )
+    return [
+        submitted(mail),
+        event(
+            mail,
+            EventKind.DEAD_LETTERED,
+            T0 + timedelta(seconds=1),
+            attempt=3,
+            reason="rejected",
+            error="550 5.1.2 bad destination domain",
+        ),
+        event(
+            mail,
+            EventKind.EDITED,
+            T0 + timedelta(minutes=10),
+            actor="carol",
+            detail={"changes": {"subject": ["Invoice 7", "Invoice 7 (corrected)"]}},
+        ),
+        HistoryRecord(resubmitted, corrected, "billing@acme.example"),
+        event(
+            mail,
+            EventKind.SENT,
+            T0 + timedelta(minutes=12),
+            round=1,
+            attempt=1,
+            smtp_reply="250 2.0.0 queued as XYZ",
+            subject="Invoice 7 (corrected)",
+        ),
+    ]
+
+
+def test_a_new_round_replaces_the_last_rounds_outcome_and_content(store: HistoryStore) -> None:
+    mail = container()
+    store.write(edited_retried_and_sent(mail))
+    found = store.mail(mail.id)
+    assert found is not None
+    summary = found.mail
+    assert (summary.status, summary.reason, summary.last_error) == ("sent", None, None)
+    assert summary.subject == "Invoice 7 (corrected)"
+    assert summary.recipients == "anna@example.org" and summary.attempts == 1
+    assert found.container is not None and found.container["to"] == ["anna@example.org"]
+    assert store.list_mails(MailFilter(to="anna@example.com")) == []
+    assert [m.id for m in store.list_mails(MailFilter(to="anna@example.org"))] == [mail.id]
+    # the timeline keeps the first round's story
+    kinds = [(e.kind, e.reason, e.error) for e in found.events]
+    assert kinds[:2] == [
+        ("submitted", None, None),
+        ("dead_lettered", "rejected", "550 5.1.2 bad destination domain"),
+    ]
+    assert [e.kind for e in found.events[2:]] == ["edited", "resubmitted", "sent"]
+
+
+@pytest.mark.parametrize(
+    "order", [(4, 3, 2, 1, 0), (4, 0, 1, 3, 2), (3, 0, 4, 1, 2), (0, 3, 1, 4, 2)]
+)
+def test_a_new_rounds_outcome_wins_whatever_order_the_events_arrive_in(
+    store: HistoryStore, order: tuple[int, ...]
+) -> None:
+    mail = container()
+    records = edited_retried_and_sent(mail)
+    for index in order:
+        store.write([records[index]])
+    found = store.mail(mail.id)
+    assert found is not None
+    summary = found.mail
+    assert (summary.status, summary.reason, summary.last_error, summary.attempts) == (
+        "sent",
+        None,
+        None,
+        1,
+    )
+    assert (summary.subject, summary.recipients) == ("Invoice 7 (corrected)", "anna@example.org")
+    assert found.container is not None and found.container["subject"] == "Invoice 7 (corrected)"
+
+
+def test_a_new_round_that_fails_again_shows_only_its_own_error(store: HistoryStore) -> None:
+    mail = container()
+    records = edited_retried_and_sent(mail)[:4]
+    records.append(
+        event(
+            mail,
+            EventKind.ATTEMPT_FAILED,
+            T0 + timedelta(minutes=12),
+            round=1,
+            attempt=1,
+            error="421 4.3.2 busy",
+        )
+    )
+    store.write(records)
+    found = store.mail(mail.id)
+    assert found is not None
+    summary = found.mail
+    assert (summary.status, summary.reason, summary.last_error, summary.attempts) == (
+        "retrying",
+        None,
+        "421 4.3.2 busy",
+        1,
+    )
+
+
+def test_text_a_column_cannot_hold_is_stored_as_a_replacement_character(
+    store: HistoryStore,
+) -> None:
+    # Built without validation: whatever the container model lets through, the writer
+    # never hands PostgreSQL a NUL (the container JSON keeps it, escaped).
+    valid = container(tags=["a"], data={})
+    mail = MailContainer.model_construct(
+        **{**dict(valid), "subject": "In\x00voice", "tags": ("t\x00ag", "t\ufffdag")}
+    )
+    store.write([submitted(mail)])
+    found = store.mail(mail.id)
+    assert found is not None and found.mail.subject == "In\ufffdvoice"
+    assert found.container is not None and found.container["subject"] == "In\x00voice"
+    assert count(store, mail_tags, mail_id=mail.id) == 1

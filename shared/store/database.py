@@ -12,7 +12,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from rohrpost.shared.errors import StoreError, StoreUnavailable
 
@@ -77,12 +77,30 @@ def require_migrated(engine: Engine) -> None:
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn database driver errors into StoreUnavailable (may pass) or StoreError."""
+    """Turn database driver errors into StoreUnavailable (may pass) or StoreError (will not)."""
     try:
         yield
     except OperationalError as exc:
+        if _beyond_a_limit(exc.orig):
+            raise StoreError(f"history store error: {exc.orig}") from exc
         raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
+    except IntegrityError as exc:
+        if _sqlstate(exc.orig) != "23505":
+            raise StoreError(f"history store error: {exc.orig}") from exc
+        # A unique key another writer took meanwhile (two history consumers storing
+        # the same new mail): the retry finds its row and updates it.
+        raise StoreUnavailable(f"history store conflict with another writer: {exc.orig}") from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
         raise StoreError(f"history store error: {exc.orig}") from exc
+
+
+def _sqlstate(error: object) -> str:
+    return str(getattr(error, "sqlstate", None) or "")
+
+
+def _beyond_a_limit(error: object) -> bool:
+    # psycopg files PostgreSQL's class 54 (a value beyond a limit, such as an index
+    # row too large) under OperationalError, but no retry will ever store it.
+    return _sqlstate(error).startswith("54")

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, up
 
 from rohrpost.shared.container import MailContainer, bare_address
 from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.storable import storable_text
 from rohrpost.shared.store.database import translate_errors
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
 
@@ -35,6 +36,7 @@ STATUS_OF: dict[EventKind, tuple[str, int]] = {
     EventKind.DEAD_LETTERED: ("dead_lettered", 3),
     EventKind.CANCELLED: ("cancelled", 3),
 }
+_COUNTS_ATTEMPTS = frozenset({EventKind.ATTEMPT_FAILED, EventKind.SENT, EventKind.DEAD_LETTERED})
 TERMINAL = ("sent", "expired", "dead_lettered", "cancelled")
 #: Events about a whole tenant or app, not one mail.
 TENANT_ACTIONS = frozenset({EventKind.PAUSED, EventKind.RESUMED})
@@ -107,33 +109,49 @@ class _Mail:
         self.set(updated_at=max(row["updated_at"], event.at))
         if record.container is not None:
             self._apply_container(record)
-        status = STATUS_OF.get(event.kind)
-        key = record.order()
-        is_latest = status is not None and key > (
-            row["round"],
-            row["status_rank"],
-            row["status_at"],
-        )
-        if is_latest and status is not None:
-            self.set(status=status[0], round=key[0], status_rank=key[1], status_at=key[2])
-            if event.error is not None:
-                self.set(last_error=event.error)
-        if event.attempt is not None and event.kind in (
-            EventKind.ATTEMPT_FAILED,
-            EventKind.SENT,
-            EventKind.DEAD_LETTERED,
+        self._apply_status(record)
+        if (
+            event.attempt is not None
+            and event.kind in _COUNTS_ATTEMPTS
+            and event.round == row["round"]
         ):
             self.set(attempts=max(row["attempts"], event.attempt))
+
+    def _apply_status(self, record: HistoryRecord) -> None:
+        event = record.event
+        row = self.row
+        status = STATUS_OF.get(event.kind)
+        key = record.order()
+        if status is None or key <= (row["round"], row["status_rank"], row["status_at"]):
+            return  # not a state change, or an earlier one arriving late
+        if key[0] > row["round"]:
+            # A new round (an operator re-submitted the mail): the last round's
+            # outcome no longer describes it; its events keep the story.
+            self.set(reason=None, last_error=None, smtp_reply=None, attempts=0)
+        self.set(status=status[0], round=key[0], status_rank=key[1], status_at=key[2])
+        if event.error is not None:
+            self.set(last_error=event.error)
         if event.kind == EventKind.SENT:
-            self.set(sent_at=event.at, message_id=event.message_id, smtp_reply=event.smtp_reply)
-            if row["subject"] is None and event.subject is not None:
-                self.set(subject=event.subject)
+            self.set(
+                sent_at=event.at,
+                message_id=event.message_id,
+                smtp_reply=event.smtp_reply,
+                reason=None,
+            )
+            if event.subject is not None and not row["content_deleted"]:
+                self.set(subject=event.subject)  # as rendered, for template mails
         elif event.kind == EventKind.DEAD_LETTERED:
             self.set(reason=event.reason)
 
     def _apply_container(self, record: HistoryRecord) -> None:
         mail = record.container
         assert mail is not None
+        row = self.row
+        # The content of the newest round wins (an operator may have edited it);
+        # an earlier round's only fills in what is still missing.
+        newest = record.event.round >= row["round"]
+        if not newest and row["created_at"] is not None:
+            return
         self.set(
             created_at=mail.created_at,
             not_before=mail.not_before,
@@ -142,17 +160,21 @@ class _Mail:
             history=mail.history,
             resend_of=mail.resend_of,
         )
-        if self.row["content_deleted"]:
+        if row["content_deleted"]:
             return
+        sent_this_round = row["status"] == "sent" and row["round"] == record.event.round
+        subject = mail.subject if newest and not sent_this_round else row["subject"] or mail.subject
         self.set(
-            sender=record.sender or mail.from_,
-            recipients=", ".join(mail.recipients),
-            subject=self.row["subject"] or mail.subject,
+            sender=_storable(record.sender or mail.from_),
+            recipients=_storable(", ".join(mail.recipients)),
+            subject=_storable(subject),
             container=mail.model_dump_json(by_alias=True, exclude_none=True),
         )
         self.new_content = True
-        self.tags = mail.tags
-        self.addresses = tuple(dict.fromkeys(bare_address(a).lower() for a in mail.recipients))
+        self.tags = tuple(dict.fromkeys(storable_text(t) for t in mail.tags))
+        self.addresses = tuple(
+            dict.fromkeys(storable_text(bare_address(a).lower()) for a in mail.recipients)
+        )
 
     @property
     def drops_content(self) -> bool:
@@ -276,6 +298,12 @@ class HistoryWriter:
             .where(events.c.mail_id.in_(ids))
             .values(error=None, smtp_reply=None, detail=None)
         )
+
+
+def _storable(text: str | None) -> str | None:
+    # Container text is valid mail text; where a column cannot hold a character
+    # (NUL on PostgreSQL), the column shows U+FFFD; the container JSON escapes it.
+    return None if text is None else storable_text(text)
 
 
 def _existing(conn: Connection, column: Any, values: list[Any]) -> set[Any]:

@@ -1,0 +1,170 @@
+"""What each message on ``{ns}.history`` stands for: history records, or why it cannot.
+
+Three kinds arrive: a submitted mail (its container, from the submit and schedule
+exchanges), one event (operator tools), and a batch of events (workers, many tenants
+in one message). A batch is read in one pass; only when that fails is it read event
+by event, so one bad event is set aside alone, not with the events batched with it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pika
+from pydantic import TypeAdapter, ValidationError
+
+from rohrpost.consumer.events import BATCH_TYPE, batch_body
+from rohrpost.shared.broker import Delivery
+from rohrpost.shared.container import decode_container, describe_validation_error
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.settings import Settings
+from rohrpost.shared.storable import storable_text, timestamp_datetime
+from rohrpost.shared.store import HistoryRecord
+from rohrpost.shared.wire import (
+    ACTOR_HEADER,
+    ERROR_HEADER,
+    REASON_HEADER,
+    header_text,
+    round_of,
+)
+
+#: Why a message was set aside: it could not be read, or the store refused it.
+UNREADABLE = "unreadable"
+UNSTORABLE = "unstorable"
+
+_EVENT_BATCH = TypeAdapter(list[MailEvent])
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """The records of one message, or of some events of one batch message."""
+
+    delivery: Delivery
+    records: list[HistoryRecord]
+    batched: bool = False
+
+    def split(self) -> list[Part]:
+        """One part per event of a batch message; any other message stays whole."""
+        if not self.batched or len(self.records) < 2:
+            return [self]
+        return [Part(self.delivery, [record], batched=True) for record in self.records]
+
+    def body(self) -> bytes:
+        """The message to set aside when the store refuses these records."""
+        if self.batched:
+            return batch_body([record.event for record in self.records])
+        return self.delivery.body
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A message, or one event of a batch, set aside: why, and the store's or parser's words."""
+
+    delivery: Delivery
+    body: bytes
+    reason: str
+    error: str
+
+    def properties(self) -> pika.BasicProperties:
+        """The original's properties, with ``x-rohrpost-reason`` and ``x-rohrpost-error``.
+
+        Not its expiration (it would expire while kept) nor its user id (the broker
+        refuses a publish whose user id is not the connection's).
+        """
+        original = self.delivery.properties
+        headers = original.headers if isinstance(original.headers, dict) else {}
+        return pika.BasicProperties(
+            content_type=original.content_type,
+            content_encoding=original.content_encoding,
+            headers={**headers, REASON_HEADER: self.reason, ERROR_HEADER: self.error},
+            delivery_mode=2,
+            correlation_id=original.correlation_id,
+            message_id=original.message_id,
+            timestamp=original.timestamp,
+            type=original.type,
+            app_id=original.app_id,
+        )
+
+
+def describe(exc: BaseException) -> str:
+    """One storable line naming what is wrong (the field, for validation errors)."""
+    if isinstance(exc, ValidationError):
+        text = describe_validation_error(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return header_text(storable_text(text))
+
+
+def read(delivery: Delivery, settings: Settings) -> tuple[list[Part], list[Rejection]]:
+    """The parts ``delivery`` stands for, and what of it cannot be read; never raises."""
+    try:
+        if delivery.properties.type == BATCH_TYPE:
+            return _read_batch(delivery)
+        return [Part(delivery, records_from(delivery, settings))], []
+    except Exception as exc:  # whatever a message holds, it is set aside, never fatal
+        return [], [Rejection(delivery, delivery.body, UNREADABLE, describe(exc))]
+
+
+def _read_batch(delivery: Delivery) -> tuple[list[Part], list[Rejection]]:
+    try:
+        events = _EVENT_BATCH.validate_json(delivery.body)
+        return [Part(delivery, [HistoryRecord(e) for e in events], batched=True)], []
+    except ValidationError:
+        pass  # read it event by event below
+    items = json.loads(delivery.body)
+    if not isinstance(items, list):
+        raise ValueError("a batch of events must be a JSON array")
+    records, rejections = [], []
+    for item in items:
+        try:
+            records.append(HistoryRecord(MailEvent.model_validate(item)))
+        except ValidationError as exc:
+            body = json.dumps([item]).encode()
+            rejections.append(Rejection(delivery, body, UNREADABLE, describe(exc)))
+    parts = [Part(delivery, records, batched=True)] if records else []
+    return parts, rejections
+
+
+def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
+    """The records a submitted mail or a single event stands for; raises when unreadable."""
+    kind = delivery.properties.type or ""
+    if kind.startswith("rohrpost.event."):
+        return [HistoryRecord(MailEvent.model_validate_json(delivery.body))]
+    mail = decode_container(delivery.body)
+    round_ = round_of(delivery.properties)
+    common = {"mail_id": mail.id, "tenant": mail.tenant, "app": mail.app, "round": round_}
+    submitted = MailEvent(
+        event_id=uuid.uuid5(mail.id, f"submitted.{round_}"),
+        kind=EventKind.SUBMITTED if round_ == 0 else EventKind.RESUBMITTED,
+        at=mail.created_at if round_ == 0 else _published_at(delivery),
+        actor=_actor(delivery),
+        **common,
+    )
+    app = settings.app(mail.tenant, mail.app)
+    records = [HistoryRecord(submitted, mail, mail.from_ or (app.sender if app else None))]
+    if mail.not_before is not None and mail.not_before > mail.created_at:
+        scheduled = MailEvent(
+            event_id=uuid.uuid5(mail.id, f"scheduled.{round_}"),
+            kind=EventKind.SCHEDULED,
+            at=mail.created_at,
+            **common,
+        )
+        records.append(HistoryRecord(scheduled))
+    return records
+
+
+def _published_at(delivery: Delivery) -> datetime:
+    # A re-submitted container keeps its first creation time; the publish time
+    # (whole seconds, so never after what follows) places the re-submission. A
+    # client stamping milliseconds (or nonsense) gets the time it arrived instead.
+    return timestamp_datetime(delivery.properties.timestamp) or datetime.now(UTC)
+
+
+def _actor(delivery: Delivery) -> str | None:
+    actor = (delivery.properties.headers or {}).get(ACTOR_HEADER)
+    if isinstance(actor, bytes):
+        return actor.decode(errors="replace")
+    return actor if isinstance(actor, str) else None
