@@ -160,29 +160,31 @@ def _check_product(left: Any, right: Any, limit: int) -> None:
 def check_printf(template: str | bytes, args_size: int, limit: int) -> None:
     """Refuse ``template % args`` (``args_size``: their size) if it would be too large."""
     text = template.decode("latin-1") if isinstance(template, bytes) else template
-    specs = _printf_specs(text, limit) if "%" in text else 0
-    if (size := len(text) + specs * args_size) > limit:
+    specs, widths = _printf_specs(text, limit) if "%" in text else (0, 0)
+    if (size := len(text) + widths + specs * args_size) > limit:
         raise refuse("'%' formatting", size, limit)
 
 
 @functools.lru_cache(maxsize=1024)
-def _printf_specs(text: str, limit: int) -> int:
-    """The number of conversions in ``text``; ValueTooLarge for a width beyond ``limit``."""
+def _printf_specs(text: str, limit: int) -> tuple[int, int]:
+    """The number of conversions in ``text`` and the sum of their widths and precisions."""
+    widths = 0
     specs = _PRINTF.findall(text)
     for width, precision in specs:
         if "*" in (width, precision):
             raise ValueTooLarge("'*' widths are not supported in templates")
-        for digits in (width, precision):
-            if digits and (len(digits) > 12 or int(digits) > limit):
-                raise ValueTooLarge(f"width or precision {digits[:20]} is more than {limit}")
-    return len(specs)
+        widths += check_width(f"{width}.{precision}", limit)
+    return len(specs), widths
 
 
-def check_width(spec: str, limit: int) -> None:
-    """Refuse a format spec (``>20``, ``08.3f``) whose width or precision is over ``limit``."""
+def check_width(spec: str, limit: int) -> int:
+    """The widest width or precision in a format spec (``>20``, ``08.3f``), at most ``limit``."""
+    widest = 0
     for digits in _DIGITS.findall(spec):
         if len(digits) > 12 or int(digits) > limit:
             raise ValueTooLarge(f"width or precision {digits[:20]} is more than {limit}")
+        widest = max(widest, int(digits))
+    return widest
 
 
 def _int_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str, default: int) -> Any:

@@ -151,8 +151,8 @@ class _BoundedFormatting:
     written = 0
 
     def format_field(self, value: Any, format_spec: str) -> Any:
-        check_width(format_spec, self.limit)
-        self.written += size_of(value, self.limit) + len(format_spec)
+        width = check_width(format_spec, self.limit)
+        self.written += size_of(value, self.limit) + width
         if self.written > self.limit:
             raise refuse("format", self.written, self.limit)
         return super().format_field(value, format_spec)  # type: ignore[misc]

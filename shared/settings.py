@@ -149,7 +149,7 @@ class Settings(BaseSettings):
         default=1024 * 1024,
         ge=1024,
         description="Most UTF-8 bytes a mail's templates may produce together; also the "
-        "largest value (characters or items) a template may build.",
+        "largest value (characters and items) a template may build or get as data.",
     )
     max_template_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest template file rohrpost reads."

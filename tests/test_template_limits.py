@@ -42,6 +42,12 @@ HOSTILE: dict[str, tuple[str, tuple[str, ...]]] = {
     "printf_star_width": ("{{ '%*d' % (999999999, 1) }}", ("'*' widths",)),
     "format_filter_width": ("{{ '%0999999999d'|format(1) }}", ("width",)),
     "str_format_width": ("{{ '{:>999999999}'.format(1) }}", ("width",)),
+    "str_format_nested_width": ("{{ '{0:{1}}'.format('x', 999999999) }}", ("width",)),
+    "printf_many_wide_fields": ("{{ ('%1000000d' * 1000) % ((1,) * 1000) }}", (TOO_LARGE,)),
+    "str_format_many_wide_fields": (
+        "{{ ('{:1000000}' * 1000).format(*range(1000)) }}",
+        (TOO_LARGE,),
+    ),
     "center": ("{{ 'x'|center(999999999) }}", (TOO_LARGE,)),
     "indent": ("{{ 'x\ny'|indent(10**9) }}", (TOO_LARGE,)),
     "wordwrap": ("{{ ('x ' * 100000)|wordwrap(1, wrapstring='y' * 100000) }}", (TOO_LARGE,)),
@@ -479,6 +485,32 @@ def test_ordinary_templates_render_as_before(templates: Path, case: tuple[str, s
     data = {"items": [{"price": 1.5}, {"price": 2}], "total": 3.5, "names": ["Anna", "Ben"]}
     try:
         assert renderer.render(_container("notice", data)).text == expected
+    finally:
+        renderer.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "fits"),
+    [
+        ({"text": "x" * 4000}, True),
+        ({"text": "x" * 5000}, False),
+        ({"numbers": list(range(5000))}, False),
+        ({"rows": [{"a": "xx"}] * 1000}, False),
+    ],
+    ids=["small-string", "long-string", "long-list", "many-rows"],
+)
+def test_data_larger_than_the_limit_is_refused_before_rendering(
+    templates: Path, data: dict[str, Any], fits: bool
+) -> None:
+    # A template could hand it to one long C step (sorting it, printing it).
+    write_template(templates, "notice", "{{ data|length }}")
+    renderer = _renderer(templates)
+    try:
+        if fits:
+            assert renderer.render(_container("notice", {"data": data})).text == "1"
+        else:
+            with pytest.raises(RenderError, match=r"data of \d+ or more .* \(4096\)"):
+                renderer.render(_container("notice", {"data": data}))
     finally:
         renderer.close()
 
