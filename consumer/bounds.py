@@ -12,6 +12,7 @@ than MAX_INT_BITS. Each single C-level step then costs at most about ``limit``.
 from __future__ import annotations
 
 import functools
+import marshal
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
@@ -81,6 +82,21 @@ def _walk(value: Any, limit: int) -> int:
     return total
 
 
+def data_size(data: Any, limit: int) -> int:
+    """``size_of`` a mail's data (JSON values), or a bound above it when that is within limit.
+
+    Walking the data costs about 20 µs for an invoice with ten lines; serialising it
+    with marshal costs a third of that. Format 2 writes no back-references, and at
+    least one byte more for every item than ``size_of`` counts, so its length bounds
+    the size from above.
+    """
+    try:
+        bound = len(marshal.dumps(data, 2))
+    except ValueError:  # nested too deep for marshal, or not made of JSON values
+        bound = limit + 1
+    return bound if bound <= limit else size_of(data, limit)
+
+
 def arguments_size(args: tuple[Any, ...], kwargs: Mapping[str, Any], limit: int) -> int:
     """The size of a call's arguments taken together (``*args`` splats build tuples too)."""
     total = len(args) + len(kwargs)
@@ -93,12 +109,13 @@ def arguments_size(args: tuple[Any, ...], kwargs: Mapping[str, Any], limit: int)
 
 
 def _children(item: Any) -> Sequence[Any] | None:
-    if isinstance(item, Mapping):
+    kind = type(item)
+    if kind is list or kind is tuple:
+        return cast("Sequence[Any]", item)
+    if kind is dict or isinstance(item, Mapping):
         return [*item.keys(), *item.values()]
     if isinstance(item, Namespace):
         return list(item._Namespace__attrs.values())
-    if isinstance(item, list | tuple):
-        return item
     if isinstance(item, _ITERABLE):
         return list(cast("Iterable[Any]", item))
     return None

@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import jinja2
 
-from rohrpost.consumer.bounds import size_of
+from rohrpost.consumer.bounds import data_size
 from rohrpost.consumer.sandbox import BoundedEnvironment
 from rohrpost.consumer.template_loader import AppTemplateLoader, TemplateRefused, scoped_name
 from rohrpost.consumer.watchdog import RenderTimeout, RenderWatchdog
@@ -134,7 +134,7 @@ class TemplateRenderer:
     def _render_all(self, base: str, mail: MailContainer) -> RenderedMail:
         # Every value a template handles stays within the limit, the data too: a
         # step C runs at once (sorting a list, printing it) is bounded by its size.
-        if (size := size_of(mail.data, self._limits.max_bytes)) > self._limits.max_bytes:
+        if (size := data_size(mail.data, self._limits.max_bytes)) > self._limits.max_bytes:
             raise RenderError(
                 f"template {base}: data of {size} or more characters and items, more than "
                 f"max_render_bytes ({self._limits.max_bytes})"
