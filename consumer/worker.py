@@ -27,7 +27,7 @@ from rohrpost.consumer.events import EventBatcher
 from rohrpost.consumer.observers import LogObserver, MetricsObserver, Observer
 from rohrpost.consumer.outcome import Processed, Sent, mail_publication, outcome_event
 from rohrpost.consumer.processor import MailProcessor
-from rohrpost.consumer.render import TemplateRenderer
+from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
 from rohrpost.shared.control import ControlState
@@ -60,7 +60,9 @@ class SendWorker:
         """``metrics``: where to record (default: a private registry nobody serves)."""
         self._settings = settings
         self._topology = Topology.from_settings(settings)
-        renderer = TemplateRenderer(settings.templates_dir)
+        self._renderer = renderer = TemplateRenderer(
+            settings.templates_dir, RenderLimits.of(settings)
+        )
         self.metrics = metrics or Metrics(CollectorRegistry())
         self._observers: list[Observer] = [LogObserver(), MetricsObserver(self.metrics)]
         self._control = ControlState()
@@ -204,6 +206,7 @@ class SendWorker:
             self._state.close()
         broker.close(timeout=self._settings.publish_timeout.total_seconds())
         self._broker = None
+        self._renderer.close()
         # received: deliveries this process took; each was sent, retried, dead-lettered
         # or (paused route) put back before it exited.
         log.info("worker stopped", received=self._received, in_flight=self._in_flight)

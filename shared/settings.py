@@ -141,6 +141,20 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=100, ge=1, description="Unacked mails per send queue consumer.")
     threads: int = Field(default=4, ge=1, description="SMTP sender threads per worker process.")
     publish_timeout: Duration = timedelta(seconds=30)
+    render_timeout: Duration = Field(
+        default=timedelta(seconds=5),
+        description="Longest a mail's templates may render before it is dead-lettered "
+        "template_error.",
+    )
+    max_render_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Most UTF-8 bytes a mail's templates may produce together; also the "
+        "largest value (characters and items) a template may build or get as data.",
+    )
+    max_template_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Largest template file rohrpost reads."
+    )
     store_url: SecretStr = Field(
         default=SecretStr("sqlite:///rohrpost.db"),
         description="History store: sqlite:///file.db or postgresql+psycopg://user@host/db.",
@@ -217,6 +231,13 @@ class Settings(BaseSettings):
             )
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"{backend} is not supported; use sqlite or postgresql")
+        return value
+
+    @field_validator("render_timeout")
+    @classmethod
+    def _check_render_timeout(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than 0s")
         return value
 
     @model_validator(mode="after")
