@@ -23,7 +23,7 @@ from rohrpost.catcher import CaughtMail, MailCatcher
 from rohrpost.consumer.mime import build_message
 from rohrpost.consumer.outcome import DeadLetter
 from rohrpost.consumer.processor import MailProcessor
-from rohrpost.consumer.render import RenderedMail, TemplateRenderer
+from rohrpost.consumer.render import RenderedMail, RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.producer.client import Producer
 from rohrpost.shared.amqp import Delivery
@@ -301,7 +301,11 @@ def test_a_rendered_subject_is_one_line_without_control_characters(
             "data": {"name": f"ab{character}cd"},
         }
     )
-    subject = TemplateRenderer(templates).render(container).subject
+    renderer = TemplateRenderer(templates, RenderLimits(5.0, 1 << 20, 1 << 18))
+    try:
+        subject = renderer.render(container).subject
+    finally:
+        renderer.close()
     # Line breaks and other whitespace become a space; other controls are dropped.
     assert subject == ("Hello ab cd!" if character.isspace() else "Hello abcd!")
 
@@ -652,7 +656,8 @@ def test_an_encoding_error_in_sending_is_permanent_at_once_and_logs_no_traceback
     caplog.set_level(logging.DEBUG, logger="rohrpost")
     settings = make_settings()
     topology = Topology.from_settings(settings)
-    processor = MailProcessor(settings, topology, TemplateRenderer(settings.templates_dir))
+    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
+    processor = MailProcessor(settings, topology, renderer)
     container = parse_container(mail())
     delivery = Delivery(
         tag=1,
@@ -663,7 +668,10 @@ def test_an_encoding_error_in_sending_is_permanent_at_once_and_logs_no_traceback
         body=encode_container(container),
         redelivered=False,
     )
-    outcome = processor.process(delivery, _FailingTransport(error)).outcome
+    try:
+        outcome = processor.process(delivery, _FailingTransport(error)).outcome
+    finally:
+        renderer.close()
     assert isinstance(outcome, DeadLetter)
     assert outcome.reason == "unencodable"
     assert str(error) in outcome.error

@@ -240,7 +240,7 @@ UNREADABLE = {
             f'{{"tenant": "acme", "app": "billing", "to": ["a@example.com"], '
             f'"template": "t", "data": {deep_json(5000)}}}'.encode()
         ),
-        "recursion",
+        "data: nested deeper than",
     ),
     "deeply nested event detail": (
         event_message(

