@@ -24,6 +24,8 @@ moving between queues is held by the source until the target confirmed it.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,10 @@ import pika.exceptions
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyConflict
+from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import Settings
+
+log = get_logger(__name__)
 
 #: AMQP reply code for a declaration whose arguments differ from the existing ones.
 PRECONDITION_FAILED = 406
@@ -48,6 +53,15 @@ class Queue:
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
     kind: str = "quorum"
+    #: An earlier version declared it with fewer arguments: if it exists so, it is used
+    #: as it is, with a warning saying how to add them (a policy), instead of stopping.
+    upgradable: bool = False
+
+
+#: Dead letters are read by taking and returning them, which counts a delivery each
+#: time; RabbitMQ 4 drops a quorum queue's message after 20 deliveries unless the
+#: queue says otherwise, and a dead-letter queue has nowhere to dead-letter to.
+NO_DELIVERY_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -174,7 +188,13 @@ class Topology:
                     },
                 )
             )
-            queues.append(Queue(self.dead_queue(tenant, app)))
+            queues.append(
+                Queue(
+                    self.dead_queue(tenant, app),
+                    {"x-delivery-limit": NO_DELIVERY_LIMIT},
+                    upgradable=True,
+                )
+            )
         if self.history:
             queues.append(
                 Queue(
@@ -187,6 +207,7 @@ class Topology:
                         "x-dead-letter-routing-key": self.history_rejected_queue,
                         **_SAFE_DEAD_LETTERING,
                     },
+                    upgradable=True,
                 )
             )
             queues.append(Queue(self.history_rejected_queue))
@@ -252,10 +273,11 @@ class Topology:
         """Declare everything on a blocking channel; idempotent.
 
         Raises TopologyConflict when a queue or exchange exists with other arguments
-        (the broker refuses to change them; delete it or use a policy), BrokerError
-        when the broker refuses for another reason (e.g. ``coordinator_unavailable``
-        while a cluster regains quorum) and BrokerUnavailable when the connection is
-        lost meanwhile.
+        (the broker refuses to change them; delete it or use a policy) — except for a
+        queue an earlier version declared with fewer arguments, which is used as it is
+        with a warning. BrokerError when the broker refuses for another reason (e.g.
+        ``coordinator_unavailable`` while a cluster regains quorum), BrokerUnavailable
+        when the connection is lost meanwhile.
         """
         what = "exchanges"
         try:
@@ -263,11 +285,7 @@ class Topology:
                 channel.exchange_declare(name, exchange_type=kind, durable=True)
             for queue in self.queues():
                 what = f"queue {queue.name} with arguments {queue.arguments}"
-                channel.queue_declare(
-                    queue.name,
-                    durable=True,
-                    arguments={"x-queue-type": queue.kind, **queue.arguments},
-                )
+                channel = _declare_queue(channel, queue)
             what = "bindings"
             for binding in self.bindings():
                 channel.queue_bind(binding.destination, binding.source, binding.pattern)
@@ -292,6 +310,26 @@ def declare_topology(settings: Settings) -> Topology:
     with admin_channel(settings.broker_url.get_secret_value()) as channel:
         topology.declare(channel)
     return topology
+
+
+def _declare_queue(channel: Any, queue: Queue) -> Any:
+    """Declare ``queue``; the channel to go on with (a new one after a tolerated refusal)."""
+    arguments = {"x-queue-type": queue.kind, **queue.arguments}
+    try:
+        channel.queue_declare(queue.name, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if not (queue.upgradable and exc.reply_code == PRECONDITION_FAILED):
+            raise
+        policy = {k.removeprefix("x-"): v for k, v in queue.arguments.items()}
+        log.warning(
+            "queue declared by an earlier version without its new arguments; used as it is",
+            queue=queue.name,
+            arguments=queue.arguments,
+            hint="add them with a policy: rabbitmqctl set_policy --apply-to quorum_queues "
+            f"<name> '^{re.escape(queue.name)}$' '{json.dumps(policy)}'",
+        )
+        channel = channel.connection.channel()
+    return channel
 
 
 def queue_depths(channel: Any, names: list[str]) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import time
@@ -20,10 +21,10 @@ from rohrpost.catcher import MailCatcher
 from rohrpost.producer.client import Producer
 from rohrpost.shared.amqp import ConfirmTracker, Pending, PublishFramer
 from rohrpost.shared.broker import Broker, Publication, admin_channel
-from rohrpost.shared.errors import NotConfirmed, TopologyMissing
+from rohrpost.shared.errors import NotConfirmed, TopologyConflict, TopologyMissing
 from rohrpost.shared.events import EventKind
 from rohrpost.shared.settings import Settings
-from rohrpost.shared.topology import Topology
+from rohrpost.shared.topology import Topology, queue_depths
 from tests.conftest import EventLog, WorkerThread, declare, wait_until
 from tests.tcpproxy import TcpProxy
 
@@ -260,3 +261,38 @@ def test_every_delivery_keeps_its_sent_event_when_the_worker_loses_its_connectio
         assert {m: len(e) for m, e in sent_events().items()} == dict(deliveries)
     finally:
         event_log.delete()
+
+
+def test_queues_an_earlier_version_declared_with_fewer_arguments_are_used_with_a_warning(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rohrpost")
+    topology = Topology.from_settings(settings)
+    old = [topology.history_queue, topology.dead_queue("acme", "billing")]
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        for name in old:
+            channel.queue_delete(name)
+            channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+        topology.declare(channel)  # no TopologyConflict
+    warned = {
+        r.queue: r.hint
+        for r in caplog.records
+        if r.getMessage().startswith("queue declared by an earlier version")
+    }
+    assert set(warned) == set(old)
+    assert all("rabbitmqctl set_policy --apply-to quorum_queues" in h for h in warned.values())
+    # everything after them was declared: a mail still reaches its send queue and history
+    with Producer(settings) as producer:
+        producer.submit(mail(0))
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        depth = queue_depths(channel, [topology.send_queue("acme", "billing"), old[0]])
+    assert list(depth.values()) == [1, 1]
+
+
+def test_a_send_queue_with_other_arguments_is_still_a_conflict(settings: Settings) -> None:
+    topology = Topology.from_settings(settings)
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        channel.queue_delete(topology.send_queue("acme", "billing"))
+        channel.queue_declare(topology.send_queue("acme", "billing"), durable=True)
+        with pytest.raises(TopologyConflict, match=r"send\.acme\.billing"):
+            topology.declare(channel)
