@@ -30,6 +30,7 @@ from bench.workload import APP, TEMPLATES, TENANT
 from rohrpost.catcher import free_port
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.settings import Settings, settings_from_mapping
+from rohrpost.shared.state import SharedState, StateUnavailable
 from rohrpost.shared.topology import Topology
 
 BROKER_URL = os.environ.get("ROHRPOST_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -152,6 +153,19 @@ def _smtp_sink(port: int) -> Iterator[None]:
         sink.wait(10)
 
 
+def _delete_shared_state(settings: Settings) -> None:
+    """Delete the namespace's keys from Redis (mail ids submitted and sent)."""
+    if settings.redis_url is None:
+        return
+    state = SharedState(settings.redis_url.get_secret_value())
+    try:
+        state.forget_namespace(settings.namespace)
+    except StateUnavailable:
+        pass  # no Redis: nothing was kept there
+    finally:
+        state.close()
+
+
 @contextlib.contextmanager
 def environment(store: str = "sqlite", **overrides: Any) -> Iterator[Environment]:
     """A fresh namespace with smtp-sink and a store; everything is removed afterwards."""
@@ -161,7 +175,8 @@ def environment(store: str = "sqlite", **overrides: Any) -> Iterator[Environment
     with _smtp_sink(sink_port), _store(store, workdir) as store_url:
         settings = settings_from_mapping(_settings(namespace, sink_port, store_url, **overrides))
         data = settings.model_dump(mode="json", exclude_none=True)
-        data |= {"broker_url": BROKER_URL, "store_url": store_url}
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+        data |= {"broker_url": BROKER_URL, "store_url": store_url, "redis_url": redis_url}
         config = workdir / "rohrpost.toml"
         config.write_text(tomli_w.dumps(data))
         env = Environment(settings, config, workdir)
@@ -180,4 +195,5 @@ def environment(store: str = "sqlite", **overrides: Any) -> Iterator[Environment
                     handle.kill()
             with admin_channel(BROKER_URL) as channel:
                 env.topology.delete(channel)
+            _delete_shared_state(settings)
             shutil.rmtree(workdir, ignore_errors=True)

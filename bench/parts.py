@@ -146,8 +146,9 @@ def submit(count: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]
     }
 
 
-def _e2e_round(count: int, processes: int, store: str) -> dict[str, float]:
-    with environment(store) as env:
+def _rohrpost_e2e(count: int, processes: int, store: str, **overrides: Any) -> dict[str, Any]:
+    """One run: submit ``count`` mails while ``rohrpost run`` works, until all are archived."""
+    with environment(store, **overrides) as env:
         port = free_port()
         run = env.rohrpost("run", "--processes", str(processes), metrics_port=port)
         workers, history = _children(run)
@@ -160,25 +161,37 @@ def _e2e_round(count: int, processes: int, store: str) -> dict[str, float]:
         worker_cpu = _cpu_seconds(workers) - cpu_before[0]
         history_cpu = _cpu_seconds(history) - cpu_before[1]
         env.stop(run)
-        baseline_rate = baseline.measure(env.settings.smtp["sink"].port, count)
-    return {
-        "seconds": finished - started,
-        "rate": count / (finished - started),
-        "baseline": baseline_rate,
-        "worker_cpu": worker_cpu,
-        "history_cpu": history_cpu,
-    }
+        return {
+            "seconds": finished - started,
+            "rate": count / (finished - started),
+            "worker_cpu": worker_cpu,
+            "history_cpu": history_cpu,
+            "sink_port": env.settings.smtp["sink"].port,
+        }
+
+
+def _e2e_round(count: int, processes: int, store: str) -> dict[str, float]:
+    """rohrpost, the plain-process baseline, and rohrpost without shared state, in turn."""
+    run = _rohrpost_e2e(count, processes, store)
+    run["baseline"] = baseline.measure(int(run.pop("sink_port")), count)
+    # Without Redis: no duplicate checks at submit, no send claims in the workers.
+    unchecked = _rohrpost_e2e(count, processes, store, redis_url="")
+    run["unchecked_rate"] = unchecked["rate"]
+    run["unchecked_worker_cpu"] = unchecked["worker_cpu"]
+    return run
 
 
 def e2e(count: int, processes: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]:
     """Submit while ``rohrpost run`` works, until every mail is sent and archived.
 
-    Beside each round, the plain-process baseline sends the same mails. This
-    machine's speed varies by a third between minutes, so rounds alternate with
-    the baseline and the median of the per-round ratios is reported.
+    Beside each round, the plain-process baseline sends the same mails, and rohrpost
+    runs once more without the shared state (the cost of the idempotency checks).
+    This machine's speed varies by a third between minutes, so rounds alternate and
+    the medians of the per-round ratios are reported.
     """
     runs = [_e2e_round(count, processes, store) for _ in range(rounds)]
     middle = sorted(runs, key=lambda r: r["rate"] / r["baseline"])[len(runs) // 2]
+    checked = [r["rate"] / r["unchecked_rate"] for r in runs]
     return {
         "mails": count,
         "seconds": round(middle["seconds"], 2),
@@ -189,6 +202,13 @@ def e2e(count: int, processes: int, store: str = "sqlite", rounds: int = 3) -> d
         "processes": processes,
         "worker_cpu_s_per_1000": round(middle["worker_cpu"] / count * 1000, 3),
         "history_cpu_s_per_1000": round(middle["history_cpu"] / count * 1000, 3),
+        # idempotency: rohrpost with Redis against rohrpost without, same round
+        "unchecked_mails_per_s": round(statistics.median(r["unchecked_rate"] for r in runs)),
+        "ratio_to_unchecked": round(statistics.median(checked), 3),
+        "ratios_to_unchecked": [round(c, 3) for c in checked],
+        "unchecked_worker_cpu_s_per_1000": round(
+            statistics.median(r["unchecked_worker_cpu"] for r in runs) / count * 1000, 3
+        ),
         "store": store,
     }
 

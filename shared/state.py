@@ -77,6 +77,23 @@ class SharedState:
         """A Lua script registered on the client (loaded on first use)."""
         return self._pool_client().register_script(source)
 
+    def forget_namespace(self, namespace: str) -> int:
+        """Delete every key of ``namespace`` (``rohrpost topology delete``); how many."""
+
+        def delete(client: redis.Redis) -> int:
+            deleted = 0
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=f"{namespace}:*", count=5000):
+                batch.append(key)
+                if len(batch) == 5000:
+                    deleted += int(client.delete(*batch))
+                    batch = []
+            if batch:
+                deleted += int(client.delete(*batch))
+            return deleted
+
+        return self.run(delete)
+
     def close(self) -> None:
         """Close every connection."""
         if self._client is not None:

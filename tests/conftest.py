@@ -37,6 +37,7 @@ from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import BrokerUnavailable
 from rohrpost.shared.events import MailEvent
 from rohrpost.shared.settings import Settings, settings_from_mapping
+from rohrpost.shared.state import SharedState
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology
 
@@ -180,13 +181,11 @@ def redis_url() -> Iterator[str]:
 
 def delete_redis_keys(url: str, namespace: str) -> None:
     """Delete every key of ``namespace`` from the shared state (the server outlives the run)."""
-    client = redis.Redis.from_url(url)
+    state = SharedState(url)
     try:
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
+        state.forget_namespace(namespace)
     finally:
-        client.close()
+        state.close()
 
 
 @contextlib.contextmanager

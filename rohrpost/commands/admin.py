@@ -37,6 +37,7 @@ def topology_declare(ctx: CliContext) -> None:
 def topology_delete(ctx: CliContext, yes: bool) -> None:
     """Delete every exchange and queue of the namespace, messages included."""
     from rohrpost.shared.broker import admin_channel
+    from rohrpost.shared.state import SharedState, StateUnavailable
     from rohrpost.shared.topology import Topology
 
     if not yes:
@@ -44,7 +45,17 @@ def topology_delete(ctx: CliContext, yes: bool) -> None:
     settings = ctx.settings()
     with admin_channel(settings.broker_url.get_secret_value()) as channel:
         Topology.from_settings(settings).delete(channel)
-    click.echo(f"deleted namespace {settings.namespace!r}")
+    forgotten = ""
+    if settings.redis_url is not None:
+        state = SharedState(settings.redis_url.get_secret_value())
+        try:
+            keys = state.forget_namespace(settings.namespace)
+            forgotten = f" and its {keys} shared-state keys"
+        except StateUnavailable:
+            forgotten = " (its shared-state keys in Redis were not reachable; they expire)"
+        finally:
+            state.close()
+    click.echo(f"deleted namespace {settings.namespace!r}{forgotten}")
 
 
 @click.command()
