@@ -146,8 +146,13 @@ def submit(count: int, store: str = "sqlite", rounds: int = 3) -> dict[str, Any]
     }
 
 
-def _rohrpost_e2e(count: int, processes: int, store: str, **overrides: Any) -> dict[str, Any]:
-    """One run: submit ``count`` mails while ``rohrpost run`` works, until all are archived."""
+def _rohrpost_e2e(
+    count: int, processes: int, store: str, *, with_baseline: bool = False, **overrides: Any
+) -> dict[str, float]:
+    """One run: submit ``count`` mails while ``rohrpost run`` works, until all are archived.
+
+    ``with_baseline``: then the plain-process baseline sends as many to the same sink.
+    """
     with environment(store, **overrides) as env:
         port = free_port()
         run = env.rohrpost("run", "--processes", str(processes), metrics_port=port)
@@ -161,19 +166,19 @@ def _rohrpost_e2e(count: int, processes: int, store: str, **overrides: Any) -> d
         worker_cpu = _cpu_seconds(workers) - cpu_before[0]
         history_cpu = _cpu_seconds(history) - cpu_before[1]
         env.stop(run)
+        port = env.settings.smtp["sink"].port
         return {
             "seconds": finished - started,
             "rate": count / (finished - started),
             "worker_cpu": worker_cpu,
             "history_cpu": history_cpu,
-            "sink_port": env.settings.smtp["sink"].port,
+            "baseline": baseline.measure(port, count) if with_baseline else 0.0,
         }
 
 
 def _e2e_round(count: int, processes: int, store: str) -> dict[str, float]:
     """rohrpost, the plain-process baseline, and rohrpost without shared state, in turn."""
-    run = _rohrpost_e2e(count, processes, store)
-    run["baseline"] = baseline.measure(int(run.pop("sink_port")), count)
+    run = _rohrpost_e2e(count, processes, store, with_baseline=True)
     # Without Redis: no duplicate checks at submit, no send claims in the workers.
     unchecked = _rohrpost_e2e(count, processes, store, redis_url="")
     run["unchecked_rate"] = unchecked["rate"]

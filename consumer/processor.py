@@ -36,7 +36,7 @@ from rohrpost.shared.errors import (
     TransientDeliveryError,
     UnencodableMail,
 )
-from rohrpost.shared.idempotency import ClaimState, SendClaims
+from rohrpost.shared.idempotency import Claim, ClaimState, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
 from rohrpost.shared.topology import Topology
@@ -78,8 +78,20 @@ class MailProcessor:
         """(tenant, app) of a send queue."""
         return self._queue_routes[queue]
 
-    def process(self, delivery: Delivery, transport: Transport) -> Processed:
-        """Decide what to do with ``delivery``, sending it if it is due."""
+    def claim_key(self, delivery: Delivery) -> str | None:
+        """The send-claim key the delivery's properties name (mail id and round), if any."""
+        mail_id = delivery.properties.message_id
+        if not isinstance(mail_id, str) or not mail_id:
+            return None
+        return self._claims.key(mail_id, round_of(delivery.properties))
+
+    def process(
+        self, delivery: Delivery, transport: Transport, claim: Claim | None = None
+    ) -> Processed:
+        """Decide what to do with ``delivery``, sending it if it is due.
+
+        ``claim``: the send claim taken for it on arrival (else it is taken here).
+        """
         tenant, app = self._queue_routes[delivery.queue]
         attempt = attempt_of(delivery.properties)
         structlog.contextvars.bind_contextvars(
@@ -88,12 +100,13 @@ class MailProcessor:
         try:
             mail = decode_container(delivery.body)
         except ContainerError as exc:
+            self._claims.release(claim)
             return Processed(delivery, None, attempt, DeadLetter("invalid", str(exc)), tenant, app)
         structlog.contextvars.bind_contextvars(mail_id=str(mail.id))
         measured = _Measured()
         try:
             job = _Job(mail, attempt, tenant, app, round_of(delivery.properties))
-            outcome = self._decide(job, _Sending(transport, measured))
+            outcome = self._decide(job, _Sending(transport, measured), claim)
         except Exception as exc:
             # A bug or an unforeseen environment failure: never crash the worker, never
             # spin on the message; treat it like a transient failure.
@@ -111,15 +124,20 @@ class MailProcessor:
             smtp_error=measured.smtp_error,
         )
 
-    def _decide(self, job: _Job, transport: _Sending) -> Outcome:
+    def _decide(self, job: _Job, transport: _Sending, claim: Claim | None) -> Outcome:
         mail, tenant, app = job.mail, job.tenant, job.app
-        if (mail.tenant, mail.app) != (tenant, app):
-            return DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
         config = self._settings.app(tenant, app)
         assert config is not None  # we only consume queues of configured apps
-        if (not_now := self._not_now(mail)) is not None:
-            return not_now
-        claim = self._claims.claim(mail.id, job.round)
+        stop: Outcome | None = None
+        if (mail.tenant, mail.app) != (tenant, app):
+            stop = DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
+        if stop is not None or (stop := self._not_now(mail)) is not None:
+            self._claims.release(claim)
+            return stop
+        if claim is None or not claim.is_for(self._claims.key(mail.id, job.round)):
+            # none taken on arrival, or the properties named another id than the mail
+            self._claims.release(claim)
+            claim = self._claims.claim(mail.id, job.round)
         if claim.state is ClaimState.SENT:
             return Duplicate()
         if claim.state is ClaimState.BUSY:

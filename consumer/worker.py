@@ -31,7 +31,7 @@ from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
 from rohrpost.shared.control import ControlState
-from rohrpost.shared.idempotency import SendClaims
+from rohrpost.shared.idempotency import Claim, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.settings import Settings
@@ -45,6 +45,8 @@ _POLL_SECONDS = 0.2
 #: Drain mode: queues must look empty this many polls in a row; a message being
 #: dead-lettered from one delay level to the next is briefly in neither queue.
 _EMPTY_POLLS_TO_DRAIN = 3
+#: Most deliveries whose send claims are taken in one round trip to the shared state.
+_CLAIM_BATCH = 500
 
 
 class SendWorker:
@@ -79,7 +81,9 @@ class SendWorker:
         )
         self._consuming: set[str] = set()
         self._consuming_started = False
-        self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        # deliveries as they arrive, and then with their send claims (taken in batches)
+        self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Delivery, Claim | None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._received = 0
@@ -115,12 +119,15 @@ class SendWorker:
             threading.Thread(target=self._send_loop, name=f"sender-{i}", daemon=True)
             for i in range(self._settings.threads)
         ]
+        threads.append(threading.Thread(target=self._claim_loop, name="claimer", daemon=True))
         for thread in threads:
             thread.start()
         self._consuming_started = True
         self._follow_pauses()
         self.metrics.ready.labels("worker").set(1)
-        log.info("worker started", queues=len(self._topology.routes), threads=len(threads))
+        log.info(
+            "worker started", queues=len(self._topology.routes), threads=self._settings.threads
+        )
         try:
             if drain:
                 with admin_channel(url) as channel:
@@ -195,8 +202,7 @@ class SendWorker:
             broker.cancel_consumers().result(timeout=10)
         except Exception as exc:
             log.warning("could not cancel consumers cleanly", error=str(exc))
-        for _ in threads:
-            self._inbox.put(None)
+        self._arrivals.put(None)  # the claimer hands on what arrived, then the end
         for thread in threads:
             thread.join()
         if self._batcher is not None:
@@ -218,19 +224,40 @@ class SendWorker:
             self._in_flight += 1
             self._received += 1
         self.metrics.in_flight.inc()
-        self._inbox.put(delivery)
+        self._arrivals.put(delivery)
+
+    # -- claimer thread ----------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        """Take the send claims of what arrived, many in one round trip; pass them on."""
+        ending = False
+        while not ending:
+            batch = [self._arrivals.get()]
+            while len(batch) < _CLAIM_BATCH and not self._arrivals.empty():
+                batch.append(self._arrivals.get())
+            ending = None in batch
+            deliveries = [d for d in batch if d is not None]
+            keys = [self._processor.claim_key(d) for d in deliveries]
+            taken = iter(self._claims.claim_many([key for key in keys if key is not None]))
+            for delivery, key in zip(deliveries, keys, strict=True):
+                # without a mail id in its properties, claimed once it is read
+                self._inbox.put((delivery, next(taken) if key is not None else None))
+        for _ in range(self._settings.threads):
+            self._inbox.put(None)
 
     # -- sender threads --------------------------------------------------------------
 
     def _send_loop(self) -> None:
         transport = SmtpTransport(self._settings.smtp)
         try:
-            while (delivery := self._inbox.get()) is not None:
+            while (item := self._inbox.get()) is not None:
+                delivery, claim = item
                 structlog.contextvars.clear_contextvars()
                 if self._control.is_paused(*self._processor.route_of(delivery.queue)):
+                    self._claims.release(claim)
                     self._put_back(delivery)  # prefetched before the pause took effect
                     continue
-                processed = self._processor.process(delivery, transport)
+                processed = self._processor.process(delivery, transport, claim)
                 self._record(processed)
         finally:
             transport.close()

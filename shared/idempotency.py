@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import queue
 import re
 import threading
@@ -59,6 +60,13 @@ end
 return n
 """
 
+_MARK_SENT = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, 'sent', 'EX', ARGV[i])
+end
+return #KEYS
+"""
+
 _RENEW = """
 local n = 0
 for i, key in ipairs(KEYS) do
@@ -70,8 +78,15 @@ return n
 """
 
 _CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return '' end
-return redis.call('GET', KEYS[1]) or ''
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
+    out[i] = ''
+  else
+    out[i] = redis.call('GET', key) or ''
+  end
+end
+return out
 """
 
 #: ``"created_at":"…",`` in a container's wire JSON: two submits of the same mail
@@ -170,11 +185,16 @@ class Claim:
     key: str = ""
     token: str = ""
 
+    def is_for(self, key: str) -> bool:
+        """Whether this claim is about ``key`` (an unchecked claim is about any)."""
+        return self.state is ClaimState.UNCHECKED or self.key == key
+
 
 class SendClaims:
     """The workers' side: a mail is sent at most once per round.
 
-    ``claim`` is one round trip before the SMTP transaction. ``sent`` and ``release``
+    ``claim_many`` is one round trip for the mails a worker just received (``claim``
+    for one). ``sent`` and ``release``
     are written by a background thread in batches (every 20 ms), which also renews
     the leases of the claims still sending (every ``lease / 3``): a claim outlives
     a slow SMTP server but not a dead worker, whose mails another worker sends once
@@ -194,6 +214,10 @@ class SendClaims:
         self._claim = state.script(_CLAIM) if state else None
         self._release = state.script(_RELEASE) if state else None
         self._renew = state.script(_RENEW) if state else None
+        self._mark_sent = state.script(_MARK_SENT) if state else None
+        # Tokens only need to be unique: a random base per process and a counter.
+        self._token_base = f"sending:{uuid.uuid4().hex[:16]}:"
+        self._tokens = itertools.count()
         self._lease_ms = int(lease_seconds * 1000)
         self._interval = interval
         self._pending: queue.SimpleQueue[tuple[str, str, int] | None] = queue.SimpleQueue()
@@ -201,36 +225,46 @@ class SendClaims:
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
+    def key(self, mail_id: uuid.UUID | str, round: int) -> str:
+        """The shared-state key of ``mail_id``'s sending in ``round``."""
+        return f"{self._prefix}{mail_id}:{round}"
+
     def claim(self, mail_id: uuid.UUID, round: int) -> Claim:
         """Claim the sending of ``mail_id`` in ``round``."""
-        if self._state is None or self._claim is None:
-            return Claim(ClaimState.UNCHECKED)
-        key = f"{self._prefix}{mail_id}:{round}"
-        token = f"sending:{uuid.uuid4().hex}"
-        script, lease = self._claim, self._lease_ms
+        return self.claim_many([self.key(mail_id, round)])[0]
+
+    def claim_many(self, keys: Sequence[str]) -> list[Claim]:
+        """Claim the sendings of ``keys`` (see ``key``) in one round trip."""
+        if self._state is None or self._claim is None or not keys:
+            return [Claim(ClaimState.UNCHECKED)] * len(keys)
+        base = self._token_base
+        tokens = [f"{base}{next(self._tokens)}" for _ in keys]
+        script, args = self._claim, [self._lease_ms, *tokens]
         try:
-            seen = _text(
-                self._state.run(
-                    lambda client: script(keys=[key], args=[token, lease], client=client)
-                )
-            )
+            seen = self._state.run(lambda client: script(keys=keys, args=args, client=client))
         except StateUnavailable:
-            return Claim(ClaimState.UNCHECKED)
-        if seen:
-            return Claim(ClaimState.SENT if seen == "sent" else ClaimState.BUSY, key)
+            return [Claim(ClaimState.UNCHECKED)] * len(keys)
+        claims = []
         with self._lock:
-            self._active[key] = token
-            self._start_writer()
-        return Claim(ClaimState.MINE, key, token)
+            for key, token, value in zip(keys, tokens, seen, strict=True):
+                if text := _text(value):
+                    state = ClaimState.SENT if text == "sent" else ClaimState.BUSY
+                    claims.append(Claim(state, key))
+                else:
+                    self._active[key] = token
+                    claims.append(Claim(ClaimState.MINE, key, token))
+            if self._active:
+                self._start_writer()
+        return claims
 
     def sent(self, claim: Claim, ttl_seconds: int) -> None:
         """Mark the claimed mail sent, for ``ttl_seconds`` (written within ~20 ms)."""
         if claim.state is ClaimState.MINE:
             self._done(claim.key, (claim.key, "", ttl_seconds))
 
-    def release(self, claim: Claim) -> None:
-        """Give up the claim after a failed attempt, so another copy may try."""
-        if claim.state is ClaimState.MINE:
+    def release(self, claim: Claim | None) -> None:
+        """Give up the claim (not sent), so another copy may try."""
+        if claim is not None and claim.state is ClaimState.MINE:
             self._done(claim.key, (claim.key, claim.token, 0))
 
     def close(self) -> None:
@@ -285,16 +319,16 @@ class SendClaims:
             log.warning("could not renew the claims of mails being sent", count=len(keys))
 
     def _write(self, ops: list[tuple[str, str, int]]) -> None:
-        if not ops or self._state is None or self._release is None:
+        if not ops or self._state is None or self._release is None or self._mark_sent is None:
             return
+        sent = [(key, ttl) for key, token, ttl in ops if not token]
         releases = [(key, token) for key, token, _ in ops if token]
-        release = self._release
+        mark_sent, release = self._mark_sent, self._release
 
         def write(client: redis.Redis) -> None:
             pipe = client.pipeline(transaction=False)
-            for key, token, ttl in ops:
-                if not token:
-                    pipe.set(key, "sent", ex=ttl)
+            if sent:
+                mark_sent(keys=[k for k, _ in sent], args=[t for _, t in sent], client=pipe)
             if releases:
                 release(keys=[k for k, _ in releases], args=[t for _, t in releases], client=pipe)
             pipe.execute()
