@@ -1,4 +1,4 @@
-"""``python -m bench submit|e2e|punctuality|scale|all [--mails N]``."""
+"""``python -m bench submit|e2e|punctuality|scale|history|all [--mails N]``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import parts
+from bench import ingest, parts
 from rohrpost.shared.logs import configure_logging
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULTS = {"submit": 20_000, "e2e": 20_000, "punctuality": 20_000, "scale": 1_000_000}
+DEFAULTS = {
+    "submit": 20_000,
+    "e2e": 20_000,
+    "punctuality": 20_000,
+    "scale": 1_000_000,
+    "history": 50_000,
+}
 
 
 def machine() -> str:
@@ -37,8 +43,12 @@ def table(name: str, figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_part(name: str, mails: int | None, processes: int, store: str) -> dict[str, Any]:
+def run_part(
+    name: str, mails: int | None, processes: int, store: str, consumers: int = 1
+) -> dict[str, Any]:
     count = mails or DEFAULTS[name]
+    if name == "history":
+        return ingest.ingest(count, store, consumers)
     if name == "submit":
         return parts.submit(count, store)
     if name == "e2e":
@@ -54,12 +64,15 @@ def main() -> None:
     parser.add_argument("--mails", type=int, help="mails per part (default: the part's own)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--consumers", type=int, default=1, help="history consumers (part history; default 1)"
+    )
     args = parser.parse_args()
     configure_logging("warning")
     names = list(DEFAULTS) if args.part == "all" else [args.part]
     results: dict[str, Any] = {}
     for name in names:
-        figures = run_part(name, args.mails, args.processes, args.store)
+        figures = run_part(name, args.mails, args.processes, args.store, args.consumers)
         print(table(name, figures), flush=True)
         results[name] = figures
     if args.part == "all":

@@ -1,0 +1,199 @@
+"""History ingest: the event stream of N mails, pre-loaded, archived by history consumers.
+
+The stream is what the pipeline produces for a day of mail: every mail's container
+(the ``submitted`` record, as the submit exchange delivers it), and the workers'
+outcome batches (JSON arrays of events): most mails sent at the first attempt,
+some after a failed one, some scheduled first, a few dead-lettered. It is published
+straight into ``{ns}.history`` before any consumer runs, so the figure is the
+consumer's own speed, not the workers'.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pika
+import psutil
+from sqlalchemy import text
+
+from bench.environment import Environment, environment
+from bench.workload import APP, TENANT, mails
+from rohrpost.consumer.events import BATCH_TYPE, batch_body
+from rohrpost.shared.broker import BatchConfirm, Broker, Publication
+from rohrpost.shared.container import encode_container, parse_container
+from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.wire import mail_properties
+
+#: Mails per outcome batch, as workers publish them (up to 200 events or 20 ms).
+_BATCH = 200
+
+
+def _outcomes(mail_id: uuid.UUID, created: datetime, i: int) -> list[MailEvent]:
+    """The workers' events of mail ``i``: 85 % sent, 10 % after one failure, 5 % dead."""
+    common: dict[str, Any] = {"mail_id": mail_id, "tenant": TENANT, "app": APP}
+    sent_at = created + timedelta(seconds=2)
+    if i % 20 == 19:
+        return [
+            MailEvent(
+                kind=EventKind.DEAD_LETTERED,
+                attempt=1,
+                reason="rejected",
+                error="550 5.1.1 <customer@example.com>: Recipient address rejected",
+                at=sent_at,
+                **common,
+            )
+        ]
+    events = []
+    attempt = 1
+    if i % 10 == 3:
+        events.append(
+            MailEvent(
+                kind=EventKind.ATTEMPT_FAILED,
+                attempt=1,
+                error="421 4.3.2 busy, try again later",
+                retry_in_seconds=30,
+                at=sent_at,
+                **common,
+            )
+        )
+        attempt, sent_at = 2, sent_at + timedelta(seconds=30)
+    events.append(
+        MailEvent(
+            kind=EventKind.SENT,
+            attempt=attempt,
+            smtp_reply="250 2.0.0 Ok: queued as 4Xyz",
+            message_id=f"<{mail_id}@acme.example>",
+            subject=f"Your invoice {100_000 + i}",
+            at=sent_at,
+            **common,
+        )
+    )
+    return events
+
+
+def _stream(count: int, exchange: str, queue: str) -> Iterator[Publication]:
+    """Every message of ``count`` mails' history, in the order the broker would hold them."""
+    now = datetime.now(UTC)
+    pending: list[MailEvent] = []
+    for i, fields in enumerate(mails(count)):
+        created = now + timedelta(milliseconds=i)
+        extra = {"created_at": created.isoformat()}
+        if i % 20 == 7:  # scheduled an hour ahead: `scheduled` comes with `submitted`
+            extra["not_before"] = (created + timedelta(hours=1)).isoformat()
+        mail = parse_container({**fields, **extra})
+        properties = mail_properties(str(mail.id))
+        yield Publication(exchange, queue, encode_container(mail), properties)
+        pending += _outcomes(mail.id, created, i)
+        if len(pending) >= _BATCH:
+            yield _batch(exchange, queue, pending)
+            pending = []
+    if pending:
+        yield _batch(exchange, queue, pending)
+
+
+def _batch(exchange: str, queue: str, events: list[MailEvent]) -> Publication:
+    properties = pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=str(uuid.uuid4()),
+        type=BATCH_TYPE,
+    )
+    return Publication(exchange, queue, batch_body(events), properties)
+
+
+def _preload(env: Environment, count: int) -> int:
+    """Publish the stream into ``{ns}.history`` (default exchange); return its events."""
+    broker = Broker(env.settings.broker_url.get_secret_value(), name="bench-preload")
+    broker.start()
+    events = 0
+    try:
+        chunk: list[Publication] = []
+        for publication in _stream(count, "", env.topology.history_queue):
+            chunk.append(publication)
+            if publication.properties.type == BATCH_TYPE:
+                events += len(json.loads(publication.body))
+            else:
+                events += 2 if b'"not_before"' in publication.body else 1
+            if len(chunk) == 2000:
+                _confirmed(broker.publish_many(chunk))
+                chunk = []
+        _confirmed(broker.publish_many(chunk))
+    finally:
+        broker.close()
+    return events
+
+
+def _confirmed(batch: BatchConfirm) -> None:
+    if not batch.wait(120) or batch.failures:
+        raise RuntimeError(f"preloading the history queue failed: {batch.failures[:1]}")
+
+
+def _drained(env: Environment, count: int, timeout: float) -> float:
+    """Wait until the store holds ``count`` mails in a final state; return that moment."""
+    engine = env.store_engine()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                done = conn.execute(
+                    text("SELECT count(*) FROM mails WHERE status IN ('sent', 'dead_lettered')")
+                ).scalar_one()
+            if done >= count:
+                return time.perf_counter()
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise TimeoutError(f"only {done} of {count} mails archived")
+
+
+def _round(count: int, store: str, consumers: int) -> dict[str, float]:
+    with environment(store) as env:
+        env.rohrpost("store", "migrate")  # not part of the timed archiving
+        for handle in env.processes:
+            handle.wait(120)
+        events = _preload(env, count)
+        started = time.perf_counter()
+        processes = [env.rohrpost("history-consumer") for _ in range(consumers)]
+        cpu_at_start = sum(_cpu(p) for p in processes)
+        finished = _drained(env, count, timeout=max(300, count / 200))
+        cpu = sum(_cpu(p) for p in processes) - cpu_at_start
+        for process in processes:
+            env.stop(process)
+    seconds = finished - started
+    return {"seconds": seconds, "events": events, "cpu": cpu}
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def ingest(
+    count: int, store: str = "sqlite", consumers: int = 1, rounds: int = 3
+) -> dict[str, Any]:
+    """Archive ``count`` mails' pre-loaded history with ``consumers`` history consumers.
+
+    The consumers' start-up (connecting, replaying nothing) falls inside the timed
+    window, as it does for a consumer that restarts behind a backlog.
+    """
+    runs = [_round(count, store, consumers) for _ in range(rounds)]
+    middle = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {
+        "mails": count,
+        "events": int(middle["events"]),
+        "consumers": consumers,
+        "store": store,
+        "seconds": round(middle["seconds"], 2),
+        "mails_per_s": round(count / middle["seconds"]),
+        "events_per_s": round(middle["events"] / middle["seconds"]),
+        "consumer_cpu_s_per_1000_mails": round(middle["cpu"] / count * 1000, 3),
+        "mails_per_s_runs": [round(count / r["seconds"]) for r in runs],
+        "median_of": len(runs),
+        "spread": round(statistics.pstdev(count / r["seconds"] for r in runs)),
+    }
