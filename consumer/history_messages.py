@@ -17,8 +17,9 @@ import pika
 from pydantic import TypeAdapter, ValidationError
 
 from rohrpost.consumer.events import BATCH_TYPE, batch_body
+from rohrpost.shared.archive import read_archived
 from rohrpost.shared.broker import Delivery
-from rohrpost.shared.container import decode_container, describe_validation_error
+from rohrpost.shared.container import describe_validation_error
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.storable import storable_text, timestamp_datetime
@@ -133,7 +134,10 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
     kind = delivery.properties.type or ""
     if kind.startswith("rohrpost.event."):
         return [HistoryRecord(MailEvent.model_validate_json(delivery.body))]
-    mail = decode_container(delivery.body)
+    mail, text = read_archived(delivery.body)
+    if mail.created_at is None:
+        mail = mail.model_copy(update={"created_at": _published_at(delivery)})
+    assert mail.created_at is not None
     round_ = round_of(delivery.properties)
     common = {"mail_id": mail.id, "tenant": mail.tenant, "app": mail.app, "round": round_}
     submitted = MailEvent(
@@ -144,7 +148,8 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         **common,
     )
     app = settings.app(mail.tenant, mail.app)
-    records = [HistoryRecord(submitted, mail, mail.from_ or (app.sender if app else None))]
+    sender = mail.from_ or (app.sender if app else None)
+    records = [HistoryRecord(submitted, mail, sender, container_json=text)]
     if mail.not_before is not None and mail.not_before > mail.created_at:
         scheduled = MailEvent(
             event_id=uuid.uuid5(mail.id, f"scheduled.{round_}"),

@@ -139,6 +139,14 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
     return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
 
 
+def _named_id(delivery: Delivery) -> uuid.UUID | None:
+    """The mail id an unreadable delivery's properties name, so its history shows it."""
+    try:
+        return uuid.UUID(str(delivery.properties.message_id))
+    except ValueError:
+        return None
+
+
 def cancelled_event_id(mail_id: uuid.UUID, round: int) -> uuid.UUID:
     """The one id of a mail's ``cancelled`` event in a round, whoever records it."""
     return uuid.uuid5(mail_id, f"cancelled.{round}")
@@ -148,7 +156,7 @@ def outcome_event(processed: Processed) -> MailEvent | None:
     """The event recording ``processed``'s outcome (none for an early arrival)."""
     outcome = processed.outcome
     common = {
-        "mail_id": processed.mail.id if processed.mail else None,
+        "mail_id": processed.mail.id if processed.mail else _named_id(processed.delivery),
         "tenant": processed.tenant,
         "app": processed.app,
         "attempt": processed.attempt,

@@ -240,7 +240,7 @@ UNREADABLE = {
             f'{{"tenant": "acme", "app": "billing", "to": ["a@example.com"], '
             f'"template": "t", "data": {deep_json(5000)}}}'.encode()
         ),
-        "data: nested deeper than",
+        "recursion limit",  # the JSON reader's own limit: the history reads no data
     ),
     "deeply nested event detail": (
         event_message(

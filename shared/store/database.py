@@ -94,6 +94,23 @@ def translate_errors() -> Iterator[None]:
         if exc.connection_invalidated:
             raise StoreUnavailable(f"history store unavailable: {exc.orig}") from exc
         raise StoreError(f"history store error: {exc.orig}") from exc
+    except Exception as exc:
+        # psycopg's own errors, from statements the PostgreSQL sink runs on the driver
+        # connection (COPY), classified as SQLAlchemy's wrappers are above.
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        raise _driver_error(exc) from exc
+
+
+def _driver_error(exc: Exception) -> StoreError:
+    import psycopg
+
+    state = _sqlstate(exc)
+    if state == "23505" or (
+        isinstance(exc, psycopg.OperationalError) and not state.startswith("54")
+    ):
+        return StoreUnavailable(f"history store unavailable: {exc}")
+    return StoreError(f"history store error: {exc}")
 
 
 def _sqlstate(error: object) -> str:
