@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
@@ -60,6 +61,7 @@ class HistoryConsumer:
         self._drain = False
         self._drain_when: Callable[[], bool] | None = None
         self._next_purge = 0.0
+        self._purging: list[_Purge] = []
         self.written = 0
 
     def stop(self) -> None:
@@ -267,17 +269,43 @@ class HistoryConsumer:
         return not any(queue_depths(probe, [self._topology.history_queue]).values())
 
     def _purge_if_due(self, store: HistoryStore) -> None:
+        """Delete one batch of expired mails, if a purge is due or under way.
+
+        Retention runs between batches of ingest, one purge batch (at most
+        PURGE_BATCH mails, one short transaction) per round of the loop, so purging
+        a million expired mails never stops the archiving for long.
+        """
         now = time.monotonic()
-        if now < self._next_purge:
+        if not self._purging and now >= self._next_purge:
+            self._next_purge = now + self._settings.purge_interval.total_seconds()
+            moment = datetime.now(UTC)
+            self._purging = [
+                _Purge(tenant, app, moment - timedelta(days=config.retention_days))
+                for tenant, tenant_config in self._settings.tenants.items()
+                for app, config in tenant_config.apps.items()
+            ]
+        if not self._purging:
             return
-        self._next_purge = now + self._settings.purge_interval.total_seconds()
-        for tenant, config in self._settings.tenants.items():
-            for app, app_config in config.apps.items():
-                cutoff = datetime.now(UTC) - timedelta(days=app_config.retention_days)
-                try:
-                    purged = store.purge(cutoff, tenant=tenant, app=app)
-                except StoreError as exc:
-                    log.warning("history purge failed; retrying later", error=str(exc))
-                    return
-                if purged:
-                    log.info("history purged", tenant=tenant, app=app, mails=purged)
+        purge = self._purging[0]
+        try:
+            deleted = store.purge_batch(purge.cutoff, tenant=purge.tenant, app=purge.app)
+        except StoreError as exc:
+            log.warning("history purge failed; retrying later", error=str(exc))
+            self._purging = []
+            return
+        purge.deleted += deleted
+        if deleted:
+            return
+        self._purging.pop(0)
+        if purge.deleted:
+            log.info("history purged", tenant=purge.tenant, app=purge.app, mails=purge.deleted)
+
+
+@dataclass
+class _Purge:
+    """The retention purge of one tenant/app, under way."""
+
+    tenant: str
+    app: str
+    cutoff: datetime
+    deleted: int = 0

@@ -407,3 +407,21 @@ def test_text_a_column_cannot_hold_is_stored_as_a_replacement_character(
     assert found is not None and found.mail.subject == "In\ufffdvoice"
     assert found.container is not None and found.container["subject"] == "In\x00voice"
     assert count(store, mail_tags, mail_id=mail.id) == 1
+
+
+def test_a_purge_deletes_in_batches_and_reports_its_progress(store: HistoryStore) -> None:
+    now = datetime.now(UTC)
+    old = [container(created_at=(now - timedelta(days=40)).isoformat()) for _ in range(7)]
+    fresh = container(created_at=now.isoformat())
+    records = []
+    for mail, age in [*((m, 40) for m in old), (fresh, 0)]:
+        records += [
+            submitted(mail, at=mail.created_at),
+            event(mail, EventKind.SENT, now - timedelta(days=age), attempt=1),
+        ]
+    store.write(records)
+    progress: list[int] = []
+    purged = store.purge(now - timedelta(days=30), batch_size=3, on_progress=progress.append)
+    assert (purged, progress) == (7, [3, 6, 7])
+    assert {m.id for m in store.list_mails()} == {fresh.id}
+    assert count(store, events) == 2, "only the fresh mail's events are left"

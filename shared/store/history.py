@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +23,10 @@ from rohrpost.shared.store.database import (
 )
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
 from rohrpost.shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
+
+#: Mails deleted per transaction by a purge: one batch must stay well under a second,
+#: since the history consumer purges between its batches of ingest.
+PURGE_BATCH = 5000
 
 
 class MailFilter(BaseModel):
@@ -183,16 +187,54 @@ class HistoryStore:
         return [OperatorAction.model_validate(dict(r)) for r in rows]
 
     def purge(
-        self, older_than: datetime, *, tenant: str | None = None, app: str | None = None
+        self,
+        older_than: datetime,
+        *,
+        tenant: str | None = None,
+        app: str | None = None,
+        batch_size: int = PURGE_BATCH,
+        on_progress: Callable[[int], None] | None = None,
     ) -> int:
-        """Delete finished mails (and their events) last changed before ``older_than``."""
-        query = delete(mails).where(mails.c.status.in_(TERMINAL), mails.c.updated_at < older_than)
+        """Delete finished mails (and their events) last changed before ``older_than``.
+
+        In transactions of ``batch_size`` mails, so a purge of millions never holds
+        locks or the history consumer for long; ``on_progress(purged_so_far)`` after
+        each. Returns how many were deleted.
+        """
+        purged = 0
+        while deleted := self.purge_batch(
+            older_than, tenant=tenant, app=app, batch_size=batch_size
+        ):
+            purged += deleted
+            if on_progress is not None:
+                on_progress(purged)
+        return purged
+
+    def purge_batch(
+        self,
+        older_than: datetime,
+        *,
+        tenant: str | None = None,
+        app: str | None = None,
+        batch_size: int = PURGE_BATCH,
+    ) -> int:
+        """Delete at most ``batch_size`` of the mails ``purge`` deletes; how many it did."""
+        chosen = (
+            select(mails.c.id)
+            .where(mails.c.status.in_(TERMINAL), mails.c.updated_at < older_than)
+            .limit(batch_size)
+        )
         if tenant is not None:
-            query = query.where(mails.c.tenant == tenant)
+            chosen = chosen.where(mails.c.tenant == tenant)
         if app is not None:
-            query = query.where(mails.c.app == app)
+            chosen = chosen.where(mails.c.app == app)
         with translate_errors(), self.engine.begin() as conn:
-            return conn.execute(query).rowcount
+            ids = list(conn.execute(chosen).scalars())
+            if not ids:
+                return 0
+            # events, recipients and tags go with their mail (ON DELETE CASCADE)
+            conn.execute(delete(mails).where(mails.c.id.in_(ids)))
+        return len(ids)
 
 
 def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
