@@ -279,6 +279,10 @@ class HistoryConsumer:
         if not self._purging and now >= self._next_purge:
             self._next_purge = now + self._settings.purge_interval.total_seconds()
             moment = datetime.now(UTC)
+            try:
+                store.forget_old_counts(moment)
+            except StoreError as exc:
+                log.warning("dropping old outcome counts failed; retrying later", error=str(exc))
             self._purging = [
                 _Purge(tenant, app, moment - timedelta(days=config.retention_days))
                 for tenant, tenant_config in self._settings.tenants.items()

@@ -16,7 +16,7 @@ from rohrpost.shared.errors import StoreError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.store import HistoryRecord, HistoryStore, MailFilter
 from rohrpost.shared.store.database import create_store_engine, head_revision, migrate
-from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, metadata
+from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, metadata
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -425,3 +425,71 @@ def test_a_purge_deletes_in_batches_and_reports_its_progress(store: HistoryStore
     assert (purged, progress) == (7, [3, 6, 7])
     assert {m.id for m in store.list_mails()} == {fresh.id}
     assert count(store, events) == 2, "only the fresh mail's events are left"
+
+
+def test_outcomes_are_counted_per_route_once_each_in_five_minute_steps(
+    store: HistoryStore,
+) -> None:
+    now = datetime.now(UTC)
+    mails = [container(created_at=now.isoformat()) for _ in range(3)]
+    other = container(app="shop", created_at=now.isoformat())
+    records = [submitted(m, at=now) for m in [*mails, other]]
+    records += [event(mails[0], EventKind.ATTEMPT_FAILED, now, attempt=1)]
+    records += [event(m, EventKind.SENT, now, attempt=1) for m in mails[:2]]
+    records += [event(mails[2], EventKind.DEAD_LETTERED, now - timedelta(hours=3), attempt=1)]
+    store.write(records)
+    store.write(records)  # redelivered: counted once
+    last_hour = store.recent_counts(now - timedelta(hours=1))
+    assert last_hour[("acme", "billing")] == {"submitted": 3, "attempt_failed": 1, "sent": 2}
+    assert last_hour[("acme", "shop")] == {"submitted": 1}
+    day = store.recent_counts(now - timedelta(days=1), tenant="acme", app="billing")
+    assert list(day) == [("acme", "billing")]
+    assert day[("acme", "billing")]["dead_lettered"] == 1
+    store.forget_old_counts(now + timedelta(days=8))
+    assert store.recent_counts(now - timedelta(days=30)) == {}
+
+
+def test_upgrading_counts_the_last_days_outcomes_already_stored(store_url: str) -> None:
+    from alembic import command
+
+    from rohrpost.shared.store.database import _alembic_config
+
+    engine = create_store_engine(store_url)
+    now = datetime.now(UTC)
+    mail_id = uuid.uuid4()
+    try:
+        config = _alembic_config()
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0002")  # before outcome counts existed
+            conn.execute(
+                mails.insert().values(
+                    id=mail_id,
+                    tenant="acme",
+                    app="billing",
+                    status="sent",
+                    round=0,
+                    status_rank=3,
+                    status_at=now,
+                    updated_at=now,
+                    attempts=1,
+                    content_deleted=False,
+                )
+            )
+            conn.execute(
+                events.insert(),
+                [
+                    {"event_id": uuid.uuid4(), "mail_id": mail_id, "kind": k, "at": at, "round": 0}
+                    for k, at in (
+                        ("submitted", now),
+                        ("sent", now),
+                        ("sent", now - timedelta(days=3)),
+                    )
+                ],
+            )
+        migrate(engine)
+        store = HistoryStore(engine)
+        counts = store.recent_counts(now - timedelta(days=1))
+        assert counts == {("acme", "billing"): {"submitted": 1, "sent": 1}}
+    finally:
+        engine.dispose()

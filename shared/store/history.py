@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine, Select, delete, exists, select
 
 from rohrpost.shared.events import MailEvent
+from rohrpost.shared.store.counts import forget_old_counts, recent_counts
 from rohrpost.shared.store.database import (
     create_store_engine,
     migrate,
@@ -185,6 +187,22 @@ class HistoryStore:
         with translate_errors(), self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [OperatorAction.model_validate(dict(r)) for r in rows]
+
+    def recent_counts(
+        self, since: datetime, *, tenant: str | None = None, app: str | None = None
+    ) -> dict[tuple[str, str], Counter[str]]:
+        """How many mails reached each outcome since ``since`` (5-minute steps), per route.
+
+        Keys of each Counter are event kinds: ``submitted``, ``sent``, ``attempt_failed``,
+        ``dead_lettered``, ``expired``, ``cancelled``.
+        """
+        with translate_errors(), self.engine.connect() as conn:
+            return recent_counts(conn, since, tenant=tenant, app=app)
+
+    def forget_old_counts(self, now: datetime) -> None:
+        """Drop outcome counts older than the overview looks back (a week)."""
+        with translate_errors(), self.engine.begin() as conn:
+            forget_old_counts(conn, now)
 
     def purge(
         self,

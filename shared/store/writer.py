@@ -23,6 +23,7 @@ from rohrpost.shared.archive import ArchivedMail
 from rohrpost.shared.container import MailContainer, bare_address
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.storable import storable_text
+from rohrpost.shared.store.counts import add_counts, tally
 from rohrpost.shared.store.database import translate_errors
 from rohrpost.shared.store.sinks import sink_for
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
@@ -215,6 +216,7 @@ class HistoryWriter:
             new = sorted((r for i, r in unique.items() if i not in known), key=HistoryRecord.order)
             if not new:
                 return new_actions
+            new_events = [r.event for r in new]
             ids = list({r.event.mail_id for r in new if r.event.mail_id})
             states = {row["id"]: _Mail(row, is_new=False) for row in sink.load_mails(conn, ids)}
             for record in new:
@@ -223,8 +225,9 @@ class HistoryWriter:
                 states.setdefault(mail_id, _Mail.create(record.event)).apply(record)
             sink.save_mails(conn, list(states.values()))
             sink.insert_events(conn, [_event_row(r.event) for r in new])
+            add_counts(conn, tally((e.tenant, e.app, e.kind.value, e.at) for e in new_events))
             self._drop_content(conn, [m for m in states.values() if m.drops_content])
-        return [r.event for r in new] + new_actions
+        return new_events + new_actions
 
     @staticmethod
     def _save_actions(conn: Connection, actions: dict[uuid.UUID, MailEvent]) -> list[MailEvent]:
