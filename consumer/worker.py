@@ -47,6 +47,8 @@ _POLL_SECONDS = 0.2
 _EMPTY_POLLS_TO_DRAIN = 3
 #: Most deliveries whose send claims are taken in one round trip to the shared state.
 _CLAIM_BATCH = 500
+#: How often a stopping worker looks whether its last outcomes are confirmed.
+_SETTLE_POLL_SECONDS = 0.01
 
 
 class SendWorker:
@@ -205,17 +207,33 @@ class SendWorker:
         self._arrivals.put(None)  # the claimer hands on what arrived, then the end
         for thread in threads:
             thread.join()
-        if self._batcher is not None:
-            self._batcher.flush()
+        deadline = time.monotonic() + self._settings.publish_timeout.total_seconds()
+        self._settle_outcomes(deadline)
         self._claims.close()
         if self._state is not None:
             self._state.close()
-        broker.close(timeout=self._settings.publish_timeout.total_seconds())
+        broker.close(timeout=max(0.0, deadline - time.monotonic()))
         self._broker = None
         self._renderer.close()
         # received: deliveries this process took; each was sent, retried, dead-lettered
         # or (paused route) put back before it exited.
         log.info("worker stopped", received=self._received, in_flight=self._in_flight)
+
+    def _settle_outcomes(self, deadline: float) -> None:
+        """Publish the last events and wait, until ``deadline``, for every mail to settle.
+
+        A retried or dead-lettered mail settles in two steps: its move is confirmed,
+        then its event is batched and confirmed. The sender threads have returned after
+        the first, so without this wait the worker could exit with the mail unacked
+        (and the broker would deliver it again, besides the retry).
+        """
+        batcher = self._batcher
+        if batcher is None:
+            return
+        batcher.flush()
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(_SETTLE_POLL_SECONDS)
+            batcher.flush()
 
     # -- I/O thread ----------------------------------------------------------------
 
