@@ -18,11 +18,14 @@ from pika import frame, spec
 
 from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
 from rohrpost.shared.headers import use_tolerant_properties
-from rohrpost.shared.settings import redact_url
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.nodes import redact_url, split_nodes
+
+log = get_logger(__name__)
 
 
 def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:
-    """pika parameters for ``url`` with bounded connect and socket timeouts."""
+    """pika parameters for one node's ``url`` with bounded connect and socket timeouts."""
     use_tolerant_properties()  # before any connection reads a message
     params = pika.URLParameters(url)
     params.socket_timeout = timeout
@@ -39,19 +42,58 @@ def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
     # ConnectionRefusedError(111, ...))) prints as an empty string.
     while not str(exc) and exc.args and isinstance(exc.args[0], BaseException):
         exc = exc.args[0]
-    cause = str(exc) or repr(exc)
-    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {cause}")
+    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {_cause(exc)}")
+
+
+def unreachable(failures: list[tuple[str, BaseException]]) -> BrokerUnavailable:
+    """A BrokerUnavailable naming every node tried (without passwords) and why each failed."""
+    if len(failures) == 1:
+        return unavailable(*failures[0])
+    tried = "; ".join(f"{redact_url(node)}: {_cause(exc)}" for node, exc in failures)
+    return BrokerUnavailable(f"cannot reach any RabbitMQ node: {tried}")
+
+
+def _cause(exc: BaseException) -> str:
+    # pika wraps the cause: AMQPConnectionError(AMQPConnectorSocketConnectError(
+    # ConnectionRefusedError(111, ...))) prints as an empty string.
+    while not str(exc) and exc.args and isinstance(exc.args[0], BaseException):
+        exc = exc.args[0]
+    return str(exc) or repr(exc)
+
+
+def _open_blocking(url: str, timeout: float) -> Any:
+    """A blocking connection to the first of ``url``'s nodes that answers, in their order.
+
+    Its own loop rather than pika's list of parameters: pika reports only the last
+    node's error, and this names every node tried.
+    """
+    failures: list[tuple[str, BaseException]] = []
+    for node in split_nodes(url) or [url]:
+        try:
+            connection = pika.BlockingConnection(
+                connection_parameters(node, timeout=timeout, name="rohrpost-admin")
+            )
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            failures.append((node, exc))
+            continue
+        if failures:
+            log.info(
+                "broker node unreachable; connected to another",
+                node=redact_url(node),
+                unreachable=str(unreachable(failures)),
+            )
+        return connection
+    raise unreachable(failures) from failures[-1][1]
 
 
 @contextlib.contextmanager
 def admin_channel(url: str, *, timeout: float = 10.0) -> Iterator[Any]:
-    """A blocking channel on a short-lived connection, for declarations and probes."""
-    try:
-        connection = pika.BlockingConnection(
-            connection_parameters(url, timeout=timeout, name="rohrpost-admin")
-        )
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise unavailable(url, exc) from exc
+    """A blocking channel on a short-lived connection, for declarations and probes.
+
+    ``url`` is one node's URL or a cluster's (comma-separated): the first node that
+    answers serves the channel, each tried for up to ``timeout`` seconds.
+    """
+    connection = _open_blocking(url, timeout)
     try:
         yield connection.channel()
     finally:

@@ -12,6 +12,13 @@ pika does not reconnect by itself. After a lost connection this class reconnects
 backoff, re-opens consumers and, if asked to, re-publishes whatever was unconfirmed
 (at-least-once). Deliveries from an earlier connection can no longer be acked; the
 broker redelivers them.
+
+Given the nodes of a cluster, it connects to the first that answers, in the order
+listed, and after losing its node it tries the others first, starting with the next
+one: every node of a cluster serves every queue, and the node just lost is the one
+most likely to be gone (a node that is gone from the network costs a connect
+timeout). pika can try a list of parameters itself, but reports only the last
+node's error and starts from the first node again on every attempt.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ from rohrpost.shared.amqp import (
     admin_channel,
     connection_parameters,
     unavailable,
+    unreachable,
 )
 from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
 from rohrpost.shared.logs import get_logger
-from rohrpost.shared.settings import redact_url
+from rohrpost.shared.nodes import redact_url, split_nodes
 
 __all__ = [
     "BatchConfirm",
@@ -55,6 +63,8 @@ __all__ = [
 log = get_logger(__name__)
 
 _RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 15)
+#: How long start() waits for each node by default (pika's connect and handshake timeout).
+_CONNECT_TIMEOUT = 10.0
 
 
 _WRITE_CHUNK = 256 * 1024
@@ -120,10 +130,16 @@ class Broker:
     BrokerUnavailable (workers, whose source message the broker redelivers anyway) —
     except publications marked ``republish`` themselves (events, which are idempotent),
     which are always sent again.
+
+    ``url`` is one node's AMQP URL or a cluster's nodes, comma-separated (as
+    ``settings.broker_url`` holds them).
     """
 
     def __init__(self, url: str, *, name: str = "rohrpost", republish: bool = True) -> None:
         self._url = url
+        self._nodes = split_nodes(url) or [url]
+        self._node = 0  # index of the node connected to, or to be tried next
+        self._missed: list[tuple[str, BaseException]] = []  # nodes that failed in a row
         self._name = name
         self._republish = republish
         self._ioloop = IOLoop()
@@ -138,14 +154,22 @@ class Broker:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Connect and open a confirming channel; raise BrokerUnavailable when that fails."""
+    def start(self, timeout: float | None = None) -> None:
+        """Connect to the first node that answers and open a confirming channel.
+
+        Raises BrokerUnavailable naming every node tried when none answers within
+        ``timeout`` (default: 10 s per node).
+        """
+        if timeout is None:
+            timeout = _CONNECT_TIMEOUT * len(self._nodes)
         self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}/io")
         self._ioloop.add_callback_threadsafe(self._connect)
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
             error = self._start_error or TimeoutError(f"no connection within {timeout:g}s")
             self._stop_loop()
+            if isinstance(error, BrokerUnavailable):
+                raise error
             raise unavailable(self._url, error)
 
     def _run_loop(self) -> None:
@@ -177,6 +201,11 @@ class Broker:
         """True while a channel is open."""
         channel = self._state.channel
         return channel is not None and channel.is_open
+
+    @property
+    def node(self) -> str | None:
+        """The URL of the node connected to, without its password; None while not connected."""
+        return redact_url(self._nodes[self._node]) if self.connected else None
 
     def pending(self) -> int:
         """Publishes not yet confirmed (approximate when read from another thread)."""
@@ -298,7 +327,7 @@ class Broker:
         _coalesce_output(self._state.connection)
 
     def _connect(self) -> None:
-        params = connection_parameters(self._url, name=self._name)
+        params = connection_parameters(self._nodes[self._node], name=self._name)
         self._state.connection = pika.SelectConnection(
             params,
             on_open_callback=self._on_connection_open,
@@ -308,15 +337,30 @@ class Broker:
         )
 
     def _on_connection_open(self, connection: Any) -> None:
+        node = redact_url(self._nodes[self._node])
+        if self._missed or self._ready.is_set():  # a failover or a reconnect
+            missed = str(unreachable(self._missed)) if self._missed else None
+            log.info("connected to broker", node=node, connection=self._name, unreachable=missed)
+        else:
+            log.debug("connected to broker", node=node, connection=self._name)
+        self._missed.clear()
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_error(self, _connection: Any, error: BaseException) -> None:
+        """A node did not answer: try the next one at once, or wait once all failed."""
         self._state.connection = None
+        self._missed.append((self._nodes[self._node], error))
+        self._node = (self._node + 1) % len(self._nodes)
+        if len(self._missed) % len(self._nodes):
+            self._ioloop.call_later(0, self._connect)
+            return
+        failed = unreachable(self._missed[-len(self._nodes) :])
+        del self._missed[: -len(self._nodes)]
         if not self._ready.is_set():
-            self._start_error = error
+            self._start_error = failed
             self._ready.set()
             return
-        self._schedule_reconnect(error)
+        self._schedule_reconnect(failed)
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         state = self._state
@@ -326,8 +370,11 @@ class Broker:
             self._fail_all(BrokerUnavailable("connection closed"))
             self._ioloop.stop()
             return
-        log.warning("broker connection lost", reason=str(reason), broker=redact_url(self._url))
-        self._requeue_unconfirmed(unavailable(self._url, reason))
+        node = self._nodes[self._node]
+        log.warning("broker connection lost", reason=str(reason), node=redact_url(node))
+        self._requeue_unconfirmed(unavailable(node, reason))
+        # The node may be gone: the others are tried first, starting with the next.
+        self._node = (self._node + 1) % len(self._nodes)
         self._schedule_reconnect(reason)
 
     def _next_delay(self) -> float:
