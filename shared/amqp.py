@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +54,20 @@ def unreachable(failures: list[tuple[str, BaseException]]) -> BrokerUnavailable:
 
 
 def _cause(exc: BaseException) -> str:
-    # pika wraps the cause: AMQPConnectionError(AMQPConnectorSocketConnectError(
-    # ConnectionRefusedError(111, ...))) prints as an empty string.
-    while not str(exc) and exc.args and isinstance(exc.args[0], BaseException):
-        exc = exc.args[0]
-    return str(exc) or repr(exc)
+    """The innermost cause pika wrapped: AMQPConnectionError(AMQPConnectorSocketConnectError(
+    ConnectionRefusedError(111, ...))) prints as an empty string, and the asynchronous
+    adapter reports AMQPConnectionWorkflowFailed with the attempts' errors inside."""
+    while True:
+        attempts = getattr(exc, "exceptions", None)
+        inner = getattr(exc, "exception", None)  # pika's AMQPConnectorPhaseErrorBase
+        if attempts:
+            exc = attempts[-1]
+        elif isinstance(inner, BaseException):
+            exc = inner
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            return str(exc) or repr(exc)
 
 
 def _open_blocking(url: str, timeout: float) -> Any:
@@ -155,7 +164,7 @@ class BatchConfirm:
         return self._done.wait(timeout)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: a publish is itself
 class Pending:
     """One publish awaiting its confirm; settles a Future or one slot of a batch."""
 
@@ -165,6 +174,7 @@ class Pending:
     index: int = 0
     returned: str | None = None
     settled: bool = False
+    nacks: int = 0  # how often the broker nacked it and it was published again
 
     def settle(self, error: BaseException | None) -> None:
         if self.settled:
@@ -216,9 +226,12 @@ class ConfirmTracker:
 
     Owned by the broker's I/O thread. A ``mandatory`` publish the broker could not
     route comes back as basic.return before its ack; it is matched by message id.
+    A nacked publish is settled as NotConfirmed, unless ``retry_nacked`` says it is
+    to be published again: then ``confirmed`` hands it back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retry_nacked: Callable[[Pending], bool] | None = None) -> None:
+        self._retry_nacked = retry_nacked
         self._next_seq = 1
         self._unconfirmed: OrderedDict[int, Pending] = OrderedDict()
         self._by_message_id: dict[str, deque[int]] = {}
@@ -248,8 +261,8 @@ class ConfirmTracker:
                 pending.returned = reply
                 return
 
-    def confirmed(self, tag: int, *, multiple: bool, acked: bool) -> None:
-        """Settle the publishes an ack or nack covers."""
+    def confirmed(self, tag: int, *, multiple: bool, acked: bool) -> list[Pending]:
+        """Settle the publishes an ack or nack covers; return the nacked ones to retry."""
         if multiple:
             settled = []
             while self._unconfirmed and next(iter(self._unconfirmed)) <= tag:
@@ -257,9 +270,15 @@ class ConfirmTracker:
         else:
             one = self._unconfirmed.pop(tag, None)
             settled = [(tag, one)] if one is not None else []
+        again = []
         for seq, pending in settled:
             self._forget(seq, pending)
-            pending.settle(_verdict(pending, acked))
+            if not acked and self._retry_nacked is not None and self._retry_nacked(pending):
+                pending.nacks += 1
+                again.append(pending)
+            else:
+                pending.settle(_verdict(pending, acked))
+        return again
 
     def take_all(self) -> list[Pending]:
         """Every unconfirmed publish, oldest first; the tracker is empty afterwards."""
@@ -282,7 +301,10 @@ class ConfirmTracker:
 def _verdict(pending: Pending, acked: bool) -> BaseException | None:
     pub = pending.publication
     if not acked:
-        return NotConfirmed(f"broker nacked the publish to {pub.exchange} ({pub.routing_key})")
+        times = f" {pending.nacks + 1} times" if pending.nacks else ""
+        return NotConfirmed(
+            f"broker nacked the publish to {pub.exchange} ({pub.routing_key}){times}"
+        )
     if pending.returned is not None:
         return NotConfirmed(
             f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "

@@ -26,7 +26,7 @@ from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.consumer.history import HistoryConsumer
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import Broker, Publication, admin_channel
-from rohrpost.shared.errors import BrokerUnavailable
+from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
 from rohrpost.shared.events import EventKind
 from rohrpost.shared.settings import Settings, redact_url
 from rohrpost.shared.store import HistoryStore, MailFilter
@@ -298,3 +298,65 @@ def test_commands_read_a_node_list_from_the_environment_and_skip_a_dead_node(
         result = run(*argv)
         assert result.returncode == 0, (argv, result.stderr)
     assert not password_shown(submitted.stderr, broker_url)
+
+
+# -- nacks -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_queue(broker_url: str, namespace: str) -> Iterator[str]:
+    """A quorum queue over its length limit: the broker nacks what is published to it."""
+    name = f"{namespace}.full"
+    with admin_channel(broker_url) as channel:
+        arguments = {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"}
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        channel.confirm_delivery()
+        for body in (b"first", b"second"):  # a quorum queue refuses once over its limit
+            channel.basic_publish("", name, body, pika.BasicProperties(delivery_mode=2))
+    yield name
+    with admin_channel(broker_url) as channel:
+        channel.queue_delete(name)
+
+
+def _to(queue: str, body: bytes, *, republish: bool = False) -> Publication:
+    properties = pika.BasicProperties(message_id=body.decode(), delivery_mode=2)
+    return Publication("", queue, body, properties, republish=republish)
+
+
+def test_a_producer_publishes_a_nacked_message_again_until_the_queue_takes_it(
+    broker_url: str, full_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="rohrpost.shared.broker")
+    broker = Broker(broker_url, name="rohrpost-test")  # republishes, as producers do
+    broker.start()
+    try:
+        future = broker.publish(_to(full_queue, b"third"))
+        wait_until(lambda: "broker nacked a publish; publishing it again" in caplog.messages)
+        with admin_channel(broker_url) as channel:  # the queue takes messages again
+            channel.queue_purge(full_queue)
+        future.result(timeout=30)
+    finally:
+        broker.close()
+    with admin_channel(broker_url) as channel:
+        assert channel.basic_get(full_queue, auto_ack=True)[2] == b"third"
+
+
+@pytest.mark.parametrize(
+    ("republish_all", "republish_this", "expected"),
+    [
+        (False, False, r"nacked the publish to  \([^)]*\)$"),  # a worker's move: no retry
+        (False, True, "nacked the publish to  .* 5 times$"),  # a worker's event batch
+        (True, False, "nacked the publish to  .* 5 times$"),  # a producer's mail
+    ],
+)
+def test_a_nacked_publish_is_published_again_at_most_four_times_where_that_is_safe(
+    broker_url: str, full_queue: str, republish_all: bool, republish_this: bool, expected: str
+) -> None:
+    broker = Broker(broker_url, name="rohrpost-test", republish=republish_all)
+    broker.start()
+    try:
+        future = broker.publish(_to(full_queue, b"third", republish=republish_this))
+        with pytest.raises(NotConfirmed, match=expected):
+            future.result(timeout=30)
+    finally:
+        broker.close()
