@@ -67,15 +67,19 @@ class Outage:
 
 
 class _BrokerLines(logging.Handler):
-    """The producer's connection lines (``connected to broker``) with their times."""
+    """The producer's broker lines, with their times: where it connected, what was nacked."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.connected: list[tuple[float, str]] = []
+        self.nacked: list[float] = []  # each time the broker nacked a publish (and it went again)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "connected to broker":
+        message = record.getMessage()
+        if message == "connected to broker":
             self.connected.append((record.created, str(getattr(record, "node", ""))))
+        elif message == "broker nacked a publish; publishing it again":
+            self.nacked.append(record.created)
 
 
 @dataclass
@@ -101,7 +105,8 @@ class Submitter:
     def _run(self) -> None:
         broker_log = logging.getLogger("rohrpost.shared.broker")
         broker_log.addHandler(self.lines)
-        broker_log.setLevel(logging.INFO)
+        broker_log.setLevel(logging.DEBUG)
+        broker_log.propagate = False  # counted here, not printed
         batch = list(mails(self.count))
         for container in batch:
             container["id"] = str(uuid.uuid4())
@@ -261,6 +266,9 @@ def _outage_figures(
             submitter.confirm_times, since, until
         ),
         f"kill {number}: producer reconnected after (s)": producer or "no reconnect",
+        f"kill {number}: publishes nacked, then published again": sum(
+            1 for at in submitter.lines.nacked if since <= at < until
+        ),
         f"kill {number}: mails not confirmed (s after the kill, mails)": [
             (round(at - since, 1), mails)
             for at, mails, _ in submitter.failures
@@ -279,6 +287,7 @@ def _scenario(
     count, prefix = args.mails, f"{settings.namespace}."
     submitter = Submitter(settings, count, args.rate)
     ids: dict[str, uuid.UUID] = {}
+    members = Counter(len(m) for m, _ in cluster.members(cluster.nodes[0], prefix).values())
     process = _start_processes(workdir / "rohrpost.toml", workdir)
     began = time.time()
     outages = []
@@ -302,9 +311,10 @@ def _scenario(
             required=False,
         )
         store_url = settings.store_url.get_secret_value()
+        archived = max(len(submitter.confirmed), len(figures.deliveries(catcher.mails, ids)))
         _wait(
             "every mail to reach a terminal state in the history",
-            lambda: figures.terminal_count(store_url) >= len(submitter.confirmed),
+            lambda: figures.terminal_count(store_url) >= archived,
             timeout=600,
             required=False,
         )
@@ -316,6 +326,7 @@ def _scenario(
     result: dict[str, Any] = {
         "elapsed (s)": round(finished - began, 1),
         "submit rate (mails/s)": args.rate,
+        "queues by number of members": dict(members),
         "all confirmed mails delivered": delivered_all,
         **figures.delivery_figures(
             count, submitter.confirmed, figures.deliveries(catcher.mails, ids)
