@@ -1,4 +1,4 @@
-"""``python -m bench submit|e2e|punctuality|scale|history|all [--mails N]``."""
+"""``python -m bench submit|e2e|punctuality|scale|history|all [--mails N]``, and ``cluster``."""
 
 from __future__ import annotations
 
@@ -60,15 +60,32 @@ def run_part(
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("part", choices=[*DEFAULTS, "all"])
+    parser.add_argument("part", choices=[*DEFAULTS, "all", "cluster"])
     parser.add_argument("--mails", type=int, help="mails per part (default: the part's own)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument(
         "--consumers", type=int, default=1, help="history consumers (part history; default 1)"
     )
+    cluster = parser.add_argument_group("cluster (needs root and a local RabbitMQ installation)")
+    cluster.add_argument("--rate", type=float, default=120, help="mails submitted per second")
+    cluster.add_argument("--down", type=float, default=5, help="seconds a killed node stays down")
+    cluster.add_argument("--port", type=int, default=5681, help="AMQP port of the first node")
+    cluster.add_argument("--teardown", action="store_true", help="only remove a cluster left over")
     args = parser.parse_args()
     configure_logging("warning")
+    if args.part == "cluster":
+        from bench import cluster as scenario
+
+        args.mails = args.mails or 10_000
+        from bench.cluster_figures import failures
+
+        figures = scenario.run(args)
+        print(table("cluster", figures), flush=True)
+        print(json.dumps(figures, default=str))
+        failed = failures(figures)
+        print("FAILED: " + "; ".join(failed) if failed else "passed")
+        raise SystemExit(1 if failed else 0)
     names = list(DEFAULTS) if args.part == "all" else [args.part]
     results: dict[str, Any] = {}
     for name in names:

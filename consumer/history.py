@@ -26,14 +26,15 @@ from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.history_messages import UNSTORABLE, Part, Rejection, describe, read
 from rohrpost.shared.broker import Broker, Delivery, Publication, admin_channel
-from rohrpost.shared.errors import StoreError, StoreUnavailable
+from rohrpost.shared.errors import BrokerUnavailable, StoreError, StoreUnavailable
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
+from rohrpost.shared.probe import QueueProbe
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
-from rohrpost.shared.topology import Topology, queue_depths
+from rohrpost.shared.topology import Topology
 
 log = get_logger(__name__)
 
@@ -96,9 +97,9 @@ class HistoryConsumer:
         broker.consume(
             self._topology.history_queue, settings.history_batch_size * 2, self._inbox.put
         )
-        log.info("history consumer started", queue=self._topology.history_queue)
+        log.info("history consumer started", queue=self._topology.history_queue, node=broker.node)
         try:
-            with admin_channel(url) as probe:
+            with QueueProbe(url) as probe:
                 self._loop(broker, store, probe)
         finally:
             broker.cancel_consumers()
@@ -125,7 +126,7 @@ class HistoryConsumer:
             raise
         return store, broker
 
-    def _loop(self, broker: Broker, store: HistoryStore, probe: object) -> None:
+    def _loop(self, broker: Broker, store: HistoryStore, probe: QueueProbe) -> None:
         empty_polls = 0
         while not self._stopping:
             batch = self._collect()
@@ -265,8 +266,12 @@ class HistoryConsumer:
             time.sleep(0.1)
         return True
 
-    def _queue_empty(self, probe: object) -> bool:
-        return not any(queue_depths(probe, [self._topology.history_queue]).values())
+    def _queue_empty(self, probe: QueueProbe) -> bool:
+        try:
+            return not any(probe.depths([self._topology.history_queue]).values())
+        except BrokerUnavailable as exc:
+            log.warning("cannot read the history queue's depth to drain", error=str(exc))
+            return False
 
     def _purge_if_due(self, store: HistoryStore) -> None:
         """Delete one batch of expired mails, if a purge is due or under way.

@@ -31,13 +31,15 @@ from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
 from rohrpost.shared.control import ControlState
+from rohrpost.shared.errors import BrokerUnavailable
 from rohrpost.shared.idempotency import Claim, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
+from rohrpost.shared.probe import QueueProbe
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.state import SharedState
-from rohrpost.shared.topology import Topology, queue_depths
+from rohrpost.shared.topology import Topology
 
 log = get_logger(__name__)
 
@@ -128,14 +130,14 @@ class SendWorker:
         self._follow_pauses()
         self.metrics.ready.labels("worker").set(1)
         log.info(
-            "worker started", queues=len(self._topology.routes), threads=self._settings.threads
+            "worker started",
+            queues=len(self._topology.routes),
+            threads=self._settings.threads,
+            node=broker.node,
         )
         try:
-            if drain:
-                with admin_channel(url) as channel:
-                    self._wait(channel)
-            else:
-                self._wait(None)
+            with QueueProbe(url) as probe:
+                self._wait(probe if drain else None)
         finally:
             self._shutdown(broker, threads)
 
@@ -176,11 +178,11 @@ class SendWorker:
                 elif paused:
                     log.info("route paused", tenant=tenant, app=app)
 
-    def _wait(self, drain_channel: object | None) -> None:
+    def _wait(self, probe: QueueProbe | None) -> None:
         empty_polls = 0
         while not self._stopping:
             time.sleep(_POLL_SECONDS)
-            if drain_channel is None:
+            if probe is None:
                 continue
             assert self._broker is not None
             # A paused route's mails wait for its resume, not for the drain.
@@ -191,13 +193,21 @@ class SendWorker:
             ]
             watched += self._topology.delay_queues()
             idle = self._in_flight == 0 and self._broker.pending() == 0
-            if idle and not any(queue_depths(drain_channel, watched).values()):
+            if idle and self._all_empty(probe, watched):
                 empty_polls += 1
                 if empty_polls >= _EMPTY_POLLS_TO_DRAIN:
                     log.info("queues drained")
                     return
             else:
                 empty_polls = 0
+
+    @staticmethod
+    def _all_empty(probe: QueueProbe, queues: list[str]) -> bool:
+        try:
+            return not any(probe.depths(queues).values())
+        except BrokerUnavailable as exc:
+            log.warning("cannot read queue depths to drain; trying again", error=str(exc))
+            return False
 
     def _shutdown(self, broker: Broker, threads: list[threading.Thread]) -> None:
         try:

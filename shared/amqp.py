@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +18,14 @@ from pika import frame, spec
 
 from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
 from rohrpost.shared.headers import use_tolerant_properties
-from rohrpost.shared.settings import redact_url
+from rohrpost.shared.logs import get_logger
+from rohrpost.shared.nodes import redact_url, split_nodes
+
+log = get_logger(__name__)
 
 
 def connection_parameters(url: str, *, timeout: float = 10.0, name: str = "rohrpost") -> Any:
-    """pika parameters for ``url`` with bounded connect and socket timeouts."""
+    """pika parameters for one node's ``url`` with bounded connect and socket timeouts."""
     use_tolerant_properties()  # before any connection reads a message
     params = pika.URLParameters(url)
     params.socket_timeout = timeout
@@ -39,19 +42,67 @@ def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
     # ConnectionRefusedError(111, ...))) prints as an empty string.
     while not str(exc) and exc.args and isinstance(exc.args[0], BaseException):
         exc = exc.args[0]
-    cause = str(exc) or repr(exc)
-    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {cause}")
+    return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {_cause(exc)}")
+
+
+def unreachable(failures: list[tuple[str, BaseException]]) -> BrokerUnavailable:
+    """A BrokerUnavailable naming every node tried (without passwords) and why each failed."""
+    if len(failures) == 1:
+        return unavailable(*failures[0])
+    tried = "; ".join(f"{redact_url(node)}: {_cause(exc)}" for node, exc in failures)
+    return BrokerUnavailable(f"cannot reach any RabbitMQ node: {tried}")
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost cause pika wrapped: AMQPConnectionError(AMQPConnectorSocketConnectError(
+    ConnectionRefusedError(111, ...))) prints as an empty string, and the asynchronous
+    adapter reports AMQPConnectionWorkflowFailed with the attempts' errors inside."""
+    while True:
+        attempts = getattr(exc, "exceptions", None)
+        inner = getattr(exc, "exception", None)  # pika's AMQPConnectorPhaseErrorBase
+        if attempts:
+            exc = attempts[-1]
+        elif isinstance(inner, BaseException):
+            exc = inner
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            return str(exc) or repr(exc)
+
+
+def _open_blocking(url: str, timeout: float) -> Any:
+    """A blocking connection to the first of ``url``'s nodes that answers, in their order.
+
+    Its own loop rather than pika's list of parameters: pika reports only the last
+    node's error, and this names every node tried.
+    """
+    failures: list[tuple[str, BaseException]] = []
+    for node in split_nodes(url) or [url]:
+        try:
+            connection = pika.BlockingConnection(
+                connection_parameters(node, timeout=timeout, name="rohrpost-admin")
+            )
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            failures.append((node, exc))
+            continue
+        if failures:
+            log.info(
+                "broker node unreachable; connected to another",
+                node=redact_url(node),
+                unreachable=str(unreachable(failures)),
+            )
+        return connection
+    raise unreachable(failures) from failures[-1][1]
 
 
 @contextlib.contextmanager
 def admin_channel(url: str, *, timeout: float = 10.0) -> Iterator[Any]:
-    """A blocking channel on a short-lived connection, for declarations and probes."""
-    try:
-        connection = pika.BlockingConnection(
-            connection_parameters(url, timeout=timeout, name="rohrpost-admin")
-        )
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise unavailable(url, exc) from exc
+    """A blocking channel on a short-lived connection, for declarations and probes.
+
+    ``url`` is one node's URL or a cluster's (comma-separated): the first node that
+    answers serves the channel, each tried for up to ``timeout`` seconds.
+    """
+    connection = _open_blocking(url, timeout)
     try:
         yield connection.channel()
     finally:
@@ -113,7 +164,7 @@ class BatchConfirm:
         return self._done.wait(timeout)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: a publish is itself
 class Pending:
     """One publish awaiting its confirm; settles a Future or one slot of a batch."""
 
@@ -123,6 +174,7 @@ class Pending:
     index: int = 0
     returned: str | None = None
     settled: bool = False
+    nacks: int = 0  # how often the broker nacked it and it was published again
 
     def settle(self, error: BaseException | None) -> None:
         if self.settled:
@@ -174,9 +226,12 @@ class ConfirmTracker:
 
     Owned by the broker's I/O thread. A ``mandatory`` publish the broker could not
     route comes back as basic.return before its ack; it is matched by message id.
+    A nacked publish is settled as NotConfirmed, unless ``retry_nacked`` says it is
+    to be published again: then ``confirmed`` hands it back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retry_nacked: Callable[[Pending], bool] | None = None) -> None:
+        self._retry_nacked = retry_nacked
         self._next_seq = 1
         self._unconfirmed: OrderedDict[int, Pending] = OrderedDict()
         self._by_message_id: dict[str, deque[int]] = {}
@@ -206,8 +261,8 @@ class ConfirmTracker:
                 pending.returned = reply
                 return
 
-    def confirmed(self, tag: int, *, multiple: bool, acked: bool) -> None:
-        """Settle the publishes an ack or nack covers."""
+    def confirmed(self, tag: int, *, multiple: bool, acked: bool) -> list[Pending]:
+        """Settle the publishes an ack or nack covers; return the nacked ones to retry."""
         if multiple:
             settled = []
             while self._unconfirmed and next(iter(self._unconfirmed)) <= tag:
@@ -215,9 +270,15 @@ class ConfirmTracker:
         else:
             one = self._unconfirmed.pop(tag, None)
             settled = [(tag, one)] if one is not None else []
+        again = []
         for seq, pending in settled:
             self._forget(seq, pending)
-            pending.settle(_verdict(pending, acked))
+            if not acked and self._retry_nacked is not None and self._retry_nacked(pending):
+                pending.nacks += 1
+                again.append(pending)
+            else:
+                pending.settle(_verdict(pending, acked))
+        return again
 
     def take_all(self) -> list[Pending]:
         """Every unconfirmed publish, oldest first; the tracker is empty afterwards."""
@@ -240,7 +301,10 @@ class ConfirmTracker:
 def _verdict(pending: Pending, acked: bool) -> BaseException | None:
     pub = pending.publication
     if not acked:
-        return NotConfirmed(f"broker nacked the publish to {pub.exchange} ({pub.routing_key})")
+        times = f" {pending.nacks + 1} times" if pending.nacks else ""
+        return NotConfirmed(
+            f"broker nacked the publish to {pub.exchange} ({pub.routing_key}){times}"
+        )
     if pending.returned is not None:
         return NotConfirmed(
             f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "

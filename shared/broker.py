@@ -12,6 +12,13 @@ pika does not reconnect by itself. After a lost connection this class reconnects
 backoff, re-opens consumers and, if asked to, re-publishes whatever was unconfirmed
 (at-least-once). Deliveries from an earlier connection can no longer be acked; the
 broker redelivers them.
+
+Given the nodes of a cluster, it connects to the first that answers, in the order
+listed, and after losing its node it tries the others first, starting with the next
+one: every node of a cluster serves every queue, and the node just lost is the one
+most likely to be gone (a node that is gone from the network costs a connect
+timeout). pika can try a list of parameters itself, but reports only the last
+node's error and starts from the first node again on every attempt.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ from rohrpost.shared.amqp import (
     admin_channel,
     connection_parameters,
     unavailable,
+    unreachable,
 )
 from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
 from rohrpost.shared.logs import get_logger
-from rohrpost.shared.settings import redact_url
+from rohrpost.shared.nodes import redact_url, split_nodes
 
 __all__ = [
     "BatchConfirm",
@@ -55,6 +63,13 @@ __all__ = [
 log = get_logger(__name__)
 
 _RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 15)
+#: How long start() waits for each node by default (pika's connect and handshake timeout).
+_CONNECT_TIMEOUT = 10.0
+#: Pauses before a nacked publish goes out again, where publishes are republished.
+#: RabbitMQ nacks a publish when a queue it was routed to is unavailable for a moment
+#: (a node just died), even if the other queues took it (rabbitmq-server #4888):
+#: 1,100 of 10,000 mails in one run of `python -m bench cluster`.
+_NACK_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
 
 _WRITE_CHUNK = 256 * 1024
@@ -110,6 +125,7 @@ class _State:
     consumers: list[_Consumer] = field(default_factory=list)
     cancelling: Future[None] | None = None
     failures: int = 0
+    nacked: set[Pending] = field(default_factory=set)  # to be published again soon
 
 
 class Broker:
@@ -119,15 +135,22 @@ class Broker:
     lost: sent again on the next connection (producers), or failed with
     BrokerUnavailable (workers, whose source message the broker redelivers anyway) —
     except publications marked ``republish`` themselves (events, which are idempotent),
-    which are always sent again.
+    which are always sent again. The same publishes are sent again after a nack, up
+    to four times over 7.5 s (every consumer of rohrpost drops the copy that may make).
+
+    ``url`` is one node's AMQP URL or a cluster's nodes, comma-separated (as
+    ``settings.broker_url`` holds them).
     """
 
     def __init__(self, url: str, *, name: str = "rohrpost", republish: bool = True) -> None:
         self._url = url
+        self._nodes = split_nodes(url) or [url]
+        self._node = 0  # index of the node connected to, or to be tried next
+        self._missed: list[tuple[str, BaseException]] = []  # nodes that failed in a row
         self._name = name
         self._republish = republish
         self._ioloop = IOLoop()
-        self._state = _State()
+        self._state = _State(unconfirmed=ConfirmTracker(self._may_publish_again))
         self._ops: deque[Callable[[], None]] = deque()
         self._ops_lock = threading.Lock()
         self._wake_pending = False
@@ -138,14 +161,22 @@ class Broker:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Connect and open a confirming channel; raise BrokerUnavailable when that fails."""
+    def start(self, timeout: float | None = None) -> None:
+        """Connect to the first node that answers and open a confirming channel.
+
+        Raises BrokerUnavailable naming every node tried when none answers within
+        ``timeout`` (default: 10 s per node).
+        """
+        if timeout is None:
+            timeout = _CONNECT_TIMEOUT * len(self._nodes)
         self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}/io")
         self._ioloop.add_callback_threadsafe(self._connect)
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
             error = self._start_error or TimeoutError(f"no connection within {timeout:g}s")
             self._stop_loop()
+            if isinstance(error, BrokerUnavailable):
+                raise error
             raise unavailable(self._url, error)
 
     def _run_loop(self) -> None:
@@ -161,7 +192,8 @@ class Broker:
         done = threading.Event()
 
         def check() -> None:
-            if not self._state.unconfirmed and not self._state.waiting:
+            state = self._state
+            if not state.unconfirmed and not state.waiting and not state.nacked:
                 done.set()
             elif not self._closing:
                 self._ioloop.call_later(0.02, check)
@@ -178,9 +210,15 @@ class Broker:
         channel = self._state.channel
         return channel is not None and channel.is_open
 
+    @property
+    def node(self) -> str | None:
+        """The URL of the node connected to, without its password; None while not connected."""
+        return redact_url(self._nodes[self._node]) if self.connected else None
+
     def pending(self) -> int:
         """Publishes not yet confirmed (approximate when read from another thread)."""
-        return len(self._state.unconfirmed) + len(self._state.waiting)
+        state = self._state
+        return len(state.unconfirmed) + len(state.waiting) + len(state.nacked)
 
     # -- thread-safe API ---------------------------------------------------------------
 
@@ -298,7 +336,7 @@ class Broker:
         _coalesce_output(self._state.connection)
 
     def _connect(self) -> None:
-        params = connection_parameters(self._url, name=self._name)
+        params = connection_parameters(self._nodes[self._node], name=self._name)
         self._state.connection = pika.SelectConnection(
             params,
             on_open_callback=self._on_connection_open,
@@ -308,15 +346,30 @@ class Broker:
         )
 
     def _on_connection_open(self, connection: Any) -> None:
+        node = redact_url(self._nodes[self._node])
+        if self._missed or self._ready.is_set():  # a failover or a reconnect
+            missed = str(unreachable(self._missed)) if self._missed else None
+            log.info("connected to broker", node=node, connection=self._name, unreachable=missed)
+        else:
+            log.debug("connected to broker", node=node, connection=self._name)
+        self._missed.clear()
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_error(self, _connection: Any, error: BaseException) -> None:
+        """A node did not answer: try the next one at once, or wait once all failed."""
         self._state.connection = None
+        self._missed.append((self._nodes[self._node], error))
+        self._node = (self._node + 1) % len(self._nodes)
+        if len(self._missed) % len(self._nodes):
+            self._ioloop.call_later(0, self._connect)
+            return
+        failed = unreachable(self._missed[-len(self._nodes) :])
+        del self._missed[: -len(self._nodes)]
         if not self._ready.is_set():
-            self._start_error = error
+            self._start_error = failed
             self._ready.set()
             return
-        self._schedule_reconnect(error)
+        self._schedule_reconnect(failed)
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         state = self._state
@@ -326,8 +379,11 @@ class Broker:
             self._fail_all(BrokerUnavailable("connection closed"))
             self._ioloop.stop()
             return
-        log.warning("broker connection lost", reason=str(reason), broker=redact_url(self._url))
-        self._requeue_unconfirmed(unavailable(self._url, reason))
+        node = self._nodes[self._node]
+        log.warning("broker connection lost", reason=str(reason), node=redact_url(node))
+        self._requeue_unconfirmed(unavailable(node, reason))
+        # The node may be gone: the others are tried first, starting with the next.
+        self._node = (self._node + 1) % len(self._nodes)
         self._schedule_reconnect(reason)
 
     def _next_delay(self) -> float:
@@ -434,11 +490,36 @@ class Broker:
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        self._state.unconfirmed.confirmed(
+        nacked = self._state.unconfirmed.confirmed(
             method.delivery_tag,
             multiple=method.multiple,
             acked=isinstance(method, pika.spec.Basic.Ack),
         )
+        for pending in nacked:
+            self._publish_again_later(pending)
+
+    def _may_publish_again(self, pending: Pending) -> bool:
+        republish = self._republish or pending.publication.republish
+        return republish and pending.nacks < len(_NACK_DELAYS) and not self._closing
+
+    def _publish_again_later(self, pending: Pending) -> None:
+        delay = _NACK_DELAYS[pending.nacks - 1]
+        publication = pending.publication
+        log.debug(
+            "broker nacked a publish; publishing it again",
+            exchange=publication.exchange,
+            routing_key=publication.routing_key,
+            nacks=pending.nacks,
+            in_seconds=delay,
+        )
+        self._state.nacked.add(pending)
+
+        def again() -> None:
+            if pending in self._state.nacked:  # not yet failed by a close
+                self._state.nacked.discard(pending)
+                self._publish(pending)
+
+        self._ioloop.call_later(delay, again)
 
     def _settle(
         self, delivery: Delivery, *, ack: bool, requeue: bool, multiple: bool = False
@@ -466,8 +547,9 @@ class Broker:
 
     def _fail_all(self, error: BaseException) -> None:
         self._fail_unconfirmed(error)
-        waiting, self._state.waiting = self._state.waiting, deque()
-        for pending in waiting:
+        state = self._state
+        waiting, state.waiting, nacked, state.nacked = state.waiting, deque(), state.nacked, set()
+        for pending in [*waiting, *nacked]:
             pending.settle(error)
 
     def _shutdown(self) -> None:

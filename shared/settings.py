@@ -13,7 +13,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -31,7 +31,22 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rohrpost.shared.container import Address, Name, describe_validation_error
 from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import ConfigError
+from rohrpost.shared.nodes import broker_addresses, redact_url, split_nodes
 from rohrpost.shared.timeparse import parse_duration
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "AppConfig",
+    "Backoff",
+    "Duration",
+    "Settings",
+    "SmtpServer",
+    "TenantConfig",
+    "config_path",
+    "load_settings",
+    "redact_url",
+    "settings_from_mapping",
+]
 
 
 def _duration_text(value: timedelta) -> str:
@@ -123,7 +138,11 @@ class Settings(BaseSettings):
         env_prefix="ROHRPOST_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    broker_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F"),
+        description="RabbitMQ: one AMQP URL, or the URLs of a cluster's nodes (a list; in "
+        "the environment comma-separated or a JSON array), tried in order.",
+    )
     namespace: Name = "rohrpost"
     templates_dir: Path = Path("templates")
     max_delay: Duration = Field(
@@ -201,6 +220,12 @@ class Settings(BaseSettings):
         # The file's contents arrive as init kwargs; the environment overrides them.
         return (env_settings, init_settings)
 
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _check_broker_url(cls, value: Any) -> SecretStr:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return SecretStr(broker_addresses(text))
+
     @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_means_none(cls, value: Any) -> Any:
@@ -274,24 +299,17 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value the configuration refers to, for scrubbing logs."""
         found = []
-        for url in (self.broker_url, self.store_url, self.redis_url):
-            password = urlsplit(url.get_secret_value()).password if url else None
+        urls = [*split_nodes(self.broker_url.get_secret_value()), self.store_url.get_secret_value()]
+        if self.redis_url is not None:
+            urls.append(self.redis_url.get_secret_value())
+        for url in urls:
+            password = urlsplit(url).password
             if password:
                 found += [password, unquote(password)]  # as written, and as a driver sees it
         for server in self.smtp.values():
             if server.password_env and os.environ.get(server.password_env):
                 found.append(os.environ[server.password_env])
         return found
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:

@@ -33,6 +33,10 @@ class TcpProxy:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        """Die as a broker node does: drop every connection and refuse new ones."""
         self._closed = True
         self._listener.close()
         self.drop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rohrpost.shared.errors import ConfigError
+from rohrpost.shared.nodes import split_nodes
 from rohrpost.shared.settings import Backoff, load_settings, redact_url
 
 EXAMPLE = """
@@ -130,6 +132,84 @@ def test_the_smtp_password_comes_from_the_named_variable(
 def test_broker_passwords_are_redacted_for_display() -> None:
     assert redact_url("amqp://user:hunter2@host:5672/%2F") == "amqp://user:***@host:5672/%2F"
     assert redact_url("amqp://host/") == "amqp://host/"
+
+
+NODES = [f"amqp://rohrpost:pw{i}@rabbit-{i}.internal:5672/%2F" for i in (1, 2, 3)]
+
+
+def toml_list(urls: list[str]) -> str:
+    return "broker_url = [" + ", ".join(f'"{url}"' for url in urls) + "]\n"
+
+
+@pytest.mark.parametrize(
+    ("in_file", "in_env"),
+    [
+        (toml_list(NODES), None),
+        ("", ",".join(NODES)),
+        ("", " , ".join(NODES)),
+        ("", json.dumps(NODES)),
+        (toml_list(NODES[:1]), json.dumps(NODES)),  # the environment wins, as for every key
+    ],
+    ids=["toml array", "env comma-separated", "env with spaces", "env JSON array", "env wins"],
+)
+def test_broker_url_takes_the_nodes_of_a_cluster_from_the_file_or_the_environment(
+    config: Path, monkeypatch: pytest.MonkeyPatch, in_file: str, in_env: str | None
+) -> None:
+    config.write_text(in_file + EXAMPLE.replace('broker_url = "amqp', '# "amqp'))
+    if in_env is not None:
+        monkeypatch.setenv("ROHRPOST_BROKER_URL", in_env)
+    settings = load_settings(config)
+    assert split_nodes(settings.broker_url.get_secret_value()) == NODES
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+        "amqps://user:pass@broker.example.com/production?heartbeat=10",
+        "amqp://user:a,b@broker:5672/%2F",  # a comma in a password is no list
+        "amqp://broker",
+    ],
+)
+def test_a_single_broker_url_is_kept_as_it_is(config: Path, url: str) -> None:
+    settings = load_settings(config, broker_url=url)
+    assert settings.broker_url.get_secret_value() == url
+    assert split_nodes(url) == [url]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([], "no broker address given"),
+        ("  ", "no broker address given"),
+        ("http://rohrpost:pw1@rabbit-1:15672/", "rohrpost:***@rabbit-1:15672/: not an AMQP URL"),
+        ("amqp:///%2F", "not an AMQP URL"),
+        ([NODES[0], "redis://rohrpost:pw2@cache:6379"], "address 2 of 2 (redis://rohrpost:***@"),
+        ([NODES[0], "amqp://rohrpost:pw2@rabbit-1.internal/%2F"], "this node is listed twice"),
+        ([NODES[0], NODES[1].replace("%2F", "staging")], "virtual host 'staging', but address 1"),
+        ("amqp://rohrpost:pw1@rabbit-1:99999/", "not a valid URL: Port out of range"),
+        (f'["{NODES[0]}"', "not a JSON array of URLs"),
+        ([NODES[0], 5672], "every broker address must be a URL"),
+        ({"url": NODES[0]}, "must be a URL or a list of URLs"),
+    ],
+)
+def test_a_bad_broker_address_is_named_without_its_password(
+    config: Path, value: object, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, broker_url=value)
+    text = str(caught.value)
+    assert "broker_url: " in text and message in text
+    assert not any(f"pw{i}" in text for i in (1, 2, 3))
+
+
+def test_every_nodes_password_is_a_secret_and_hidden_for_display(config: Path) -> None:
+    nodes = [*NODES, "amqp://other:p%40ss@rabbit-4.internal:5672/%2F"]
+    settings = load_settings(config, broker_url=nodes)
+    assert {"pw1", "pw2", "pw3", "p%40ss", "p@ss"} <= set(settings.secrets())
+    shown = redact_url(settings.broker_url.get_secret_value())
+    assert shown.count(":***@") == 4
+    assert not any(secret in shown for secret in ("pw1", "pw2", "pw3", "p%40ss"))
 
 
 def test_backoff_grows_exponentially_up_to_the_cap() -> None:
