@@ -151,6 +151,11 @@ class HistoryStore:
         """Release every pooled connection."""
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Raise StoreUnavailable (or StoreError) unless the store answers a query now."""
+        with translate_errors(), self.engine.connect() as conn:
+            conn.execute(select(1))
+
     def write(self, records: Iterable[HistoryRecord]) -> int:
         """Store records in one transaction; return how many events were new."""
         return len(self._writer.write(records))

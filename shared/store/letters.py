@@ -31,6 +31,9 @@ class DeadLetterQuery(BaseModel):
     until: datetime | None = None
     #: Free text, found in a recipient, the subject or the error (case-insensitive).
     text: str | None = Field(default=None, max_length=200)
+    #: Only these mails, and these letters that are no mail container (a selection).
+    mail_ids: frozenset[uuid.UUID] | None = None
+    letter_ids: frozenset[uuid.UUID] | None = None
     limit: int = Field(default=50, ge=1, le=1000)
     offset: int = Field(default=0, ge=0)
 
@@ -60,6 +63,8 @@ INVALID = "invalid"
 
 def _mail_side(query: DeadLetterQuery) -> Select[Any]:
     conditions: list[ColumnElement[bool]] = [mails.c.status == "dead_lettered"]
+    if query.mail_ids is not None:
+        conditions.append(mails.c.id.in_(list(query.mail_ids)))
     conditions += _common(query, mails.c.tenant, mails.c.app, mails.c.updated_at)
     if query.reason is not None:
         conditions.append(mails.c.reason == query.reason)
@@ -93,6 +98,8 @@ def _invalid_side(query: DeadLetterQuery) -> Select[Any] | None:
         return None
     table = invalid_letters
     conditions = _common(query, table.c.tenant, table.c.app, table.c.at)
+    if query.letter_ids is not None:
+        conditions.append(table.c.event_id.in_(list(query.letter_ids)))
     if query.text:
         conditions.append(
             or_(
