@@ -89,6 +89,8 @@ class ConsoleThread:
         self._thread.start()
         while not self.server.started and self._thread.is_alive():
             threading.Event().wait(0.05)
+        if not self.server.started:
+            raise OSError(f"the console could not listen on port {self.server.config.port}")
         return self
 
     @property
@@ -104,22 +106,25 @@ class ConsoleThread:
 
 def console_main(settings: Settings, drain: bool, workers_done: Any) -> None:
     """A child of ``rohrpost run --console``; in drain mode it ends with the workers."""
+    from rohrpost.shared.metrics import Metrics
+
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     running = server(settings)
+    running.config.install_signal_handlers = False  # type: ignore[attr-defined]
+    ready = Metrics().ready.labels("console")  # multiprocess mode: the supervisor sums
 
     def stop(*_args: object) -> None:
         running.should_exit = True
 
+    def watch() -> None:
+        while not running.should_exit:
+            if running.started:
+                ready.set(1)
+            if drain and workers_done.is_set():
+                running.should_exit = True
+            threading.Event().wait(0.2)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if drain:
-
-        def watch() -> None:
-            while not running.should_exit:
-                if workers_done.is_set():
-                    running.should_exit = True
-                threading.Event().wait(0.5)
-
-        threading.Thread(target=watch, daemon=True).start()
-    running.config.install_signal_handlers = False  # type: ignore[attr-defined]
+    threading.Thread(target=watch, name="console-watch", daemon=True).start()
     running.run()

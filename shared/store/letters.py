@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Select, Uuid, and_, cast, func, literal, null, or_, select, union_all
+from sqlalchemy import Select, Uuid, cast, func, literal, null, or_, select, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
 from rohrpost.shared.store.tables import invalid_letters, mails
@@ -90,7 +90,7 @@ def _mail_side(query: DeadLetterQuery) -> Select[Any]:
         mails.c.subject,
         cast(null(), mails.c.attempts.type).label("body_size"),
         cast(null(), invalid_letters.c.body_sha256.type).label("digest"),
-    ).where(and_(*conditions))
+    ).where(*conditions)
 
 
 def _invalid_side(query: DeadLetterQuery) -> Select[Any] | None:
@@ -120,7 +120,7 @@ def _invalid_side(query: DeadLetterQuery) -> Select[Any] | None:
         cast(null(), table.c.body.type).label("subject"),
         table.c.body_size,
         table.c.body_sha256.label("digest"),
-    ).where(and_(*conditions))
+    ).where(*conditions)
 
 
 def _common(query: DeadLetterQuery, tenant: Any, app: Any, at: Any) -> list[ColumnElement[bool]]:
