@@ -1,4 +1,4 @@
-"""``python -m bench submit|e2e|punctuality|scale|all [--mails N]``."""
+"""``python -m bench submit|e2e|punctuality|scale|console|all [--mails N]``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from bench import parts
 from rohrpost.shared.logs import configure_logging
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULTS = {"submit": 20_000, "e2e": 20_000, "punctuality": 20_000, "scale": 1_000_000}
+DEFAULTS = {
+    "submit": 20_000,
+    "e2e": 20_000,
+    "punctuality": 20_000,
+    "scale": 1_000_000,
+    "console": 1_000_000,  # mails in the history (PostgreSQL); 10,000 dead letters
+}
 
 
 def machine() -> str:
@@ -45,6 +51,10 @@ def run_part(name: str, mails: int | None, processes: int, store: str) -> dict[s
         return parts.e2e(count, processes, store)
     if name == "punctuality":
         return parts.punctuality(count, processes, store)
+    if name == "console":
+        from bench.console import console
+
+        return console(count, "postgresql")  # the production store; SQLite is not the question
     return parts.scale(count, store)
 
 

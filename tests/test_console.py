@@ -306,7 +306,14 @@ async def test_malformed_json_in_the_editor_is_shown_next_to_it_and_nothing_move
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("to", "anna(at)example.com"), ("to", "a@b.example\nc@@d"), ("data", "{not json"), ("max_attempts", "0")],
+    [
+        ("to", "anna(at)example.com"),
+        ("to", "a@b.example\nc@@d"),
+        ("headers", "{not json"),
+        ("headers", '{"Subject": "x"}'),
+        ("max_attempts", "0"),
+        ("not_before", "tomorrow"),
+    ],
 )
 async def test_an_invalid_field_is_refused_next_to_that_field(
     client: httpx.AsyncClient, dead_id: str, field: str, value: str
@@ -346,7 +353,7 @@ async def test_an_edit_is_previewed_then_saved_with_its_diff_and_user(
     detail = (await client.get(f"/api/v1/mails/{dead_id}")).json()
     edited = [e for e in detail["events"] if e["kind"] == "edited"][0]
     assert edited["actor"] == "operator"
-    assert edited["changes"]["to.0"] == [f"Nobody <{BAD}>", "Anna <anna@customer.example>"]
+    assert edited["changes"]["to"] == [[f"Nobody <{BAD}>"], ["Anna <anna@customer.example>"]]
     assert detail["mail"]["recipients"] == "Anna <anna@customer.example>"
     assert detail["mail"]["status"] == "dead_lettered"
 
@@ -367,7 +374,7 @@ def _validated(page: str) -> str:
 async def test_html_in_a_subject_or_name_is_escaped(
     client: httpx.AsyncClient, console_settings: Settings, hostile: str
 ) -> None:
-    name = hostile.replace("\x1b", "") if "@" not in hostile else "x"
+    name = hostile.replace("\x1b", "").replace('"', "")
     [mail_id] = dead_letters_of(
         console_settings, [mail(f'"{name}" <{BAD}>', subject=hostile.replace("\x1b", "ESC"))]
     )
@@ -406,7 +413,6 @@ async def test_a_dead_letter_that_is_not_a_container_is_listed_with_its_bytes_es
     from rohrpost.shared.wire import mail_properties
 
     body = b"\x1b[31m<script>alert(1)</script> \xff\xfe not json"
-    publish_raw(console_settings, "acme.billing", body, "", None)  # a default-exchange miss: ignored
     topology = Topology.from_settings(console_settings)
     publish_raw(console_settings, topology.route_key("acme", "billing"), body, topology.submit_exchange, mail_properties("not-a-uuid"))
     from tests.conftest import drain
