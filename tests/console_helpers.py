@@ -32,15 +32,26 @@ def console_config(**extra: Any) -> dict[str, Any]:
     """A [console] section with a user and a token of every role."""
     return {
         "users": {role: {"role": role, "password_hash": _password_hash(role)} for role in ROLES},
-        "tokens": {f"{role}-tool": {"role": role, "token_hash": hash_token(TOKENS[role])} for role in ROLES},
+        "tokens": {
+            f"{role}-tool": {"role": role, "token_hash": hash_token(TOKENS[role])} for role in ROLES
+        },
         "secret_key_env": "ROHRPOST_TEST_CONSOLE_KEY",
         **extra,
     }
 
 
-def mail(recipient: str = "anna@example.com", tenant: str = "acme", app: str = "billing", **fields: Any) -> dict[str, Any]:
+def mail(
+    recipient: str = "anna@example.com", tenant: str = "acme", app: str = "billing", **fields: Any
+) -> dict[str, Any]:
     """A finished mail for ``recipient``."""
-    return {"tenant": tenant, "app": app, "to": [recipient], "subject": "Invoice", "text": "x", **fields}
+    return {
+        "tenant": tenant,
+        "app": app,
+        "to": [recipient],
+        "subject": "Invoice",
+        "text": "x",
+        **fields,
+    }
 
 
 def archive(settings: Settings) -> None:

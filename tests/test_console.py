@@ -6,13 +6,17 @@ viewer may not see or do; the store or broker down.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -21,12 +25,13 @@ from rohrpost.console.app import create_app
 from rohrpost.console.passwords import hash_password, verify
 from rohrpost.console.server import check_binding
 from rohrpost.console.site import PAGES
+from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
-from rohrpost.shared.broker import admin_channel
-from tests.conftest import declare, publish_raw, rohrpost_command, write_config
+from rohrpost.shared.wire import mail_properties
+from tests.conftest import declare, drain, publish_raw, rohrpost_command, write_config
 from tests.console_helpers import (
     GLOBEX,
     ORIGIN,
@@ -100,8 +105,12 @@ def dead_queue_depth(settings: Settings, tenant: str = "acme", app: str = "billi
 # Logging in
 
 
-@pytest.mark.parametrize("path", ["/dead-letters", "/mails", "/tenants", "/audit", "/users", "/metrics", "/", "/nowhere"])
-async def test_every_page_sends_a_stranger_to_the_login(client: httpx.AsyncClient, path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["/dead-letters", "/mails", "/tenants", "/audit", "/users", "/metrics", "/", "/nowhere"]
+)
+async def test_every_page_sends_a_stranger_to_the_login(
+    client: httpx.AsyncClient, path: str
+) -> None:
     response = await client.get(path)
     assert response.status_code == 303
     assert response.headers["location"].startswith("/login?next=")
@@ -125,7 +134,9 @@ async def test_the_login_page_health_and_static_files_need_no_login(
     ("user", "password"),
     [("operator", "wrong"), ("operator", PASSWORDS["viewer"]), ("nobody", "x"), ("operator", "")],
 )
-async def test_a_wrong_password_is_refused(client: httpx.AsyncClient, user: str, password: str) -> None:
+async def test_a_wrong_password_is_refused(
+    client: httpx.AsyncClient, user: str, password: str
+) -> None:
     form = await client.get("/login")
     response = await client.post(
         "/login",
@@ -145,12 +156,21 @@ async def test_a_login_without_the_csrf_token_is_refused(client: httpx.AsyncClie
     assert "rohrpost_session" not in response.cookies
 
 
-@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/x", "javascript:alert(1)"])
-async def test_login_never_sends_the_user_to_another_site(client: httpx.AsyncClient, target: str) -> None:
+@pytest.mark.parametrize(
+    "target", ["https://evil.example/", "//evil.example/x", "javascript:alert(1)"]
+)
+async def test_login_never_sends_the_user_to_another_site(
+    client: httpx.AsyncClient, target: str
+) -> None:
     form = await client.get("/login")
     response = await client.post(
         "/login",
-        data={"user": "admin", "password": PASSWORDS["admin"], "csrf": csrf_of(form.text), "next": target},
+        data={
+            "user": "admin",
+            "password": PASSWORDS["admin"],
+            "csrf": csrf_of(form.text),
+            "next": target,
+        },
         headers={"origin": ORIGIN},
     )
     assert response.headers["location"] == "/dead-letters"
@@ -179,8 +199,10 @@ async def test_every_role_reads_every_page_as_html_and_json(
             allowed = page.action != "view-users" or role == "admin"
             html, api = await client.get(path), await client.get("/api/v1" + path)
             for response in (html, api):
-                assert (response.status_code in found_or_not) if allowed else (
-                    response.status_code == 403
+                assert (
+                    (response.status_code in found_or_not)
+                    if allowed
+                    else (response.status_code == 403)
                 ), (role, response.status_code)
             if api.status_code == 200:
                 assert isinstance(api.json(), dict)
@@ -192,7 +214,9 @@ async def test_a_viewer_gets_403_on_every_action_and_nothing_moves(
 ) -> None:
     csrf = await logged_in(client, "viewer")
     fields = {"csrf": csrf, "scope": "filtered", "ids": f"mail:{dead_id}", "confirm": "1"}
-    response = await client.post(concrete(page.path, dead_id), data=fields, headers={"origin": ORIGIN})
+    response = await client.post(
+        concrete(page.path, dead_id), data=fields, headers={"origin": ORIGIN}
+    )
     assert response.status_code == 403
     token = {"authorization": f"Bearer {TOKENS['viewer']}"}
     api = await client.post("/api/v1" + concrete(page.path, dead_id), json=fields, headers=token)
@@ -203,12 +227,22 @@ async def test_a_viewer_gets_403_on_every_action_and_nothing_moves(
     assert audit.json()["entries"] == []
 
 
-@pytest.mark.parametrize("headers", [{}, {"origin": "https://evil.example"}, {"origin": "null"}, {"referer": "http://console.test.evil.example/x"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"origin": "https://evil.example"},
+        {"origin": "null"},
+        {"referer": "http://console.test.evil.example/x"},
+    ],
+)
 async def test_a_post_from_a_foreign_origin_is_refused_and_changes_nothing(
     client: httpx.AsyncClient, console_settings: Settings, dead_id: str, headers: dict[str, str]
 ) -> None:
     csrf = await logged_in(client, "operator")
-    response = await client.post(f"/dead-letters/{dead_id}/retry", data={"csrf": csrf}, headers=headers)
+    response = await client.post(
+        f"/dead-letters/{dead_id}/retry", data={"csrf": csrf}, headers=headers
+    )
     assert response.status_code == 403
     assert dead_queue_depth(console_settings) == 1
 
@@ -219,7 +253,9 @@ async def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(
 ) -> None:
     await logged_in(client, "operator")
     data = {} if csrf is None else {"csrf": csrf}
-    response = await client.post(f"/dead-letters/{dead_id}/retry", data=data, headers={"origin": ORIGIN})
+    response = await client.post(
+        f"/dead-letters/{dead_id}/retry", data=data, headers={"origin": ORIGIN}
+    )
     assert response.status_code == 403
     assert dead_queue_depth(console_settings) == 1
 
@@ -233,17 +269,30 @@ async def test_an_api_token_acts_without_csrf_and_is_recorded_as_the_actor(
     assert dead_queue_depth(console_settings) == 0
     archive(console_settings)
     found = (await client.get(f"/api/v1/mails/{dead_id}", headers=token)).json()
-    assert ("resubmitted", "token:operator-tool") in [(e["kind"], e["actor"]) for e in found["events"]]
+    assert ("resubmitted", "token:operator-tool") in [
+        (e["kind"], e["actor"]) for e in found["events"]
+    ]
 
 
 async def test_no_page_leaks_a_password_hash_or_secret(
     client: httpx.AsyncClient, console_settings: Settings, dead_id: str
 ) -> None:
-    secrets = [SECRET_KEY, *PASSWORDS.values(), *TOKENS.values(), *(_password_hash(r) for r in ROLES)]
+    secrets = [
+        SECRET_KEY,
+        *PASSWORDS.values(),
+        *TOKENS.values(),
+        *(_password_hash(r) for r in ROLES),
+    ]
     secrets += [s.split("$")[-1] for s in secrets if s.startswith("scrypt$")]
     await logged_in(client, "admin")
-    paths = [concrete(p.path, dead_id) for p in READS] + ["/metrics", "/login", "/api/v1/openapi.json"]
-    for path in paths + ["/api/v1" + p for p in paths if not p.startswith(("/metrics", "/login", "/api"))]:
+    paths = [concrete(p.path, dead_id) for p in READS] + [
+        "/metrics",
+        "/login",
+        "/api/v1/openapi.json",
+    ]
+    for path in paths + [
+        "/api/v1" + p for p in paths if not p.startswith(("/metrics", "/login", "/api"))
+    ]:
         text = (await client.get(path)).text
         assert not [s for s in secrets if s in text], path
 
@@ -321,7 +370,9 @@ async def test_an_invalid_field_is_refused_next_to_that_field(
     csrf = await logged_in(client, "operator")
     form = (await client.get(f"/api/v1/dead-letters/{dead_id}/edit")).json()["values"]
     form.update({field: value, "csrf": csrf, "mode": "form", "step": "save"})
-    response = await client.post(f"/dead-letters/{dead_id}/edit", data=form, headers={"origin": ORIGIN})
+    response = await client.post(
+        f"/dead-letters/{dead_id}/edit", data=form, headers={"origin": ORIGIN}
+    )
     assert response.status_code == 422
     assert f'id="error-{field}"' in response.text
 
@@ -332,7 +383,9 @@ async def test_the_api_names_the_field_of_an_invalid_container(
     token = {"authorization": f"Bearer {TOKENS['operator']}"}
     found = (await client.get(f"/api/v1/mails/{dead_id}", headers=token)).json()["container"]
     found["to"] = ["anna(at)example.com"]
-    response = await client.post(f"/api/v1/dead-letters/{dead_id}/edit", json={"container": found}, headers=token)
+    response = await client.post(
+        f"/api/v1/dead-letters/{dead_id}/edit", json={"container": found}, headers=token
+    )
     assert response.status_code == 422
     assert "to.0" in response.json()["errors"]["raw"]
 
@@ -342,16 +395,22 @@ async def test_an_edit_is_previewed_then_saved_with_its_diff_and_user(
 ) -> None:
     csrf = await logged_in(client, "operator")
     form = (await client.get(f"/api/v1/dead-letters/{dead_id}/edit")).json()["values"]
-    form.update({"to": "Anna <anna@customer.example>", "csrf": csrf, "mode": "form", "step": "preview"})
-    preview = await client.post(f"/dead-letters/{dead_id}/edit", data=form, headers={"origin": ORIGIN})
+    form.update(
+        {"to": "Anna <anna@customer.example>", "csrf": csrf, "mode": "form", "step": "preview"}
+    )
+    preview = await client.post(
+        f"/dead-letters/{dead_id}/edit", data=form, headers={"origin": ORIGIN}
+    )
     assert preview.status_code == 200
     assert "anna@customer.example" in preview.text and 'value="save"' in preview.text
     save = {"csrf": csrf, "mode": "raw", "raw": _validated(preview.text), "step": "save"}
-    saved = await client.post(f"/dead-letters/{dead_id}/edit", data=save, headers={"origin": ORIGIN})
+    saved = await client.post(
+        f"/dead-letters/{dead_id}/edit", data=save, headers={"origin": ORIGIN}
+    )
     assert saved.status_code == 303
     archive(console_settings)
     detail = (await client.get(f"/api/v1/mails/{dead_id}")).json()
-    edited = [e for e in detail["events"] if e["kind"] == "edited"][0]
+    [edited] = [e for e in detail["events"] if e["kind"] == "edited"]
     assert edited["actor"] == "operator"
     assert edited["changes"]["to"] == [[f"Nobody <{BAD}>"], ["Anna <anna@customer.example>"]]
     assert detail["mail"]["recipients"] == "Anna <anna@customer.example>"
@@ -359,9 +418,6 @@ async def test_an_edit_is_previewed_then_saved_with_its_diff_and_user(
 
 
 def _validated(page: str) -> str:
-    import html
-    import re
-
     found = re.search(r'name="raw" value="([^"]*)"', page)
     assert found
     return html.unescape(found.group(1))
@@ -398,7 +454,13 @@ async def test_a_masked_viewer_sees_no_recipient_address(
     transport = httpx.ASGITransport(app=create_app(settings))
     async with httpx.AsyncClient(transport=transport, base_url=ORIGIN) as viewer:
         await logged_in(viewer, "viewer")
-        for path in ("/dead-letters", f"/dead-letters/{mail_id}", f"/mails/{mail_id}", f"/api/v1/mails/{mail_id}", f"/dead-letters/{mail_id}/preview.html"):
+        for path in (
+            "/dead-letters",
+            f"/dead-letters/{mail_id}",
+            f"/mails/{mail_id}",
+            f"/api/v1/mails/{mail_id}",
+            f"/dead-letters/{mail_id}/preview.html",
+        ):
             text = (await viewer.get(path)).text
             assert BAD not in text and "nobody@" not in text, path
             assert "n…@customer.example" in text or path.endswith("preview.html"), path
@@ -410,13 +472,15 @@ async def test_a_masked_viewer_sees_no_recipient_address(
 async def test_a_dead_letter_that_is_not_a_container_is_listed_with_its_bytes_escaped_then_purged(
     client: httpx.AsyncClient, console_settings: Settings
 ) -> None:
-    from rohrpost.shared.wire import mail_properties
-
     body = b"\x1b[31m<script>alert(1)</script> \xff\xfe not json"
     topology = Topology.from_settings(console_settings)
-    publish_raw(console_settings, topology.route_key("acme", "billing"), body, topology.submit_exchange, mail_properties("not-a-uuid"))
-    from tests.conftest import drain
-
+    publish_raw(
+        console_settings,
+        topology.route_key("acme", "billing"),
+        body,
+        topology.submit_exchange,
+        mail_properties("not-a-uuid"),
+    )
     drain(console_settings)
     archive(console_settings)
     csrf = await logged_in(client, "operator")
@@ -428,7 +492,9 @@ async def test_a_dead_letter_that_is_not_a_container_is_listed_with_its_bytes_es
     fields = {"csrf": csrf, "scope": "selected", "ids": letter["key"]}
     asked = await client.post("/dead-letters/purge", data=fields, headers={"origin": ORIGIN})
     assert "Purge 1" in asked.text
-    started = await client.post("/dead-letters/purge", data={**fields, "confirm": "1"}, headers={"origin": ORIGIN})
+    started = await client.post(
+        "/dead-letters/purge", data={**fields, "confirm": "1"}, headers={"origin": ORIGIN}
+    )
     assert started.status_code == 303
     await _finished(client, started.headers["location"])
     assert dead_queue_depth(console_settings) == 0
@@ -437,8 +503,6 @@ async def test_a_dead_letter_that_is_not_a_container_is_listed_with_its_bytes_es
 
 
 async def _finished(client: httpx.AsyncClient, job_path: str) -> dict[str, Any]:
-    import anyio
-
     for _ in range(300):
         job = (await client.get("/api/v1" + job_path)).json()["job"]
         if job["state"] != "running":
@@ -454,15 +518,22 @@ async def _finished(client: httpx.AsyncClient, job_path: str) -> dict[str, Any]:
 async def test_the_filtered_set_is_retried_only_once_its_count_is_confirmed(
     client: httpx.AsyncClient, console_settings: Settings
 ) -> None:
-    dead_letters_of(console_settings, [mail(f"n{i} <{BAD}>") for i in range(3)] + [mail(BAD, tenant="globex", app="shop")])
+    dead_letters_of(
+        console_settings,
+        [mail(f"n{i} <{BAD}>") for i in range(3)] + [mail(BAD, tenant="globex", app="shop")],
+    )
     csrf = await logged_in(client, "operator")
     fields = {"csrf": csrf, "scope": "filtered", "tenant": "acme", "reason": "rejected"}
     asked = await client.post("/dead-letters/retry", data=fields, headers={"origin": ORIGIN})
     assert asked.status_code == 200 and "Retry 3" in asked.text
     assert dead_queue_depth(console_settings) == 3
-    stale = await client.post("/dead-letters/retry", data={**fields, "confirm": "2"}, headers={"origin": ORIGIN})
+    stale = await client.post(
+        "/dead-letters/retry", data={**fields, "confirm": "2"}, headers={"origin": ORIGIN}
+    )
     assert "changed" in stale.text and dead_queue_depth(console_settings) == 3
-    started = await client.post("/dead-letters/retry", data={**fields, "confirm": "3"}, headers={"origin": ORIGIN})
+    started = await client.post(
+        "/dead-letters/retry", data={**fields, "confirm": "3"}, headers={"origin": ORIGIN}
+    )
     job = await _finished(client, started.headers["location"])
     assert job["done"] == 3
     assert dead_queue_depth(console_settings) == 0
@@ -506,7 +577,10 @@ def test_the_command_refuses_a_public_address_without_users(
     config = write_config(make_settings(), tmp_path / "rohrpost.toml")
     result = subprocess.run(
         rohrpost_command(config, "console", "--host", "0.0.0.0", "--port", "0"),
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "no user is configured" in result.stderr
@@ -524,8 +598,13 @@ async def test_without_users_a_foreign_host_header_is_refused(
 
 def test_hash_password_reads_stdin_and_prints_a_verifiable_scrypt_hash(tmp_path: Path) -> None:
     result = subprocess.run(
-        rohrpost_command(tmp_path / "none.toml", "console", "hash-password")[:1] + ["-m", "rohrpost", "console", "hash-password"],
-        input="s3cret password\n", capture_output=True, text=True, timeout=60, check=True,
+        [sys.executable, "-m", "rohrpost", "console", "hash-password"],
+        input="s3cret password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=tmp_path,
     )
     printed = result.stdout.strip()
     assert printed.startswith("scrypt$16384$8$1$")

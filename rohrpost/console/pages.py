@@ -166,7 +166,8 @@ def endpoint(
         if api:
             return JSONResponse(to_jsonable_python(data), status_code=status)
         if "redirect" in data and status < 400:
-            response = RedirectResponse(data["redirect"], status_code=303)
+            root = request.scope.get("root_path", "")
+            response = RedirectResponse(root + data["redirect"], status_code=303)
             console.flash(response, data.get("message", ""))
             return response
         return await console.render(request, template, data, status)
