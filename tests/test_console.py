@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -20,7 +21,7 @@ import anyio
 import httpx
 import pytest
 
-from rohrpost.catcher import MailCatcher
+from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.console.app import create_app
 from rohrpost.console.passwords import hash_password, verify
 from rohrpost.console.server import check_binding
@@ -31,7 +32,15 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
 from rohrpost.shared.wire import mail_properties
-from tests.conftest import declare, drain, publish_raw, rohrpost_command, write_config
+from tests.conftest import (
+    declare,
+    drain,
+    get,
+    publish_raw,
+    rohrpost_command,
+    wait_until,
+    write_config,
+)
 from tests.console_helpers import (
     GLOBEX,
     ORIGIN,
@@ -584,6 +593,25 @@ def test_the_command_refuses_a_public_address_without_users(
     )
     assert result.returncode == 2
     assert "no user is configured" in result.stderr
+
+
+def test_run_with_console_serves_it_as_a_supervised_child(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    port, metrics = free_port(), free_port()
+    settings = make_settings(console={"port": port}, metrics_port=metrics)
+    declare(settings)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    process = subprocess.Popen(rohrpost_command(config, "run", "--console"))
+    try:
+        wait_until(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200)
+        # 503 (a banner) until the history consumer has migrated the store
+        page = wait_until(lambda: (r := get(f"http://127.0.0.1:{port}/tenants"))[0] == 200 and r)
+        assert "acme" in page[1]
+        wait_until(lambda: get(f"http://127.0.0.1:{metrics}/readyz")[0] == 200)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8025", "10.0.0.1"])

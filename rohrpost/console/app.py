@@ -51,7 +51,7 @@ class Console:
         self.service = service or OperatorService(settings)
         self.jobs = JobBoard()
         key = settings.console.secret_key()
-        if key is None:
+        if key is None and settings.console.users:
             log.warning(
                 "no console secret key; sessions end when the console restarts",
                 variable=settings.console.secret_key_env,
