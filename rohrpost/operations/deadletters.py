@@ -208,10 +208,10 @@ class DeadLetterQueue:
                 futures = [(item, self._session.publish(pub)) for item, pub in chunk]
                 for item, future in futures:
                     self._session.confirm(future, f"re-submitting {item.letter.mail_id}")
-                    browsing.remove(item.message)
-                    done.append(item.letter)
-                    if on_progress is not None:
-                        on_progress(len(done), len(ready))
+                browsing.remove_many([item.message for item, _ in chunk])  # all confirmed
+                done += [item.letter for item, _ in chunk]
+                if on_progress is not None:
+                    on_progress(len(done), len(ready))
         return done, skipped
 
     def purge(self, criteria: DeadLetterFilter) -> int:
