@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from rohrpost.console.app import create_app
 from rohrpost.console.passwords import hash_password, verify
 from rohrpost.console.server import check_binding
 from rohrpost.console.site import PAGES
+from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.settings import Settings
@@ -33,6 +35,7 @@ from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
 from rohrpost.shared.wire import mail_properties
 from tests.conftest import (
+    WorkerThread,
     declare,
     drain,
     get,
@@ -447,6 +450,47 @@ async def test_html_in_a_subject_or_name_is_escaped(
     for path in ("/dead-letters", f"/dead-letters/{mail_id}", f"/mails/{mail_id}", "/mails"):
         text = (await client.get(path)).text
         assert "<script>alert" not in text and "<img src=x" not in text, path
+
+
+async def test_an_operator_resends_a_sent_mail_and_cancels_a_scheduled_one(
+    client: httpx.AsyncClient, console_settings: Settings, catcher: MailCatcher
+) -> None:
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    with Producer(console_settings) as producer:
+        sent = str(producer.submit(mail("anna@example.com")))
+        scheduled = str(producer.submit(mail("bob@example.com", not_before=later)))
+    drain_sent(console_settings, catcher, 1)
+    archive(console_settings)
+    csrf = await logged_in(client, "operator")
+    page = (await client.get(f"/mails/{scheduled}")).text
+    assert "Resend" in page and ">Cancel<" in page
+    cancelled = await client.post(
+        f"/mails/{scheduled}/cancel", data={"csrf": csrf}, headers={"origin": ORIGIN}
+    )
+    assert cancelled.status_code == 303
+    resent = await client.post(
+        f"/mails/{sent}/resend", data={"csrf": csrf}, headers={"origin": ORIGIN}
+    )
+    assert resent.status_code == 303
+    archive(console_settings)
+    audit = (await client.get("/api/v1/audit")).json()["entries"]
+    assert {(e["kind"], e["actor"]) for e in audit} >= {
+        ("cancelled", "operator"),
+        ("resent", "operator"),
+    }
+    again = await client.post(
+        f"/mails/{sent}/cancel", data={"csrf": csrf}, headers={"origin": ORIGIN}
+    )
+    assert again.status_code == 409 and "only queued or scheduled" in again.text
+
+
+def drain_sent(settings: Settings, catcher: MailCatcher, count: int) -> None:
+    """Run a worker until ``count`` mails reached the catcher (scheduled ones stay)."""
+    worker = WorkerThread(settings).start()
+    try:
+        catcher.wait_for(lambda mails: len(mails) >= count)
+    finally:
+        worker.stop()
 
 
 # A viewer with masked recipients
