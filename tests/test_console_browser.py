@@ -121,10 +121,14 @@ def log_in(page: Any, pipeline: Pipeline, role: str = "operator") -> None:
     page.wait_for_url(re.compile(r"/dead-letters"))
 
 
-def shoot(page: Any, name: str) -> None:
+def shoot(page: Any, name: str, at: str | None = None) -> None:
     """A screenshot (one viewport); into docs/ for the README with ROHRPOST_TEST_SCREENSHOTS=1."""
+    if at is not None:
+        page.locator(at).evaluate("element => element.scrollIntoView()")
     folder = DOCS if os.environ.get("ROHRPOST_TEST_SCREENSHOTS") else Path(page.context.tmp_dir)
     page.screenshot(path=str(folder / f"console-{name}.png"))
+    if at is not None:
+        page.evaluate("window.scrollTo(0, 0)")
 
 
 def submit(settings: Settings, mails: list[dict[str, Any]]) -> list[str]:
@@ -173,7 +177,7 @@ def test_a_rejected_mail_is_corrected_in_the_form_retried_sent_and_its_story_sho
     page.click("button:has-text('Preview')")
     page.wait_for_selector("text=Changes")
     assert "anna@customer.example" in page.inner_text("table.diff")
-    shoot(page, "edit")
+    shoot(page, "edit", at="section.review")
     page.click("button:has-text('Save')")
     page.wait_for_selector(".flash")
     wait_until(lambda: "edited" in kinds(pipeline, mail_id))
