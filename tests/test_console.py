@@ -195,6 +195,39 @@ async def test_a_forged_session_cookie_is_not_a_login(client: httpx.AsyncClient)
     assert (await client.get("/dead-letters")).status_code == 303
 
 
+@pytest.mark.parametrize("path", ["/login", "/dead-letters", "/api/v1/dead-letters", "/nowhere"])
+async def test_every_answer_forbids_inline_script_framing_and_caching(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    await logged_in(client, "viewer")
+    headers = (await client.get(path)).headers
+    policy = headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "unsafe" not in policy
+    assert "frame-ancestors 'none'" in policy
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_no_template_carries_inline_script_or_style() -> None:
+    folder = Path(create_app.__code__.co_filename).parent / "templates"
+    for template in folder.glob("*.html"):
+        text = template.read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
+        assert "<style" not in text and " style=" not in text and " on" + "click" not in text
+
+
+async def test_the_html_preview_runs_in_a_sandbox_of_its_own(
+    client: httpx.AsyncClient, dead_id: str
+) -> None:
+    await logged_in(client, "viewer")
+    page = (await client.get(f"/dead-letters/{dead_id}")).text
+    assert 'sandbox=""' in page or "sandbox " in page or "<iframe" not in page
+    preview = await client.get(f"/dead-letters/{dead_id}/preview.html")
+    assert preview.status_code == 200
+    assert "sandbox" in preview.headers["content-security-policy"]
+    assert "default-src 'none'" in preview.headers["content-security-policy"]
+
+
 # Every route, every role
 
 
