@@ -53,6 +53,7 @@ class DeadLetterRow(BaseModel):
     dead_at: datetime
     recipients: str | None
     subject: str | None
+    template: str | None
     body_size: int | None
     #: SHA-256 of the bytes of a dead letter that is not a mail container.
     digest: str | None
@@ -88,6 +89,7 @@ def _mail_side(query: DeadLetterQuery) -> Select[Any]:
         mails.c.updated_at.label("dead_at"),
         mails.c.recipients,
         mails.c.subject,
+        mails.c.template,
         cast(null(), mails.c.attempts.type).label("body_size"),
         cast(null(), invalid_letters.c.body_sha256.type).label("digest"),
     ).where(*conditions)
@@ -118,6 +120,7 @@ def _invalid_side(query: DeadLetterQuery) -> Select[Any] | None:
         table.c.at.label("dead_at"),
         cast(null(), table.c.body.type).label("recipients"),
         cast(null(), table.c.body.type).label("subject"),
+        cast(null(), table.c.body.type).label("template"),
         table.c.body_size,
         table.c.body_sha256.label("digest"),
     ).where(*conditions)

@@ -74,7 +74,7 @@ def row(letter: DeadLetterRow) -> dict[str, Any]:
         "attempts": letter.attempts,
         "dead_at": letter.dead_at,
         "recipients": letter.recipients,
-        "subject": letter.subject,
+        "subject": letter.subject or (f"template {letter.template}" if letter.template else None),
         "error": safe_text((letter.error or "")[:300]),
         "body_size": letter.body_size,
     }
