@@ -1,4 +1,4 @@
-"""``python -m bench submit|e2e|punctuality|scale|history|all [--mails N]``, and ``cluster``."""
+"""``python -m bench submit|e2e|punctuality|scale|history|console|all``, and ``cluster``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ DEFAULTS = {
     "punctuality": 20_000,
     "scale": 1_000_000,
     "history": 50_000,
+    "console": 1_000_000,  # mails in the history (PostgreSQL); 10,000 dead letters
 }
 
 
@@ -55,6 +56,10 @@ def run_part(
         return parts.e2e(count, processes, store)
     if name == "punctuality":
         return parts.punctuality(count, processes, store)
+    if name == "console":
+        from bench.console import console
+
+        return console(count, "postgresql")  # the production store; SQLite is not the question
     return parts.scale(count, store)
 
 

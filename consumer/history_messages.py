@@ -19,7 +19,8 @@ from pydantic import TypeAdapter, ValidationError
 from rohrpost.consumer.events import BATCH_TYPE, batch_body
 from rohrpost.shared.archive import read_archived
 from rohrpost.shared.broker import Delivery
-from rohrpost.shared.container import describe_validation_error
+from rohrpost.shared.container import describe_validation_error, parse_container
+from rohrpost.shared.errors import ContainerError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.storable import storable_text, timestamp_datetime
@@ -133,7 +134,7 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
     """The records a submitted mail or a single event stands for; raises when unreadable."""
     kind = delivery.properties.type or ""
     if kind.startswith("rohrpost.event."):
-        return [HistoryRecord(MailEvent.model_validate_json(delivery.body))]
+        return [_event_record(MailEvent.model_validate_json(delivery.body), settings)]
     mail, text = read_archived(delivery.body)
     if mail.created_at is None:
         mail = mail.model_copy(update={"created_at": _published_at(delivery)})
@@ -159,6 +160,24 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         )
         records.append(HistoryRecord(scheduled))
     return records
+
+
+def _event_record(event: MailEvent, settings: Settings) -> HistoryRecord:
+    """An operator's event; an edit carries the corrected container, kept as the mail's content."""
+    detail = dict(event.detail or {})
+    content = detail.pop("container", None)
+    if event.kind != EventKind.EDITED or not isinstance(content, dict):
+        return HistoryRecord(event)
+    try:
+        mail = parse_container(content)
+    except ContainerError:
+        return HistoryRecord(event.model_copy(update={"detail": detail}))
+    app = settings.app(mail.tenant, mail.app)
+    return HistoryRecord(
+        event.model_copy(update={"detail": detail}),
+        mail,
+        mail.from_ or (app.sender if app else None),
+    )
 
 
 def _published_at(delivery: Delivery) -> datetime:

@@ -7,13 +7,15 @@ between leaves a duplicate, never a loss.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
 
 from rohrpost.shared.broker import Delivery, Publication
 from rohrpost.shared.container import MailContainer
-from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.events import INVALID_BODY, EventKind, MailEvent
+from rohrpost.shared.preview import as_text
 from rohrpost.shared.topology import Topology
 from rohrpost.shared.wire import (
     ATTEMPTS_HEADER,
@@ -139,12 +141,22 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
     return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
 
 
-def _named_id(delivery: Delivery) -> uuid.UUID | None:
-    """The mail id an unreadable delivery's properties name, so its history shows it."""
-    try:
-        return uuid.UUID(str(delivery.properties.message_id))
-    except ValueError:
-        return None
+#: How much of a dead letter that is not a mail container its event carries (characters).
+INVALID_BODY_SHOWN = 64 * 1024
+
+
+def invalid_body(delivery: Delivery) -> dict[str, object]:
+    """What the history keeps of a message that is not a mail container: its start, size, hash.
+
+    The whole message stays in the dead-letter queue; the hash names it there.
+    """
+    message_id = delivery.properties.message_id
+    return {
+        INVALID_BODY: hashlib.sha256(delivery.body).hexdigest(),
+        "body_size": len(delivery.body),
+        "body": as_text(delivery.body, INVALID_BODY_SHOWN),
+        "message_id": message_id if isinstance(message_id, str) else None,
+    }
 
 
 def cancelled_event_id(mail_id: uuid.UUID, round: int) -> uuid.UUID:
@@ -156,7 +168,7 @@ def outcome_event(processed: Processed) -> MailEvent | None:
     """The event recording ``processed``'s outcome (none for an early arrival)."""
     outcome = processed.outcome
     common = {
-        "mail_id": processed.mail.id if processed.mail else _named_id(processed.delivery),
+        "mail_id": processed.mail.id if processed.mail else None,
         "tenant": processed.tenant,
         "app": processed.app,
         "attempt": processed.attempt,
@@ -187,6 +199,9 @@ def outcome_event(processed: Processed) -> MailEvent | None:
                 **common,
             )
         case DeadLetter(reason, error):
-            return MailEvent(kind=EventKind.DEAD_LETTERED, reason=reason, error=error, **common)
+            detail = None if processed.mail else invalid_body(processed.delivery)
+            return MailEvent(
+                kind=EventKind.DEAD_LETTERED, reason=reason, error=error, detail=detail, **common
+            )
         case Redelay():
             return None

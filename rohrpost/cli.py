@@ -9,6 +9,7 @@ from typing import NoReturn
 import click
 
 from rohrpost.commands.admin import demo, schema, topology
+from rohrpost.commands.console import console
 from rohrpost.commands.context import CliContext
 from rohrpost.commands.dlq import dlq
 from rohrpost.commands.history import history, store
@@ -62,13 +63,23 @@ for command in (
     topology,
     schema,
     demo,
+    console,
 ):
     cli.add_command(command)
 
 
 # Import names of the packages in the `server` extra (pyproject.toml; a test keeps them equal).
 SERVER_MODULES = frozenset(
-    {"jinja2", "prometheus_client", "aiosmtpd", "sqlalchemy", "alembic", "psycopg"}
+    {
+        "jinja2",
+        "prometheus_client",
+        "aiosmtpd",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "starlette",
+        "uvicorn",
+    }
 )
 
 

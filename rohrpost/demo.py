@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from rohrpost.catcher import MailCatcher
+from rohrpost.console.server import ConsoleThread
 from rohrpost.consumer.history import HistoryConsumer
 from rohrpost.consumer.worker import SendWorker
 from rohrpost.producer.client import Producer
@@ -143,8 +144,8 @@ def _wait_for_outcomes(store: HistoryStore, tracked: dict[uuid.UUID, _Tracked]) 
         time.sleep(0.2)
 
 
-def run_demo(broker_url: str) -> int:
-    """Run the demo; return the process exit code."""
+def run_demo(broker_url: str, *, keep: bool = False, console_port: int = 8025) -> int:
+    """Run the demo; return the process exit code (``keep``: wait for Ctrl-C before cleaning up)."""
     configure_logging("error", "console")
     try:
         with admin_channel(broker_url, timeout=5):
@@ -159,12 +160,34 @@ def run_demo(broker_url: str) -> int:
         catcher.always("nobody@customer.example", "550 5.1.1 no such user here", stage="rcpt")
         settings = _settings(broker_url, workdir, catcher.port)
         try:
-            return _run(settings, catcher)
+            return _run(settings, catcher, keep=keep, console_port=console_port)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(settings: Settings, catcher: MailCatcher) -> int:
+def _console(settings: Settings, port: int) -> ConsoleThread | None:
+    """The web console on the demo's store, on ``port`` (or any free port when it is taken)."""
+    for attempt in (port, 0):
+        try:
+            return ConsoleThread(settings, port=attempt).start()
+        except OSError:
+            continue
+    return None
+
+
+def _hold(keep: bool, console: ConsoleThread | None) -> None:
+    if not keep:
+        return
+    where = f" (the console stays at {console.url})" if console else ""
+    click.echo(f"\nthe demo keeps running{where}; Ctrl-C ends it and deletes everything")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        click.echo("")
+
+
+def _run(settings: Settings, catcher: MailCatcher, *, keep: bool, console_port: int) -> int:
     url = settings.broker_url.get_secret_value()
     topology = Topology.from_settings(settings)
     store = HistoryStore.open(settings.store_url.get_secret_value(), migrate_schema=True)
@@ -174,6 +197,7 @@ def _run(settings: Settings, catcher: MailCatcher) -> int:
         threading.Thread(target=worker.run, name="demo-worker"),
         threading.Thread(target=history.run, name="demo-history"),
     ]
+    console = None
     try:
         with admin_channel(url) as channel:
             topology.declare(channel)
@@ -184,6 +208,9 @@ def _run(settings: Settings, catcher: MailCatcher) -> int:
         )
         for thread in threads:
             thread.start()
+        console = _console(settings, console_port)
+        if console is not None:
+            click.echo(f"  the web console: {console.url}  (open while the demo runs; --keep)\n")
         started = time.time()
         tracked = {}
         with Producer(settings) as producer:
@@ -192,8 +219,12 @@ def _run(settings: Settings, catcher: MailCatcher) -> int:
                 click.echo(f"  submitted {info.label:<26} ({info.asked})")
         click.echo("\nwaiting for every mail to reach a final state …\n")
         _wait_for_outcomes(store, tracked)
-        return _report(store, tracked, started, catcher, topology)
+        code = _report(store, tracked, started, catcher, topology)
+        _hold(keep, console)
+        return code
     finally:
+        if console is not None:
+            console.stop()
         worker.stop()
         history.stop()
         for thread in threads:

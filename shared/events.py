@@ -14,6 +14,10 @@ from rohrpost.shared.container import Name
 from rohrpost.shared.storable import StoredDatetime, StoredInt, clipped
 
 EVENT_SCHEMA_VERSION = 1
+#: In the detail of an event about a dead letter that is not a mail container: the
+#: SHA-256 of its bytes (dead_lettered, purged), or of the bytes an edit replaced.
+INVALID_BODY = "body_sha256"
+REPLACED_BODY = "replaces_body_sha256"
 
 # Free text in an event records what happened (an SMTP reply, an exception): it is
 # made storable and clipped, never refused, so a worker can always record an outcome.

@@ -131,6 +131,75 @@ class TenantConfig(BaseModel):
     apps: dict[Name, AppConfig] = Field(default_factory=dict)
 
 
+Role = Literal["viewer", "operator", "admin"]
+_HASH_PATTERN = r"^(scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+|sha256\$[0-9a-f]{64})$"
+
+
+class ConsoleUser(BaseModel):
+    """Someone who may log in to the console: a role and the hash of a password."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    password_hash: SecretStr = Field(
+        description="Made by `rohrpost console hash-password` (scrypt; the password itself is "
+        "never stored)."
+    )
+
+    @field_validator("password_hash")
+    @classmethod
+    def _check_hash(cls, value: SecretStr) -> SecretStr:
+        if not re.fullmatch(_HASH_PATTERN, value.get_secret_value()):
+            raise ValueError("not a hash made by `rohrpost console hash-password`")
+        return value
+
+
+class ConsoleToken(BaseModel):
+    """A bearer token for the console's JSON API: a role and the hash of the token."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    token_hash: SecretStr = Field(description="Made by `rohrpost console new-token`.")
+
+    @field_validator("token_hash")
+    @classmethod
+    def _check_hash(cls, value: SecretStr) -> SecretStr:
+        if not re.fullmatch(_HASH_PATTERN, value.get_secret_value()):
+            raise ValueError("not a hash made by `rohrpost console new-token`")
+        return value
+
+
+class ConsoleSettings(BaseModel):
+    """The web console (``rohrpost console``): where it listens and who may use it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8025, ge=0, le=65535)
+    users: dict[Name, ConsoleUser] = Field(default_factory=dict)
+    tokens: dict[Name, ConsoleToken] = Field(default_factory=dict)
+    mask_recipients_for_viewers: bool = False
+    secret_key_env: str = Field(
+        default="ROHRPOST_CONSOLE_SECRET_KEY",
+        description="Name of the environment variable holding the key that signs session "
+        "cookies (never in the file). Unset: a random key per start (sessions end on restart).",
+    )
+    session_lifetime: Duration = timedelta(hours=12)
+    root_path: str = Field(
+        default="", description="Path prefix when served below a reverse proxy's path."
+    )
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="Proxies whose X-Forwarded-Proto/For headers are believed (uvicorn).",
+    )
+
+    def secret_key(self) -> SecretStr | None:
+        """The cookie signing key from its environment variable, or None when unset."""
+        value = os.environ.get(self.secret_key_env)
+        return SecretStr(value) if value else None
+
+
 class Settings(BaseSettings):
     """Everything a rohrpost process needs to know."""
 
@@ -207,6 +276,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     smtp: dict[str, SmtpServer] = Field(default_factory=dict)
     tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
+    console: ConsoleSettings = ConsoleSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -309,6 +379,8 @@ class Settings(BaseSettings):
         for server in self.smtp.values():
             if server.password_env and os.environ.get(server.password_env):
                 found.append(os.environ[server.password_env])
+        if key := self.console.secret_key():
+            found.append(key.get_secret_value())
         return found
 
 

@@ -248,6 +248,7 @@ def test_the_demo_runs_the_whole_pipeline(broker_url: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all mails ended as expected" in result.stdout
     assert "attempt_failed attempt 1" in result.stdout and "550 5.1.1" in result.stdout
+    assert "the web console: http://127.0.0.1:" in result.stdout
     namespace = result.stdout.split("namespace '")[1].split("'")[0]
     with admin_channel(broker_url) as channel, pytest.raises(ChannelClosedByBroker):
         channel.queue_declare(f"{namespace}.send.acme.shop", passive=True)  # cleaned up

@@ -190,6 +190,7 @@ def test_the_client_install_submits_from_the_command_line(
         ["history", "list"],
         ["store", "migrate"],
         ["demo"],
+        ["console"],
     ],
 )
 def test_server_commands_name_the_extra_to_install(

@@ -66,11 +66,21 @@ def topology_delete(ctx: CliContext, yes: bool) -> None:
     show_default=True,
     help="RabbitMQ to run the demo on.",
 )
-def demo(broker_url: str) -> None:
+@click.option(
+    "--keep", is_flag=True, help="Keep running after the report (with the console) until Ctrl-C."
+)
+@click.option(
+    "--console-port",
+    type=click.IntRange(0, 65535),
+    default=8025,
+    show_default=True,
+    help="Port of the web console the demo serves on 127.0.0.1 (another free one if taken).",
+)
+def demo(broker_url: str, keep: bool, console_port: int) -> None:
     """Run the whole pipeline once on a local SMTP catcher and report each mail's fate."""
     from rohrpost.demo import run_demo
 
-    sys.exit(run_demo(broker_url))
+    sys.exit(run_demo(broker_url, keep=keep, console_port=console_port))
 
 
 @click.command()

@@ -75,13 +75,26 @@ def history_consumer(ctx: CliContext, drain: bool, metrics_port: int | None) -> 
     help="Exit once every queued mail is sent (or failed) and archived.",
 )
 @_METRICS_PORT
+@click.option(
+    "--console",
+    "with_console",
+    is_flag=True,
+    help="Also serve the web console (console.host, console.port) as a child process.",
+)
 @pass_context
-def run(ctx: CliContext, processes: int, drain: bool, metrics_port: int | None) -> None:
+def run(
+    ctx: CliContext, processes: int, drain: bool, metrics_port: int | None, with_console: bool
+) -> None:
     """Run everything on one machine: send workers and the history consumer."""
-    from rohrpost.consumer.supervisor import HISTORY, WORKER, Supervisor
+    from rohrpost.consumer.supervisor import HISTORY, WORKER, Child, Supervisor
 
     settings = ctx.settings()
     _check_secrets(settings)
     children = [WORKER] * processes + ([HISTORY] if settings.history_enabled else [])
+    if with_console:
+        from rohrpost.console.server import check_binding, console_main
+
+        check_binding(settings, settings.console.host)  # refused at once, not in a restart loop
+        children.append(Child("console", console_main, follows_workers=True))
     port = settings.metrics_port if metrics_port is None else metrics_port
     sys.exit(Supervisor(settings, children, drain=drain, metrics_port=port).run())

@@ -26,7 +26,7 @@ from rohrpost.operations.session import OperatorSession
 from rohrpost.shared.broker import Publication
 from rohrpost.shared.container import encode_container, parse_container
 from rohrpost.shared.errors import ContainerError, OperatorError, UnknownRoute
-from rohrpost.shared.events import EventKind
+from rohrpost.shared.events import INVALID_BODY, REPLACED_BODY, EventKind
 from rohrpost.shared.preview import clip
 from rohrpost.shared.wire import (
     ACTOR_HEADER,
@@ -50,15 +50,20 @@ class DeadLetterFilter(BaseModel):
     reason: str | None = None
     since: datetime | None = None
     ids: frozenset[str] | None = None
+    #: SHA-256 of bodies: names dead letters that are not mail containers (or have no id).
+    digests: frozenset[str] | None = None
 
     def matches(self, letter: DeadLetter) -> bool:
-        """True when ``letter`` meets every criterion."""
+        """True when ``letter`` meets every criterion (ids or digests: either names it)."""
+        named = self.ids is None and self.digests is None
+        named = named or (self.ids is not None and letter.mail_id in self.ids)
+        named = named or (self.digests is not None and letter.digest in self.digests)
         return (
-            (self.reason is None or letter.reason == self.reason)
+            named
+            and (self.reason is None or letter.reason == self.reason)
             and (
                 self.since is None or (letter.dead_at is not None and letter.dead_at >= self.since)
             )
-            and (self.ids is None or letter.mail_id in self.ids)
         )
 
 
@@ -148,13 +153,18 @@ class DeadLetterQueue:
                 f"storing the edited dead letter {mail_id}",
             )
             browsing.remove(message)
+        # The corrected container goes along, so the history shows the letter as it now is.
+        detail: dict[str, Any] = {"changes": changes, "container": json.loads(body)}
+        if letter.container is None:
+            detail[REPLACED_BODY] = letter.digest
         self._session.record(
             EventKind.EDITED,
             mail_id=container.id,
             tenant=letter.tenant,
             app=letter.app,
             round=letter.round,
-            detail={"changes": changes},
+            reason=clip(letter.reason, 40),
+            detail=detail,
         )
         return changes
 
@@ -198,10 +208,10 @@ class DeadLetterQueue:
                 futures = [(item, self._session.publish(pub)) for item, pub in chunk]
                 for item, future in futures:
                     self._session.confirm(future, f"re-submitting {item.letter.mail_id}")
-                    browsing.remove(item.message)
-                    done.append(item.letter)
-                    if on_progress is not None:
-                        on_progress(len(done), len(ready))
+                browsing.remove_many([item.message for item, _ in chunk])  # all confirmed
+                done += [item.letter for item, _ in chunk]
+                if on_progress is not None:
+                    on_progress(len(done), len(ready))
         return done, skipped
 
     def purge(self, criteria: DeadLetterFilter) -> int:
@@ -209,20 +219,31 @@ class DeadLetterQueue:
         count = 0
         with self._held(criteria) as (browsing, held):
             for item in held:
-                letter = item.letter
-                if letter.mail_id is not None and letter.container is not None:
-                    with contextlib.suppress(ValueError):
-                        self._session.record(
-                            EventKind.PURGED,
-                            mail_id=uuid.UUID(letter.mail_id),
-                            tenant=letter.tenant,
-                            app=letter.app,
-                            round=letter.round,
-                            detail={"reason": clip(letter.reason, 1000)},
-                        )
+                self._record_purge(item.letter)
                 browsing.remove(item.message)
                 count += 1
         return count
+
+    def _record_purge(self, letter: DeadLetter) -> None:
+        detail: dict[str, Any] = {"reason": clip(letter.reason, 1000)}
+        if letter.container is None:  # the history knows it by its bytes
+            self._session.record(
+                EventKind.PURGED,
+                tenant=letter.tenant,
+                app=letter.app,
+                round=letter.round,
+                detail={**detail, INVALID_BODY: letter.digest},
+            )
+        elif letter.mail_id is not None:
+            with contextlib.suppress(ValueError):
+                self._session.record(
+                    EventKind.PURGED,
+                    mail_id=uuid.UUID(letter.mail_id),
+                    tenant=letter.tenant,
+                    app=letter.app,
+                    round=letter.round,
+                    detail=detail,
+                )
 
     @contextlib.contextmanager
     def _held(self, criteria: DeadLetterFilter) -> Iterator[tuple[Browse, list[_Held]]]:

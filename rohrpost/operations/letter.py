@@ -8,6 +8,7 @@ bytes with the reason, header values become text, impossible times become None.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +45,11 @@ class DeadLetter:
     problem: str | None  # … and this says why
     body: bytes
     headers: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the body: what names a letter that is not a mail container."""
+        return hashlib.sha256(self.body).hexdigest()
 
     @property
     def recipients(self) -> list[str]:

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Engine, Select, delete, exists, select
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection, Engine, Select, and_, delete, exists, or_, select
 
 from rohrpost.shared.events import MailEvent
+from rohrpost.shared.store import letters
+from rohrpost.shared.store.audit import AuditEntry, audit_entries, paused_scopes
 from rohrpost.shared.store.counts import forget_old_counts, recent_counts
 from rohrpost.shared.store.database import (
     create_store_engine,
@@ -23,7 +25,15 @@ from rohrpost.shared.store.database import (
     require_migrated,
     translate_errors,
 )
-from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
+from rohrpost.shared.store.letters import DeadLetterQuery, DeadLetterRow
+from rohrpost.shared.store.tables import (
+    events,
+    invalid_letters,
+    mail_recipients,
+    mail_tags,
+    mails,
+    operator_actions,
+)
 from rohrpost.shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
 
 #: Mails deleted per transaction by a purge: one batch must stay well under a second,
@@ -43,6 +53,10 @@ class MailFilter(BaseModel):
     tag: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    #: The start of a mail id (hex digits, dashes ignored): a range of the primary key.
+    id_prefix: str | None = Field(default=None, pattern=r"^[0-9a-fA-F-]{1,36}$")
+    #: Keyset paging: only mails listed after this one (its updated_at and id).
+    after: tuple[datetime, uuid.UUID] | None = None
     limit: int = 100
 
 
@@ -143,6 +157,11 @@ class HistoryStore:
         """Release every pooled connection."""
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Raise StoreUnavailable (or StoreError) unless the store answers a query now."""
+        with translate_errors(), self.engine.connect() as conn:
+            conn.execute(select(1))
+
     def write(self, records: Iterable[HistoryRecord]) -> int:
         """Store records in one transaction; return how many events were new."""
         return len(self._writer.write(records))
@@ -153,9 +172,13 @@ class HistoryStore:
 
     def list_mails(self, criteria: MailFilter | None = None) -> list[MailSummary]:
         """Mails matching ``criteria``, newest first."""
-        query = _filtered(select(*_SUMMARY_COLUMNS), criteria or MailFilter())
+        criteria = criteria or MailFilter()
         with translate_errors(), self.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
+            candidates = _candidates(conn, criteria)
+            query = _filtered(select(*_SUMMARY_COLUMNS), criteria)
+            if candidates is not None:
+                query = query.where(mails.c.id.in_(candidates))
+            rows = conn.execute(query).mappings().all() if candidates != [] else []
         return [MailSummary.model_validate(dict(row)) for row in rows]
 
     def mail(self, mail_id: uuid.UUID) -> MailHistory | None:
@@ -187,6 +210,41 @@ class HistoryStore:
         with translate_errors(), self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [OperatorAction.model_validate(dict(r)) for r in rows]
+
+    def dead_letters(self, query: DeadLetterQuery) -> tuple[list[DeadLetterRow], int]:
+        """One page of matching dead letters, newest first, and how many match in all."""
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(letters.page_query(query)).mappings().all()
+            total = conn.execute(letters.count_query(query)).scalar_one()
+        return [DeadLetterRow.model_validate(dict(row)) for row in rows], total
+
+    def dead_letter_keys(self, query: DeadLetterQuery) -> list[tuple[str, str, str]]:
+        """Every matching dead letter as (tenant, app, mail id or SHA-256 of its bytes)."""
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(letters.keys_query(query)).all()
+        return [(t, a, str(m) if m is not None else str(d)) for t, a, m, d in rows]
+
+    def invalid_letter(self, letter_id: uuid.UUID) -> dict[str, Any] | None:
+        """A dead letter that is not a mail container, with the start of its bytes."""
+        with translate_errors(), self.engine.connect() as conn:
+            row = (
+                conn.execute(select(invalid_letters).where(invalid_letters.c.event_id == letter_id))
+                .mappings()
+                .first()
+            )
+        return dict(row) if row is not None else None
+
+    def audit(
+        self, *, tenant: str | None = None, before: datetime | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Operator actions (on mails, and pauses/resumes), newest first."""
+        with translate_errors(), self.engine.connect() as conn:
+            return audit_entries(conn, tenant=tenant, before=before, limit=limit)
+
+    def paused(self) -> dict[tuple[str, str | None], AuditEntry]:
+        """The pause in force for each paused tenant (app None) or tenant/app."""
+        with translate_errors(), self.engine.connect() as conn:
+            return paused_scopes(conn)
 
     def recent_counts(
         self, since: datetime, *, tenant: str | None = None, app: str | None = None
@@ -278,4 +336,47 @@ def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
         query = query.where(
             exists().where(mail_tags.c.mail_id == mails.c.id, mail_tags.c.tag == criteria.tag)
         )
-    return query.order_by(mails.c.updated_at.desc()).limit(criteria.limit)
+    if criteria.id_prefix is not None:
+        low, high = id_range(criteria.id_prefix)
+        query = query.where(mails.c.id >= low, mails.c.id <= high)
+    if criteria.after is not None:
+        at, mail_id = criteria.after
+        query = query.where(
+            or_(mails.c.updated_at < at, and_(mails.c.updated_at == at, mails.c.id < mail_id))
+        )
+    return query.order_by(mails.c.updated_at.desc(), mails.c.id.desc()).limit(criteria.limit)
+
+
+#: A recipient's or tag's mails looked up first, when there are at most this many.
+_CANDIDATES = 5000
+
+
+def _candidates(conn: Connection, criteria: MailFilter) -> list[uuid.UUID] | None:
+    """The ids a recipient or tag search can only be among (None: too many to list).
+
+    Asked as one query, PostgreSQL may walk the whole time index checking each mail
+    for the recipient (7 s over a million mails, measured); the recipient's few mails
+    looked up first through their own index take milliseconds.
+    """
+    lookups = []
+    if criteria.to is not None:
+        lookups.append(
+            select(mail_recipients.c.mail_id).where(
+                mail_recipients.c.address == criteria.to.lower()
+            )
+        )
+    if criteria.tag is not None:
+        lookups.append(select(mail_tags.c.mail_id).where(mail_tags.c.tag == criteria.tag))
+    found: set[uuid.UUID] | None = None
+    for lookup in lookups:
+        ids = set(conn.execute(lookup.limit(_CANDIDATES + 1)).scalars())
+        if len(ids) > _CANDIDATES:
+            continue  # frequent: the query's own EXISTS finds them quickly
+        found = ids if found is None else found & ids
+    return None if found is None else list(found)
+
+
+def id_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """The lowest and highest mail id starting with ``prefix`` (hex digits; dashes ignored)."""
+    digits = prefix.replace("-", "").lower()[:32]
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    text,
 )
 
 
@@ -96,6 +97,8 @@ mails = Table(
     Index("ix_mails_tenant_app_status", "tenant", "app", "status"),
     Index("ix_mails_created_at", "created_at"),
     Index("ix_mails_status_updated_at", "status", "updated_at"),
+    # History searches without a status filter list newest first (the console's pages).
+    Index("ix_mails_updated_at", "updated_at"),
 )
 
 #: Every recipient of a mail (to, cc, bcc), lower-cased, for ``--to`` searches.
@@ -133,6 +136,13 @@ events = Table(
     Column("actor", Text),
     Column("detail", JsonText),
     Index("ix_events_mail_id", "mail_id"),
+    # The audit: operator actions (events with an actor), newest first, without a scan.
+    Index(
+        "ix_events_actor_at",
+        "at",
+        postgresql_where=text("actor IS NOT NULL"),
+        sqlite_where=text("actor IS NOT NULL"),
+    ),
 )
 
 #: Operator actions on a whole tenant or app (pause, resume), with who and when.
@@ -161,4 +171,22 @@ outcome_counts = Table(
     Column("step", UtcDateTime, primary_key=True),
     Column("count", Integer, nullable=False),
     Index("ix_outcome_counts_step", "step"),
+)
+
+#: Dead letters that are not mail containers (reason ``invalid``): no mail row can hold
+#: them, so each is kept here with the start of its raw bytes, until it is purged.
+invalid_letters = Table(
+    "invalid_letters",
+    metadata,
+    Column("event_id", Uuid, primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("app", String(63), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("error", Text),
+    Column("message_id", Text),
+    Column("body_sha256", String(64), nullable=False),
+    Column("body_size", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+    Index("ix_invalid_letters_at", "at"),
+    Index("ix_invalid_letters_body", "tenant", "app", "body_sha256"),
 )

@@ -21,12 +21,19 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from rohrpost.shared.archive import ArchivedMail
 from rohrpost.shared.container import MailContainer, bare_address
-from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.events import INVALID_BODY, REPLACED_BODY, EventKind, MailEvent
 from rohrpost.shared.storable import storable_text
 from rohrpost.shared.store.counts import add_counts, tally
 from rohrpost.shared.store.database import translate_errors
 from rohrpost.shared.store.sinks import sink_for
-from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
+from rohrpost.shared.store.tables import (
+    events,
+    invalid_letters,
+    mail_recipients,
+    mail_tags,
+    mails,
+    operator_actions,
+)
 
 #: Status a kind of event puts a mail in, and how strongly (higher wins within a round).
 STATUS_OF: dict[EventKind, tuple[str, int]] = {
@@ -38,9 +45,13 @@ STATUS_OF: dict[EventKind, tuple[str, int]] = {
     EventKind.EXPIRED: ("expired", 3),
     EventKind.DEAD_LETTERED: ("dead_lettered", 3),
     EventKind.CANCELLED: ("cancelled", 3),
+    # An edited dead letter is still one (an edit of a letter that was not a mail
+    # container makes it one); a purged one is gone for good, whatever came first.
+    EventKind.EDITED: ("dead_lettered", 3),
+    EventKind.PURGED: ("purged", 4),
 }
 _COUNTS_ATTEMPTS = frozenset({EventKind.ATTEMPT_FAILED, EventKind.SENT, EventKind.DEAD_LETTERED})
-TERMINAL = ("sent", "expired", "dead_lettered", "cancelled")
+TERMINAL = ("sent", "expired", "dead_lettered", "cancelled", "purged")
 #: Events about a whole tenant or app, not one mail.
 TENANT_ACTIONS = frozenset({EventKind.PAUSED, EventKind.RESUMED})
 
@@ -147,7 +158,9 @@ class _Mail:
             )
             if event.subject is not None and not row["content_deleted"]:
                 self.set(subject=event.subject)  # as rendered, for template mails
-        elif event.kind == EventKind.DEAD_LETTERED:
+        elif event.kind == EventKind.DEAD_LETTERED or (
+            event.kind == EventKind.EDITED and event.reason is not None
+        ):
             self.set(reason=event.reason)
 
     def _apply_container(self, record: HistoryRecord) -> None:
@@ -202,16 +215,17 @@ class HistoryWriter:
         """Store the records in one transaction; return the events that were new."""
         records = list(records)
         actions = {r.event.event_id: r.event for r in records if r.event.kind in TENANT_ACTIONS}
+        invalid = [r.event for r in records if _BODY_KEYS & set(r.event.detail or {})]
         unique = {
             r.event.event_id: r
             for r in records
             if r.event.mail_id is not None and r.event.kind not in TENANT_ACTIONS
         }
-        if not unique and not actions:
+        if not unique and not actions and not invalid:
             return []
         sink = self._sink
         with translate_errors(), self._engine.begin() as conn:
-            new_actions = self._save_actions(conn, actions)
+            new_actions = self._save_actions(conn, actions) + _save_invalid(conn, invalid)
             known = sink.known_events(conn, list(unique))
             new = sorted((r for i, r in unique.items() if i not in known), key=HistoryRecord.order)
             if not new:
@@ -265,6 +279,77 @@ class HistoryWriter:
             .where(events.c.mail_id.in_(ids))
             .values(error=None, smtp_reply=None, detail=None)
         )
+
+
+_BODY_KEYS = frozenset({INVALID_BODY, REPLACED_BODY})
+
+
+def _save_invalid(conn: Connection, found: list[MailEvent]) -> list[MailEvent]:
+    """Keep (dead_lettered) or forget (purged, replaced by an edit) invalid dead letters."""
+    new = []
+    for event in found:
+        detail = event.detail or {}
+        digest = storable_text(str(detail.get(INVALID_BODY) or detail.get(REPLACED_BODY)))[:64]
+        if event.kind == EventKind.DEAD_LETTERED and event.mail_id is None:
+            column = invalid_letters.c.event_id
+            if conn.execute(select(column).where(column == event.event_id)).first():
+                continue
+            conn.execute(insert(invalid_letters), [_invalid_row(event, digest)])
+            _end_named_mail(conn, event)
+            new.append(event)
+        elif event.kind in (EventKind.PURGED, EventKind.EDITED):
+            conn.execute(
+                delete(invalid_letters).where(
+                    invalid_letters.c.tenant == event.tenant,
+                    invalid_letters.c.app == event.app,
+                    invalid_letters.c.body_sha256 == digest,
+                )
+            )
+    return new
+
+
+def _end_named_mail(conn: Connection, event: MailEvent) -> None:
+    """A mail the history archived, that a worker found invalid, ends as dead-lettered.
+
+    The history reads only the fields it keeps (``rohrpost.shared.archive``), so it can
+    archive a container a worker then refuses in full; the dead letter's properties
+    name the mail, which would otherwise look queued forever.
+    """
+    try:
+        mail_id = uuid.UUID(str((event.detail or {}).get("message_id")))
+    except ValueError:
+        return
+    conn.execute(
+        update(mails)
+        .where(mails.c.id == mail_id, mails.c.status.in_(("queued", "scheduled", "retrying")))
+        .values(
+            status="dead_lettered",
+            reason=event.reason,
+            last_error=event.error,
+            status_rank=STATUS_OF[EventKind.DEAD_LETTERED][1],
+            status_at=event.at,
+            updated_at=event.at,
+        )
+    )
+
+
+def _invalid_row(event: MailEvent, digest: str) -> dict[str, Any]:
+    detail = event.detail or {}
+    return {
+        "event_id": event.event_id,
+        "tenant": event.tenant,
+        "app": event.app or "",
+        "at": event.at,
+        "error": event.error,
+        "message_id": _storable(_text_or_none(detail.get("message_id"))),
+        "body_sha256": digest,
+        "body_size": min(int(detail.get("body_size") or 0), 2**31 - 1),
+        "body": storable_text(str(detail.get("body", ""))),
+    }
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)[:2000]
 
 
 def _storable(text: str | None) -> str | None:
