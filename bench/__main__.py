@@ -21,6 +21,7 @@ DEFAULTS = {
     "scale": 1_000_000,
     "history": 50_000,
     "console": 1_000_000,  # mails in the history (PostgreSQL); 10,000 dead letters
+    "queries": 10_000_000,  # mails in the history (PostgreSQL), kept between runs
 }
 
 
@@ -60,6 +61,10 @@ def run_part(
         from bench.console import console
 
         return console(count, "postgresql")  # the production store; SQLite is not the question
+    if name == "queries":
+        from bench import queries
+
+        return queries.measure(count)
     return parts.scale(count, store)
 
 
