@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         description="Shared state (Redis): which mail ids were submitted and sent. Empty: "
         "none, so a mail id is not checked for duplicates.",
     )
+    management_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="RabbitMQ's management API, asked by `rohrpost status` for the mails "
+        "workers hold unacked: empty derives it from broker_url (http://HOST:15672, same "
+        "user); `off` asks nothing.",
+    )
     history_enabled: bool = Field(
         default=True, description="Declare the history queue; run a history consumer for it."
     )
@@ -274,7 +280,7 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value the configuration refers to, for scrubbing logs."""
         found = []
-        for url in (self.broker_url, self.store_url, self.redis_url):
+        for url in (self.broker_url, self.store_url, self.redis_url, self.management_url):
             password = urlsplit(url.get_secret_value()).password if url else None
             if password:
                 found += [password, unquote(password)]  # as written, and as a driver sees it

@@ -176,7 +176,9 @@ def test_a_real_prometheus_scrapes_a_worker_and_the_dashboard_queries_are_valid(
     expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(expressions) >= 10
     for expr in expressions:
-        query = urllib.parse.quote(expr.replace("$tenant", ".*"))
+        query = urllib.parse.quote(
+            expr.replace("$tenant", ".*").replace("$namespace", settings.namespace)
+        )
         status, body = get(f"{api}/api/v1/query?query={query}")
         assert status == 200 and json.loads(body)["status"] == "success", (expr, body)
 

@@ -9,11 +9,14 @@ import json
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 from sqlalchemy import Engine, Select, delete, exists, select
 
+from rohrpost.shared.container import bare_address
+from rohrpost.shared.errors import StoreError
 from rohrpost.shared.events import MailEvent
 from rohrpost.shared.store.database import (
     create_store_engine,
@@ -23,6 +26,37 @@ from rohrpost.shared.store.database import (
 )
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, operator_actions
 from rohrpost.shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
+
+
+def split_recipients(value: object) -> list[str]:
+    """The addresses of a stored recipients text (``"Anna <a@x>, b@y"``), each as written.
+
+    Commas inside a quoted display name (``"Schmidt, Anna" <a@x>``) or inside ``<…>``
+    do not split.
+    """
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return []
+    found: list[str] = []
+    current: list[str] = []
+    quoted = angled = escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"' and not angled:
+            quoted = not quoted
+        elif char in "<>" and not quoted:
+            angled = char == "<"
+        elif char == "," and not (quoted or angled):
+            found.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    found.append("".join(current).strip())
+    return [address for address in found if address]
 
 
 class MailFilter(BaseModel):
@@ -39,6 +73,12 @@ class MailFilter(BaseModel):
     until: datetime | None = None
     limit: int = 100
 
+    @field_validator("to")
+    @classmethod
+    def _bare_address(cls, value: str | None) -> str | None:
+        """``Anna <anna@example.com>`` finds Anna's mails: the store indexes bare addresses."""
+        return None if value is None else bare_address(value.strip()).lower()
+
 
 class MailSummary(BaseModel):
     """One mail as the history knows it."""
@@ -54,7 +94,8 @@ class MailSummary(BaseModel):
     not_before: datetime | None
     sent_at: datetime | None
     sender: str | None
-    recipients: str | None
+    #: to, cc and bcc as submitted (``Anna <anna@example.com>``); empty once deleted
+    recipients: Annotated[list[str], BeforeValidator(split_recipients)]
     subject: str | None
     template: str | None
     attempts: int
@@ -121,7 +162,13 @@ class HistoryStore:
 
     @classmethod
     def open(cls, url: str, *, migrate_schema: bool = False) -> HistoryStore:
-        """Open the store at ``url``; migrate it, or insist that it is migrated."""
+        """Open the store at ``url``; migrate it, or insist that it is migrated.
+
+        Only migrating creates a SQLite file: opened to read, a missing file is a
+        StoreError that says so (SQLite would create an empty one).
+        """
+        if not migrate_schema:
+            _require_sqlite_file(url)
         engine = create_store_engine(url)
         try:
             if migrate_schema:
@@ -173,6 +220,17 @@ class HistoryStore:
         container = json.loads(row["container"]) if row["container"] else None
         return MailHistory(mail=summary, container=container, events=entries)
 
+    def ids_with_prefix(self, prefix: str, limit: int = 11) -> list[uuid.UUID]:
+        """Ids of mails starting with ``prefix`` (hex digits, dashes ignored), in order.
+
+        A range query on the primary key (``low <= id <= high``), so it stays an
+        index lookup however many mails the store holds.
+        """
+        low, high = prefix_range(prefix)
+        query = select(mails.c.id).where(mails.c.id >= low, mails.c.id <= high)
+        with translate_errors(), self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(mails.c.id).limit(limit)).scalars())
+
     def actions(self, tenant: str | None = None, limit: int = 100) -> list[OperatorAction]:
         """Tenant-wide operator actions, newest first."""
         query = select(operator_actions).order_by(operator_actions.c.at.desc()).limit(limit)
@@ -193,6 +251,27 @@ class HistoryStore:
             query = query.where(mails.c.app == app)
         with translate_errors(), self.engine.begin() as conn:
             return conn.execute(query).rowcount
+
+
+def prefix_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """The lowest and highest id starting with ``prefix``; ValueError unless it is hex."""
+    digits = prefix.replace("-", "").lower()
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"{prefix!r} is not the start of a mail id (hex digits and dashes)")
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
+def _require_sqlite_file(url: str) -> None:
+    """StoreError when ``url`` is a SQLite file that does not exist."""
+    scheme, _, rest = url.partition(":///")
+    path = rest.partition("?")[0]
+    if scheme.partition("+")[0] != "sqlite" or not path or path == ":memory:":
+        return
+    if not Path(path).exists():
+        raise StoreError(
+            f"the history store {path} does not exist: no history consumer has run with "
+            "this configuration yet (`rohrpost store migrate` creates it)"
+        )
 
 
 def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:

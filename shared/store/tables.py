@@ -133,6 +133,8 @@ events = Table(
     Column("actor", Text),
     Column("detail", JsonText),
     Index("ix_events_mail_id", "mail_id"),
+    # `rohrpost status`: sends, failed attempts and dead letters of the last hour or day
+    Index("ix_events_kind_at", "kind", "at"),
 )
 
 #: Operator actions on a whole tenant or app (pause, resume), with who and when.
