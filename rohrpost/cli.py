@@ -107,7 +107,7 @@ def _usage_text(exc: click.ClickException) -> str:
         text = text[0].lower() + text[1:]  # "Missing argument" -> "missing argument"
     context = getattr(exc, "ctx", None)
     if isinstance(exc, click.UsageError) and context is not None:
-        text += f" (see `{context.command_path} --help`)"
+        text = f"{text.rstrip('.')} (see `{context.command_path} --help`)"
     return text
 
 
