@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -195,6 +196,35 @@ def test_counts_use_the_right_plural(settings: Settings, config: Path) -> None:
     assert cli(config, "dlq", "purge", "--yes").stdout == "purged 0 dead letters\n"
     purged = cli(config, "history", "purge", "--older-than", "0s", "--yes").stdout
     assert purged.startswith("purged 1 mail last changed before")
+
+
+def test_counts_start_at_one(settings: Settings, config: Path, tmp_path: Path) -> None:
+    [dead] = fill_dead_letters(settings, "acme", "billing", 1)
+    shown = cli(config, "dlq", "show", dead).stdout
+    assert "round       1 (the first)\n" in shown
+    assert "attempts    3\n" in shown and re.search(r"size        \d+ bytes\n", shown)
+    cli(config, "dlq", "retry", dead)
+    drain(settings)  # the catcher refuses nothing: sent in its second round
+    good = '{"tenant": "acme", "app": "billing", "to": ["a@example.com"], "subject": "s"}'
+    (tmp_path / "mails.jsonl").write_text(f"\n{good}\n")
+    refused = cli(config, "submit", "--file", str(tmp_path / "mails.jsonl"), check=False)
+    assert "mails.jsonl line 2: " in refused.stderr, "lines count from 1, blank ones too"
+    store = archive(settings)
+    found = store.mail(uuid.UUID(dead))
+    store.close()
+    assert found is not None and [e.round for e in found.events] == [1, 1]
+
+
+def test_history_list_of_scheduled_mails_shows_when_each_is_due(
+    settings: Settings, config: Path
+) -> None:
+    due = datetime.now(UTC) + timedelta(hours=1)
+    with Producer(settings) as producer:
+        mail_id = str(producer.submit(mail(not_before=due.isoformat())))
+    archive(settings).close()
+    table = cli(config, "history", "list", "--status", "scheduled").stdout.splitlines()
+    assert table[0].split()[:5] == ["id", "status", "due", "(UTC)", "tenant/app"]
+    assert table[1].startswith(f"{mail_id}  scheduled      {due:%Y-%m-%d %H:%M:%S}  acme/billing")
 
 
 # -- help -------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -123,9 +125,24 @@ def dlq_show(ctx: CliContext, mail_id: str, tenant: str | None, as_json: bool) -
     click.echo(json.dumps(preview(shown), indent=2) if as_json else _pretty(shown))
 
 
+def _human(key: str, value: Any) -> str:
+    """A value of ``dlq show`` for people: lists joined, times to the second, rounds from 1."""
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    if key == "dead_at" and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return f"{short_time(datetime.fromisoformat(value))} UTC"
+    if key == "size" and isinstance(value, int):
+        return plural(value, "byte")
+    if key == "round" and isinstance(value, int):
+        again = "once" if value == 1 else f"{value} times"
+        return f"{value + 1} (" + ("the first" if value == 0 else f"re-submitted {again}") + ")"
+    return str(value)
+
+
 def _pretty(shown: dict[str, Any]) -> str:
     lines = [
-        f"{key:10}  {printable(', '.join(value) if isinstance(value, list) else value)}"
+        f"{key.replace('_', ' '):10}  {printable(_human(key, value))}"
         for key, value in shown.items()
         if key not in ("headers", "container", "body") and value not in (None, [])
     ]
