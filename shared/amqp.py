@@ -15,6 +15,7 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika import frame, spec
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
 from rohrpost.shared.headers import use_tolerant_properties
@@ -50,7 +51,9 @@ def admin_channel(url: str, *, timeout: float = 10.0) -> Iterator[Any]:
         connection = pika.BlockingConnection(
             connection_parameters(url, timeout=timeout, name="rohrpost-admin")
         )
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
+        # A broker that accepts the socket but not the handshake (overloaded, out of
+        # file descriptors) surfaces as pika's AMQPConnectorStackTimeout, no AMQPError.
         raise unavailable(url, exc) from exc
     try:
         yield connection.channel()

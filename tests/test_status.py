@@ -200,6 +200,27 @@ def test_status_says_which_figures_are_unknown_and_why(
     assert "guest:guest" not in result.stdout + result.stderr
 
 
+def test_status_without_a_broker_shows_the_history_and_exits_1(
+    settings: Settings, tmp_path: Path
+) -> None:
+    archive(settings).close()
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    config.write_text(
+        config.read_text().replace(
+            settings.broker_url.get_secret_value(), "amqp://guest:guest@127.0.0.1:1/%2F"
+        )
+    )
+    result = cli(config, "status", check=False)
+    assert result.returncode == 1
+    line = next(row for row in result.stdout.splitlines() if row.startswith("acme/billing"))
+    # ready, consumers, held and dead come from AMQP; in flight from the management API
+    assert line.split()[2:10] == ["active", "-", "0", "-", "0", "0", "-", "-"]
+    assert "queues unknown (-): cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1" in (
+        result.stdout
+    )
+    assert result.stderr.startswith("error: the broker could not be read: cannot reach RabbitMQ")
+
+
 def test_status_of_an_unknown_tenant_is_an_error(config: Path) -> None:
     result = cli(config, "status", "--tenant", "initech", check=False)
     assert (result.returncode, result.stderr) == (1, "error: tenant 'initech' is not configured\n")

@@ -37,18 +37,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import pika.exceptions
 from pydantic import BaseModel, ConfigDict
 
-from rohrpost.operations.management import (
-    ManagementApi,
-    ManagementUnavailable,
-    QueueCounts,
-    broker_vhost,
-    management_url,
-)
+from rohrpost.operations.management import QueueCounts
+from rohrpost.operations.queues import QueueReading, in_flight_counts
 from rohrpost.shared.broker import admin_channel
-from rohrpost.shared.errors import BrokerError, OperatorError
+from rohrpost.shared.errors import BrokerError, OperatorError, StoreError
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.store.figures import AGE_BUCKETS, RouteHistory, paused_scopes, route_history
@@ -146,7 +140,7 @@ def overview(
     _require_scope(settings, tenant, app)
     now = now or datetime.now(UTC)
     topology = Topology.from_settings(settings)
-    reading = _BrokerReading(topology)
+    reading = QueueReading(topology)
     if channel is not None:
         reading.read(channel)
     else:
@@ -155,12 +149,15 @@ def overview(
                 reading.read(opened)
         except BrokerError as exc:
             reading.problem = str(exc)
-    in_flight, management = _in_flight(settings)
+    in_flight, management = in_flight_counts(settings)
     history: dict[tuple[str, str], RouteHistory] | None = None
     paused: set[tuple[str, str | None]] | None = None
     if store is not None:
-        history = route_history(store, now, tenant=tenant, app=app)
-        paused = paused_scopes(store)
+        try:
+            history = route_history(store, now, tenant=tenant, app=app)
+            paused = paused_scopes(store)
+        except StoreError as exc:  # the queues' figures are worth showing all the same
+            history_problem, history, paused = str(exc), None, None
     sources = _Sources(topology, reading, in_flight, history, paused, now)
     routes = [
         _route(settings, sources, t, a)
@@ -170,20 +167,38 @@ def overview(
     ]
     history_queue = history_rejected = None
     if topology.history:
-        history_queue = reading.queue_figure(topology.history_queue, in_flight)
-        history_rejected = reading.queue_figure(topology.history_rejected_queue, None)
+        history_queue = _queue_figure(reading, topology.history_queue, in_flight)
+        history_rejected = _queue_figure(reading, topology.history_rejected_queue, None)
     return Overview(
         at=now,
         namespace=settings.namespace,
         routes=routes,
         total=_total(routes),
-        delay_levels=reading.delay_levels(),
+        delay_levels=_delay_levels(reading, topology),
         history_queue=history_queue,
         history_rejected=history_rejected,
         broker=reading.problem,
         management=management,
-        history=None if store is not None else history_problem or "no history store",
+        history=None if history is not None else history_problem or "no history store",
         notes=reading.notes,
+    )
+
+
+def _delay_levels(reading: QueueReading, topology: Topology) -> QueueFigure:
+    names = topology.delay_queues()
+    known = [count for name in names if (count := reading.messages(name)) is not None]
+    return QueueFigure(queues=len(names), messages=sum(known) if known else None)
+
+
+def _queue_figure(
+    reading: QueueReading, name: str, in_flight: dict[str, QueueCounts] | None
+) -> QueueFigure:
+    held = in_flight.get(name) if in_flight is not None else None
+    return QueueFigure(
+        queues=1,
+        messages=reading.messages(name),
+        consumers=reading.consumers(name),
+        in_flight=held.unacked if held is not None else None,
     )
 
 
@@ -197,94 +212,12 @@ def _require_scope(settings: Settings, tenant: str | None, app: str | None) -> N
         raise OperatorError(f"{where} has no app {app!r}")
 
 
-class _BrokerReading:
-    """Queue depths and consumers read by passive declares; missing queues are noted."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-        self.found: dict[str, tuple[int, int]] = {}
-        self.notes: list[str] = []
-        self.problem: str | None = None
-        self.read_any = False
-
-    def read(self, channel: Any) -> None:
-        topology = self.topology
-        names = [
-            queue
-            for tenant, app in topology.routes
-            for queue in (
-                topology.send_queue(tenant, app),
-                topology.dead_queue(tenant, app),
-                topology.held_queue(tenant, app),
-            )
-        ]
-        names += topology.delay_queues()
-        if topology.history:
-            names += [topology.history_queue, topology.history_rejected_queue]
-        missing = []
-        for name in names:
-            try:
-                method = channel.queue_declare(name, passive=True).method
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:
-                    self.problem = f"the broker refused to show {name}: {exc.reply_text}"
-                    return
-                missing.append(name)
-                channel = channel.connection.channel()
-                continue
-            except pika.exceptions.AMQPError as exc:
-                self.problem = f"lost the broker while reading the queues: {exc!r}"
-                return
-            self.found[name] = (method.message_count, method.consumer_count)
-        self.read_any = True
-        if missing:
-            self.notes.append(
-                f"{len(missing)} of {len(names)} queues do not exist (first: {missing[0]}); "
-                "run `rohrpost topology declare`"
-            )
-
-    def messages(self, name: str) -> int | None:
-        found = self.found.get(name)
-        return None if found is None else found[0]
-
-    def consumers(self, name: str) -> int | None:
-        found = self.found.get(name)
-        return None if found is None else found[1]
-
-    def delay_levels(self) -> QueueFigure:
-        names = self.topology.delay_queues()
-        counts = [self.messages(name) for name in names]
-        known = [count for count in counts if count is not None]
-        return QueueFigure(queues=len(names), messages=sum(known) if known else None)
-
-    def queue_figure(self, name: str, in_flight: dict[str, QueueCounts] | None) -> QueueFigure:
-        held = in_flight.get(name) if in_flight is not None else None
-        return QueueFigure(
-            queues=1,
-            messages=self.messages(name),
-            consumers=self.consumers(name),
-            in_flight=held.unacked if held is not None else None,
-        )
-
-
-def _in_flight(settings: Settings) -> tuple[dict[str, QueueCounts] | None, str | None]:
-    """Unacked messages per queue from the management API; or None and why not."""
-    url = management_url(settings)
-    if url is None:
-        return None, "management_url is off"
-    try:
-        queues = ManagementApi(url).queues(broker_vhost(settings), f"{settings.namespace}.")
-    except ManagementUnavailable as exc:
-        return None, str(exc)
-    return queues, None
-
-
 @dataclass(frozen=True)
 class _Sources:
     """What the figures of every route are taken from."""
 
     topology: Topology
-    reading: _BrokerReading
+    reading: QueueReading
     in_flight: dict[str, QueueCounts] | None
     history: dict[tuple[str, str], RouteHistory] | None
     paused: set[tuple[str, str | None]] | None
