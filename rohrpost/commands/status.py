@@ -69,20 +69,36 @@ def status(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--interval") from exc
     with _history(ctx) as (store, problem):
-        while True:
-            shown = _overview(ctx, store, problem, tenant, app)
-            if watch and sys.stdout.isatty():
-                click.clear()
-            click.echo(_as_json(shown) if as_json else render(shown))
-            if not watch:
-                break
-            try:
-                time.sleep(max(0.5, seconds))
-            except KeyboardInterrupt:
-                return
-            click.echo("")
+        if watch:
+            _watch(ctx, store, problem, tenant, app, as_json=as_json, seconds=seconds)
+            return
+        shown = _overview(ctx, store, problem, tenant, app)
+        click.echo(_as_json(shown) if as_json else render(shown))
     if shown.broker is not None:
         raise click.ClickException(f"the broker could not be read: {shown.broker}")
+
+
+def _watch(
+    ctx: CliContext,
+    store: HistoryStore | None,
+    problem: str | None,
+    tenant: str | None,
+    app: str | None,
+    *,
+    as_json: bool,
+    seconds: float,
+) -> None:
+    """Show the figures every ``seconds`` until Ctrl-C, which ends it normally (exit 0)."""
+    try:
+        while True:
+            shown = _overview(ctx, store, problem, tenant, app)
+            if sys.stdout.isatty():
+                click.clear()
+            click.echo(_as_json(shown) if as_json else render(shown))
+            time.sleep(max(0.5, seconds))
+            click.echo("")
+    except KeyboardInterrupt:
+        return
 
 
 def _overview(
