@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,13 @@ def run_part(
     name: str, mails: int | None, processes: int, store: str, consumers: int = 1
 ) -> dict[str, Any]:
     count = mails or DEFAULTS[name]
-    if name == "history":
-        return ingest.ingest(count, store, consumers)
-    if name == "submit":
-        return parts.submit(count, store)
-    if name == "e2e":
-        return parts.e2e(count, processes, store)
-    if name == "punctuality":
-        return parts.punctuality(count, processes, store)
+    simple: dict[str, Callable[[], dict[str, Any]]] = {
+        "history": lambda: ingest.ingest(count, store, consumers),
+        "submit": lambda: parts.submit(count, store),
+        "e2e": lambda: parts.e2e(count, processes, store),
+        "punctuality": lambda: parts.punctuality(count, processes, store),
+        "scale": lambda: parts.scale(count, store),
+    }
     if name == "console":
         from bench.console import console
 
@@ -65,7 +65,7 @@ def run_part(
         from bench import queries
 
         return queries.measure(count)
-    return parts.scale(count, store)
+    return simple[name]()
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ else 503 with the reason — what Kubernetes probes need.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,31 @@ log = get_logger(__name__)
 
 Readiness = Callable[[], str | None]  # None when ready, else why not
 _CACHE_SECONDS = 5.0
+#: The label every sample carries: the namespace, so that several installations
+#: scraped by one Prometheus can be told apart (``namespace`` itself is taken on
+#: Kubernetes, where the Prometheus Operator sets it to the pod's namespace).
+NAMESPACE_LABEL = "rohrpost_namespace"
+
+
+class Labelled:
+    """A registry's samples with constant labels added, at exposition time.
+
+    One place for every metric, those of child processes (multiprocess mode) included.
+    """
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        """Every metric of the registry, each sample with the constant labels."""
+        for metric in self._registry.collect():
+            labelled = copy.copy(metric)  # collectors may cache their metrics
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, **self._labels})
+                for sample in metric.samples
+            ]
+            yield labelled
 
 
 class QueueCollector(Collector):
@@ -45,6 +71,7 @@ class QueueCollector(Collector):
         for tenant, app in topology.routes:
             yield topology.send_queue(tenant, app), "send", tenant, app
             yield topology.dead_queue(tenant, app), "dead", tenant, app
+            yield topology.held_queue(tenant, app), "held", tenant, app
         for queue in topology.delay_queues():
             yield queue, "delay", "", ""
         if topology.history:
@@ -83,8 +110,18 @@ class QueueCollector(Collector):
 class Endpoints:
     """A small HTTP server on its own thread."""
 
-    def __init__(self, port: int, registry: CollectorRegistry, readiness: Readiness) -> None:
-        self._registry = registry
+    def __init__(
+        self,
+        port: int,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        *,
+        namespace: str | None = None,
+    ) -> None:
+        """``namespace``: added to every sample as ``rohrpost_namespace``."""
+        self._registry: CollectorRegistry | Labelled = (
+            registry if namespace is None else Labelled(registry, {NAMESPACE_LABEL: namespace})
+        )
         self._readiness = readiness
         handler = self._handler()
         # All interfaces: Prometheus and Kubernetes probes come from elsewhere.

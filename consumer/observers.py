@@ -14,6 +14,7 @@ from rohrpost.consumer.outcome import (
     DeadLetter,
     Duplicate,
     Expired,
+    Held,
     Processed,
     Redelay,
     Retry,
@@ -51,8 +52,12 @@ class LogObserver:
                 log.info("mail expired", outcome="expired")
             case Cancelled():
                 log.info("mail cancelled", outcome="cancelled")
+            case Duplicate("superseded"):
+                log.info("mail copy replaced by send-now; dropped", outcome="duplicate")
             case Duplicate():
                 log.info("mail sent before; copy dropped", outcome="duplicate")
+            case Held():
+                log.info("mail held by an operator; set aside", outcome="held")
             case Redelay(delay, why):
                 log.debug("mail delayed again", outcome="redelayed", delay_seconds=delay, why=why)
 

@@ -23,6 +23,7 @@ from rohrpost.shared.wire import (
     ERROR_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
+    carried_headers,
     header_text,
     mail_properties,
     round_of,
@@ -70,7 +71,17 @@ class Cancelled:
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """Sent before in this round (another copy of it): dropped, not sent again."""
+    """Sent before in this round (another copy of it): dropped, not sent again.
+
+    ``reason`` ``superseded``: an operator's ``send-now`` made a newer copy of it.
+    """
+
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An operator holds it: set aside in its route's held queue until released."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +92,7 @@ class DeadLetter:
     error: str
 
 
-Outcome = Sent | Retry | Redelay | Expired | Cancelled | Duplicate | DeadLetter
+Outcome = Sent | Retry | Redelay | Expired | Cancelled | Duplicate | Held | DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +121,7 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
     outcome = processed.outcome
     delivery = processed.delivery
     mail_id = str(processed.mail.id) if processed.mail else delivery.properties.message_id
-    headers: dict[str, object] = {}
+    headers: dict[str, object] = {**carried_headers(delivery.properties)}
     match outcome:
         case Retry(delay, error):
             headers[ERROR_HEADER] = header_text(error)
@@ -118,7 +129,18 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
                 mail_id, attempt=processed.attempt + 1, round=processed.round, headers=headers
             )
         case Redelay(delay, _):
-            properties = mail_properties(mail_id, attempt=processed.attempt, round=processed.round)
+            properties = mail_properties(
+                mail_id, attempt=processed.attempt, round=processed.round, headers=headers
+            )
+        case Held():
+            return Publication(
+                "",
+                topology.held_queue(processed.tenant, processed.app),
+                delivery.body,
+                mail_properties(
+                    mail_id, attempt=processed.attempt, round=processed.round, headers=headers
+                ),
+            )
         case DeadLetter(reason, error):
             headers = {
                 REASON_HEADER: reason,
@@ -187,9 +209,6 @@ def outcome_event(processed: Processed) -> MailEvent | None:
             return MailEvent(
                 kind=EventKind.ATTEMPT_FAILED, error=error, retry_in_seconds=delay, **common
             )
-        case Expired() | Duplicate():
-            kind = EventKind.EXPIRED if isinstance(outcome, Expired) else EventKind.DUPLICATE
-            return MailEvent(kind=kind, **common)
         case Cancelled():
             # The same id as the event `rohrpost cancel` recorded, so it is stored once.
             assert processed.mail is not None
@@ -203,5 +222,11 @@ def outcome_event(processed: Processed) -> MailEvent | None:
             return MailEvent(
                 kind=EventKind.DEAD_LETTERED, reason=reason, error=error, detail=detail, **common
             )
-        case Redelay():
-            return None
+        case Expired() | Duplicate():
+            duplicate = isinstance(outcome, Duplicate)
+            return MailEvent(
+                kind=EventKind.DUPLICATE if duplicate else EventKind.EXPIRED,
+                reason=outcome.reason if isinstance(outcome, Duplicate) else None,
+                **common,
+            )
+    return None  # delayed again, or held: the operator recorded the hold

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from rohrpost.consumer.outcome import (
     DeadLetter,
     Duplicate,
     Expired,
+    Held,
     Outcome,
     Processed,
     Redelay,
@@ -28,6 +28,7 @@ from rohrpost.consumer.render import TemplateRenderer
 from rohrpost.consumer.smtp import Transport
 from rohrpost.shared.broker import Delivery
 from rohrpost.shared.container import MailContainer, decode_container
+from rohrpost.shared.control import ControlState
 from rohrpost.shared.errors import (
     ContainerError,
     DeliveryError,
@@ -40,7 +41,7 @@ from rohrpost.shared.idempotency import Claim, ClaimState, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
 from rohrpost.shared.topology import Topology
-from rohrpost.shared.wire import attempt_of, round_of
+from rohrpost.shared.wire import RELEASED_HEADER, SEND_NOW_HEADER, attempt_of, mark_of, round_of
 
 log = get_logger(__name__)
 
@@ -59,12 +60,15 @@ class MailProcessor:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        is_cancelled: Callable[[uuid.UUID], bool] = lambda _mail_id: False,
+        control: ControlState | None = None,
         claims: SendClaims | None = None,
     ) -> None:
-        """``claims``: where workers agree that a mail is sent once per round (None: nowhere)."""
+        """``control``: the operators' instructions (cancel, hold, send now) so far.
+
+        ``claims``: where workers agree that a mail is sent once per round (None: nowhere).
+        """
         self._claims = claims or SendClaims(None, settings.namespace)
-        self._is_cancelled = is_cancelled
+        self._control = control or ControlState()
         self._settings = settings
         self._topology = topology
         self._renderer = renderer
@@ -105,7 +109,15 @@ class MailProcessor:
         structlog.contextvars.bind_contextvars(mail_id=str(mail.id))
         measured = _Measured()
         try:
-            job = _Job(mail, attempt, tenant, app, round_of(delivery.properties))
+            job = _Job(
+                mail,
+                attempt,
+                tenant,
+                app,
+                round_of(delivery.properties),
+                send_now=mark_of(delivery.properties, SEND_NOW_HEADER),
+                released=mark_of(delivery.properties, RELEASED_HEADER),
+            )
             outcome = self._decide(job, _Sending(transport, measured), claim)
         except Exception as exc:
             # A bug or an unforeseen environment failure: never crash the worker, never
@@ -131,7 +143,7 @@ class MailProcessor:
         stop: Outcome | None = None
         if (mail.tenant, mail.app) != (tenant, app):
             stop = DeadLetter("misrouted", f"mail for {mail.tenant}/{mail.app} in {tenant}/{app}")
-        if stop is not None or (stop := self._not_now(mail)) is not None:
+        if stop is not None or (stop := self._not_now(job)) is not None:
             self._claims.release(claim)
             return stop
         if claim is None or not claim.is_for(self._claims.key(mail.id, job.round)):
@@ -163,10 +175,15 @@ class MailProcessor:
         except (RenderError, PermanentDeliveryError, UnencodableMail, UnicodeError) as exc:
             return _permanent(exc)
 
-    def _not_now(self, mail: MailContainer) -> Cancelled | Expired | Redelay | None:
-        """Why ``mail`` is not to be sent now, if it is not."""
-        if self._is_cancelled(mail.id):
+    def _not_now(self, job: _Job) -> Outcome | None:
+        """Why the job's mail is not to be sent now, if it is not."""
+        mail, control = job.mail, self._control
+        if control.is_cancelled(mail.id):
             return Cancelled()
+        if control.is_superseded(mail.id, job.round, job.send_now):
+            return Duplicate("superseded")
+        if control.is_held(mail.id, job.released):
+            return Held()
         now = self._now()
         if mail.expires_at is not None and mail.expires_at.timestamp() <= now:
             return Expired()
@@ -218,6 +235,9 @@ class _Job:
     tenant: str
     app: str
     round: int
+    #: operator marks the copy carries (ms): made by send-now, moved back by release
+    send_now: int | None = None
+    released: int | None = None
 
 
 @dataclass

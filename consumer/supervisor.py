@@ -88,7 +88,7 @@ def _serve(
     metrics_registry.register(
         QueueCollector(Topology.from_settings(settings), settings.broker_url.get_secret_value())
     )
-    return Endpoints(port, metrics_registry, readiness).start()
+    return Endpoints(port, metrics_registry, readiness, namespace=settings.namespace).start()
 
 
 class _Service(Protocol):

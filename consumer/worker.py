@@ -80,10 +80,11 @@ class SendWorker:
             self._topology,
             renderer,
             clock=clock,
-            is_cancelled=self._control.is_cancelled,
+            control=self._control,
             claims=self._claims,
         )
         self._consuming: set[str] = set()
+        self._paused_routes: set[tuple[str, str]] = set()  # as last logged
         self._consuming_started = False
         # deliveries as they arrive, and then with their send claims (taken in batches)
         self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
@@ -171,12 +172,13 @@ class SendWorker:
                 if paused and queue in self._consuming:
                     broker.cancel_consumer(queue)
                     self._consuming.discard(queue)
-                    log.info("route paused", tenant=tenant, app=app)
                 elif not paused and queue not in self._consuming:
                     broker.consume(queue, self._settings.prefetch, self._receive)
                     self._consuming.add(queue)
-                elif paused:
-                    log.info("route paused", tenant=tenant, app=app)
+                if paused != ((tenant, app) in self._paused_routes):
+                    # once per change (and at start for what is paused), not per instruction
+                    log.info("route paused" if paused else "route resumed", tenant=tenant, app=app)
+                    self._paused_routes ^= {(tenant, app)}
 
     def _wait(self, probe: QueueProbe | None) -> None:
         empty_polls = 0

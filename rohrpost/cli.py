@@ -13,8 +13,9 @@ from rohrpost.commands.console import console
 from rohrpost.commands.context import CliContext
 from rohrpost.commands.dlq import dlq
 from rohrpost.commands.history import history, store
-from rohrpost.commands.operators import cancel, pause, resend, resume
+from rohrpost.commands.operators import cancel, hold, pause, release, resend, resume, send_now
 from rohrpost.commands.processes import history_consumer, run, worker
+from rohrpost.commands.status import status
 from rohrpost.commands.submit import submit
 from rohrpost.commands.terminal import printable
 from rohrpost.shared.errors import ConfigError, RohrpostError
@@ -32,8 +33,16 @@ log = get_logger(__name__)
     envvar="ROHRPOST_CONFIG",
     help="TOML configuration file  [default: ./rohrpost.toml if present]",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", type=click.Choice(["auto", "json", "console"]))
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log from this level on  [default: log_level, info]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    help="Log lines as JSON or for people; auto: console on a terminal  [default: log_format]",
+)
 @click.version_option(package_name="rohrpost")
 @click.pass_context
 def cli(
@@ -54,9 +63,13 @@ for command in (
     run,
     worker,
     history_consumer,
+    status,
     history,
     dlq,
     cancel,
+    send_now,
+    hold,
+    release,
     pause,
     resume,
     store,
@@ -91,13 +104,22 @@ def main() -> None:
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _fail("error: aborted", 130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(f"error: {_usage_text(exc)}", exc.exit_code)
     except Exception as exc:
         _exit_for(exc)
+
+
+def _usage_text(exc: click.ClickException) -> str:
+    """click's message, begun like ours, with where to find help for a usage error."""
+    text = exc.format_message()
+    if text[:1].isupper() and not text[1:2].isupper():
+        text = text[0].lower() + text[1:]  # "Missing argument" -> "missing argument"
+    context = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and context is not None:
+        text = f"{text.rstrip('.')} (see `{context.command_path} --help`)"
+    return text
 
 
 def _exit_for(exc: Exception) -> NoReturn:
@@ -110,7 +132,7 @@ def _exit_for(exc: Exception) -> NoReturn:
             2,
         )
     if isinstance(exc, ConfigError):
-        _fail(f"configuration error: {exc}", 2)
+        _fail(f"error: {exc}", 2)
     if isinstance(exc, RohrpostError):
         _fail(f"error: {exc}", 1)
     # The last resort, for a bug: the traceback goes to the log at debug level.

@@ -15,6 +15,7 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika import frame, spec
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
 from rohrpost.shared.headers import use_tolerant_properties
@@ -82,7 +83,9 @@ def _open_blocking(url: str, timeout: float) -> Any:
             connection = pika.BlockingConnection(
                 connection_parameters(node, timeout=timeout, name="rohrpost-admin")
             )
-        except (pika.exceptions.AMQPError, OSError) as exc:
+        except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
+            # A broker that accepts the socket but not the handshake (overloaded, out of
+            # file descriptors) surfaces as pika's AMQPConnectorStackTimeout, no AMQPError.
             failures.append((node, exc))
             continue
         if failures:

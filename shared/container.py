@@ -163,7 +163,9 @@ def _address(value: str) -> str:
     try:
         validate_email(addr, check_deliverability=False)
     except EmailNotValidError as exc:
-        raise ValueError(f"{addr!r} is not a valid e-mail address: {exc}") from None
+        # Quote what was written: "anna(at)example.com" parses as "anna" (a comment).
+        read_as = f" (read as {addr!r})" if addr != value.strip() else ""
+        raise ValueError(f"{value!r} is not a valid e-mail address{read_as}: {exc}") from None
     return value.strip()
 
 

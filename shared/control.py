@@ -1,4 +1,5 @@
-"""Operator instructions every worker must know: cancel a mail, pause or resume a tenant.
+"""Operator instructions every worker must know: cancel, hold, release or send a mail now,
+pause or resume a tenant.
 
 They are appended to ``{ns}.control``, a RabbitMQ *stream*: a durable, replicated
 log that every worker reads from the start, so a worker started tomorrow knows
@@ -20,7 +21,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from rohrpost.shared.amqp import Publication
 from rohrpost.shared.container import Name
 
-Action = Literal["cancel", "pause", "resume", "marker"]
+Action = Literal["cancel", "pause", "resume", "marker", "hold", "release", "send_now"]
+#: Actions about one mail: they need ``mail_id``.
+MAIL_ACTIONS = frozenset({"cancel", "hold", "release", "send_now"})
 
 
 class ControlMessage(BaseModel):
@@ -35,16 +38,26 @@ class ControlMessage(BaseModel):
     tenant: Name | None = None
     app: Name | None = None
     token: str | None = Field(default=None, description="Identifies a worker's marker.")
+    round: int | None = Field(
+        default=None, ge=0, description="send_now: the round whose older copies are dropped."
+    )
 
     @model_validator(mode="after")
     def _check_target(self) -> ControlMessage:
-        if self.action == "cancel" and self.mail_id is None:
-            raise ValueError("cancel needs mail_id")
+        if self.action in MAIL_ACTIONS and self.mail_id is None:
+            raise ValueError(f"{self.action} needs mail_id")
+        if self.action == "send_now" and self.round is None:
+            raise ValueError("send_now needs round")
         if self.action in ("pause", "resume") and self.tenant is None:
             raise ValueError(f"{self.action} needs tenant")
         if self.action == "marker" and self.token is None:
             raise ValueError("marker needs token")
         return self
+
+    @property
+    def mark(self) -> int:
+        """When it was given, in milliseconds: the copy it makes carries this mark."""
+        return int(self.at.timestamp() * 1000)
 
     def publication(self, exchange: str) -> Publication:
         """This message, ready to publish to the control exchange."""
@@ -62,11 +75,19 @@ class ControlMessage(BaseModel):
 
 
 class ControlState:
-    """What the control stream says so far: cancelled mails and paused routes. Thread-safe."""
+    """What the control stream says so far: cancelled, held, sent-now mails; paused routes.
+
+    Thread-safe.
+    A copy of a mail made by ``send_now`` or ``release`` carries the instruction's mark
+    (milliseconds, see ``ControlMessage.mark``) in a header, so a worker tells it from
+    the copy it replaces even before the instruction reached it through the stream.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled: set[uuid.UUID] = set()
+        self._held: dict[uuid.UUID, int] = {}
+        self._sent_now: dict[tuple[uuid.UUID, int], int] = {}
         self._paused: set[tuple[str, str | None]] = set()
         self._markers: set[str] = set()
         self._seen_marker = threading.Condition(self._lock)
@@ -74,8 +95,8 @@ class ControlState:
     def apply(self, message: ControlMessage) -> bool:
         """Record ``message``; return True when it changed which routes are paused."""
         with self._lock:
-            if message.action == "cancel" and message.mail_id is not None:
-                self._cancelled.add(message.mail_id)
+            if message.action in MAIL_ACTIONS:
+                self._apply_to_mail(message)
             elif message.action == "marker" and message.token is not None:
                 self._markers.add(message.token)
                 self._seen_marker.notify_all()
@@ -90,10 +111,41 @@ class ControlState:
                 return changed
             return False
 
+    def _apply_to_mail(self, message: ControlMessage) -> None:
+        mail_id = message.mail_id
+        assert mail_id is not None  # validated
+        if message.action == "cancel":
+            self._cancelled.add(mail_id)
+        elif message.action == "hold":
+            self._held[mail_id] = message.mark
+        elif message.action == "release":
+            self._held.pop(mail_id, None)
+        elif message.round is not None:  # send_now
+            key = (mail_id, message.round)
+            self._sent_now[key] = max(self._sent_now.get(key, 0), message.mark)
+
     def is_cancelled(self, mail_id: uuid.UUID) -> bool:
         """True when an operator cancelled ``mail_id``."""
         with self._lock:
             return mail_id in self._cancelled
+
+    def is_held(self, mail_id: uuid.UUID, released: int | None = None) -> bool:
+        """True when an operator holds ``mail_id`` and this copy was not released since.
+
+        ``released``: the mark of the release a copy carries (moved out of the held queue).
+        """
+        with self._lock:
+            held_at = self._held.get(mail_id)
+        return held_at is not None and (released is None or released < held_at)
+
+    def is_superseded(self, mail_id: uuid.UUID, round: int, mark: int | None) -> bool:
+        """True when ``send_now`` made a newer copy of ``mail_id`` in ``round`` than this one.
+
+        ``mark``: the send-now mark this copy carries (None: the copy that was waiting).
+        """
+        with self._lock:
+            newest = self._sent_now.get((mail_id, round))
+        return newest is not None and (mark is None or mark < newest)
 
     def is_paused(self, tenant: str, app: str) -> bool:
         """True when tenant/app, or the whole tenant, is paused."""

@@ -45,6 +45,10 @@ class EventKind(StrEnum):
     PURGED = "purged"
     PAUSED = "paused"
     RESUMED = "resumed"
+    #: an operator held the mail (set aside when due) / released it / sent it now
+    HELD = "held"
+    RELEASED = "released"
+    SEND_NOW = "send_now"
 
 
 class MailEvent(BaseModel):

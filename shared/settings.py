@@ -252,6 +252,12 @@ class Settings(BaseSettings):
         description="Shared state (Redis): which mail ids were submitted and sent. Empty: "
         "none, so a mail id is not checked for duplicates.",
     )
+    management_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="RabbitMQ's management API, asked by `rohrpost status` for the mails "
+        "workers hold unacked: empty derives it from broker_url (http://HOST:15672, same "
+        "user); `off` asks nothing.",
+    )
     history_enabled: bool = Field(
         default=True, description="Declare the history queue; run a history consumer for it."
     )
@@ -370,8 +376,9 @@ class Settings(BaseSettings):
         """Every secret value the configuration refers to, for scrubbing logs."""
         found = []
         urls = [*split_nodes(self.broker_url.get_secret_value()), self.store_url.get_secret_value()]
-        if self.redis_url is not None:
-            urls.append(self.redis_url.get_secret_value())
+        for optional in (self.redis_url, self.management_url):
+            if optional is not None:
+                urls.append(optional.get_secret_value())
         for url in urls:
             password = urlsplit(url).password
             if password:

@@ -8,6 +8,7 @@
                                         └── no digit left ─────────► {ns}.send.T.A
     worker (retry) ─► {ns}.delay (topic, like schedule without history)
     worker (dead-letter), x-delivery-limit ─► {ns}.dead (direct, "T.A") ─► {ns}.dead.T.A
+    worker (a mail an operator holds) ─► {ns}.held.T.A ─► (release) {ns}.send.T.A
     worker (every outcome) ─► {ns}.events ─► {ns}.history
     history consumer (unreadable, unstorable), x-delivery-limit ─► {ns}.history.rejected
 
@@ -144,6 +145,10 @@ class Topology:
         """The dead-letter queue of tenant/app."""
         return f"{self.namespace}.dead.{tenant}.{app}"
 
+    def held_queue(self, tenant: str, app: str) -> str:
+        """Where workers set aside the mails of tenant/app an operator holds."""
+        return f"{self.namespace}.held.{tenant}.{app}"
+
     def route_key(self, tenant: str, app: str) -> str:
         """Routing key that sends a mail for tenant/app without delay."""
         return f"{tenant}.{app}"
@@ -162,7 +167,7 @@ class Topology:
         ]
 
     def queues(self) -> list[Queue]:
-        """Every queue: delay levels, then each route's send and dead-letter queue."""
+        """Every queue: delay levels, then each route's send, dead-letter and held queue."""
         queues = [
             Queue(
                 self.delay.queue(level, digit),
@@ -194,6 +199,10 @@ class Topology:
                     {"x-delivery-limit": NO_DELIVERY_LIMIT},
                     upgradable=True,
                 )
+            )
+            # read like dead letters (taken and put back), so no delivery limit either
+            queues.append(
+                Queue(self.held_queue(tenant, app), {"x-delivery-limit": NO_DELIVERY_LIMIT})
             )
         if self.history:
             queues.append(

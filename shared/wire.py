@@ -29,6 +29,12 @@ ATTEMPTS_HEADER = "x-rohrpost-attempts"
 DEAD_AT_HEADER = "x-rohrpost-dead-at"
 #: Dead letters: the send queue the mail came from.
 QUEUE_HEADER = "x-rohrpost-queue"
+#: A copy made by ``rohrpost send-now``: the instruction's mark (ms), see ControlState.
+SEND_NOW_HEADER = "x-rohrpost-send-now"
+#: A copy moved out of the held queue by ``rohrpost release``: the release's mark (ms).
+RELEASED_HEADER = "x-rohrpost-released"
+#: Headers a mail keeps when a worker moves it on (retry, delayed again, held).
+_CARRIED = (SEND_NOW_HEADER, RELEASED_HEADER)
 
 MAIL_CONTENT_TYPE = "application/json"
 _MAX_HEADER_TEXT = 2000
@@ -71,6 +77,18 @@ def attempt_of(properties: Any) -> int:
 def round_of(properties: Any) -> int:
     """The re-submission round a delivered mail carries (0 when absent, malformed or absurd)."""
     return _int_header(properties, ROUND_HEADER, 0)
+
+
+def mark_of(properties: Any, name: str) -> int | None:
+    """The mark (ms) header ``name`` of a delivered mail; None when absent or not a number."""
+    headers = properties.headers if isinstance(properties.headers, dict) else {}
+    value = headers.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def carried_headers(properties: Any) -> dict[str, int]:
+    """The operator marks a mail keeps wherever a worker moves it."""
+    return {name: mark for name in _CARRIED if (mark := mark_of(properties, name)) is not None}
 
 
 def _int_header(properties: Any, name: str, default: int) -> int:

@@ -336,6 +336,7 @@ def write_config(settings: Settings, path: Path) -> Path:
     data["broker_url"] = settings.broker_url.get_secret_value()
     data["store_url"] = settings.store_url.get_secret_value()
     data["redis_url"] = settings.redis_url.get_secret_value() if settings.redis_url else ""
+    data["management_url"] = settings.management_url.get_secret_value()
     path.write_text(tomli_w.dumps(data))
     return path
 

@@ -314,5 +314,7 @@ def test_history_commands_list_show_and_purge(
     assert "status      sent" in shown.stdout and "submitted" in shown.stdout
     missing = run("history", "show", "00000000-0000-4000-8000-000000000000", config=config)
     assert missing.returncode == 1 and "has no mail" in missing.stderr
-    assert "purged 0 mails" in run("history", "purge", "--older-than", "30d", config=config).stdout
-    assert "purged 1 mails" in run("history", "purge", "--older-than", "0s", config=config).stdout
+    purged = run("history", "purge", "--older-than", "30d", "--yes", config=config)
+    assert "purged 0 mails" in purged.stdout
+    purged = run("history", "purge", "--older-than", "0s", "--yes", config=config)
+    assert "purged 1 mail last changed" in purged.stdout

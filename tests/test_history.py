@@ -169,7 +169,7 @@ def test_a_delete_mail_leaves_no_content_after_a_real_send(
     store.close()
     assert len(catcher.mails) == 1
     assert found is not None and found.mail.status == "sent" and found.mail.content_deleted
-    assert found.container is None and found.mail.recipients is None
+    assert found.container is None and found.mail.recipients == []
     assert by_address == []
 
 

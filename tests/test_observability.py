@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -35,11 +36,20 @@ needs_prometheus = pytest.mark.skipif(
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by name and sorted labels (pid dropped)."""
+    """Every sample of an exposition, keyed by name and sorted labels.
+
+    pid is dropped, and rohrpost_namespace, which every sample carries (one test says so).
+    """
     found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid"))
+            labels = tuple(
+                sorted(
+                    (k, v)
+                    for k, v in sample.labels.items()
+                    if k not in ("pid", "rohrpost_namespace")
+                )
+            )
             found[(sample.name, labels)] = found.get((sample.name, labels), 0) + sample.value
     return found
 
@@ -176,7 +186,9 @@ def test_a_real_prometheus_scrapes_a_worker_and_the_dashboard_queries_are_valid(
     expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(expressions) >= 10
     for expr in expressions:
-        query = urllib.parse.quote(expr.replace("$tenant", ".*"))
+        query = urllib.parse.quote(
+            expr.replace("$tenant", ".*").replace("$namespace", settings.namespace)
+        )
         status, body = get(f"{api}/api/v1/query?query={query}")
         assert status == 200 and json.loads(body)["status"] == "success", (expr, body)
 
@@ -242,4 +254,74 @@ def test_counters_match_outcomes_exactly_with_two_worker_processes(
         == 2
     )
     assert "example.com" not in text, "no recipient in any label"
+    assert all(
+        sample.labels["rohrpost_namespace"] == settings.namespace
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ), "every sample says which installation it is from"
     assert value(text, "rohrpost_delivery_latency_seconds_count", tenant="acme", app="billing") == 4
+
+
+@needs_prometheus
+def test_the_shipped_prometheus_config_finds_a_healthy_run_and_no_alert_fires(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    tmp_path: Path,
+    process: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    port, prometheus_port = free_port(), free_port()
+    settings = make_settings(metrics_port=port)
+    declare(settings)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    process(rohrpost_command(config, "run"))  # a worker and the history consumer, one port
+    shipped = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    assert 'targets: ["127.0.0.1:9750"]' in shipped and "scrape_interval: 15s" in shipped
+    (tmp_path / "prometheus.yml").write_text(
+        shipped.replace("127.0.0.1:9750", f"127.0.0.1:{port}")
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+    )
+    # every condition that holds fires at once, instead of after its `for:`
+    rules = (DEPLOY / "prometheus" / "rules" / "rohrpost.yml").read_text()
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "rohrpost.yml").write_text(re.sub(r"for: \w+", "for: 0s", rules))
+    process(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+            "--log.level=warn",
+        ]
+    )
+    api = f"http://127.0.0.1:{prometheus_port}/api/v1"
+    wait_until(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
+    with Producer(settings) as producer:
+        producer.submit(mail("ok@example.com"))
+    catcher.wait_for(lambda mails: len(mails) == 1)
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        status, body = get(f"{api}/query?query={urllib.parse.quote(expr)}")
+        return list(json.loads(body)["data"]["result"]) if status == 200 else []
+
+    namespace = settings.namespace
+    wait_until(lambda: query(f'rohrpost_mails_sent_total{{rohrpost_namespace="{namespace}"}}'))
+    targets = json.loads(get(f"{api}/targets")[1])["data"]["activeTargets"]
+    ours = [t for t in targets if t["labels"]["job"] == "rohrpost"]
+    assert [(t["labels"]["instance"], t["health"]) for t in ours] == [(f"127.0.0.1:{port}", "up")]
+    seen = time.time()
+
+    def evaluated_since_seen() -> bool:
+        groups = json.loads(get(f"{api}/rules")[1])["data"]["groups"]
+        return all(
+            datetime.fromisoformat(g["lastEvaluation"].replace("Z", "+00:00")).timestamp()
+            > seen + 3
+            for g in groups
+        )
+
+    wait_until(evaluated_since_seen)
+    alerts = json.loads(get(f"{api}/alerts")[1])["data"]["alerts"]
+    assert alerts == [], "no alert pending or firing against a healthy `rohrpost run`"
+    assert {s["metric"]["rohrpost_namespace"] for s in query("rohrpost_process_ready")} == {
+        namespace
+    }

@@ -113,7 +113,7 @@ def test_a_mail_and_its_timeline_are_stored_in_order(store: HistoryStore) -> Non
     assert found.mail.status == "sent"
     assert found.mail.attempts == 2
     assert found.mail.sender == "billing@acme.example"
-    assert found.mail.recipients == "Anna <Anna@Example.com>, bob@example.com"
+    assert found.mail.recipients == ["Anna <Anna@Example.com>", "bob@example.com"]
     assert found.mail.sent_at == T0 + timedelta(seconds=31)
     assert found.mail.message_id == f"<{mail.id}@acme.example>"
     assert [e.kind for e in found.events] == ["submitted", "attempt_failed", "sent"]
@@ -222,7 +222,7 @@ def test_a_delete_mail_leaves_no_content_after_it_was_sent(store: HistoryStore) 
     assert found is not None
     assert found.mail.status == "sent" and found.mail.content_deleted
     assert found.container is None
-    assert (found.mail.sender, found.mail.recipients, found.mail.subject) == (None, None, None)
+    assert (found.mail.sender, found.mail.recipients, found.mail.subject) == (None, [], None)
     assert found.mail.last_error is None
     assert all(e.error is None and e.smtp_reply is None for e in found.events)
     assert count(store, mail_recipients) == 0 and count(store, mail_tags) == 0
@@ -230,7 +230,7 @@ def test_a_delete_mail_leaves_no_content_after_it_was_sent(store: HistoryStore) 
     # A redelivered submission does not bring the content back.
     store.write([submitted(mail)])
     again = store.mail(mail.id)
-    assert again is not None and again.container is None and again.mail.recipients is None
+    assert again is not None and again.container is None and again.mail.recipients == []
 
 
 def test_a_delete_mail_that_failed_keeps_its_content_for_operators(store: HistoryStore) -> None:
@@ -332,7 +332,7 @@ def test_a_new_round_replaces_the_last_rounds_outcome_and_content(store: History
     summary = found.mail
     assert (summary.status, summary.reason, summary.last_error) == ("sent", None, None)
     assert summary.subject == "Invoice 7 (corrected)"
-    assert summary.recipients == "anna@example.org" and summary.attempts == 1
+    assert summary.recipients == ["anna@example.org"] and summary.attempts == 1
     assert found.container is not None and found.container["to"] == ["anna@example.org"]
     assert store.list_mails(MailFilter(to="anna@example.com")) == []
     assert [m.id for m in store.list_mails(MailFilter(to="anna@example.org"))] == [mail.id]
@@ -364,7 +364,7 @@ def test_a_new_rounds_outcome_wins_whatever_order_the_events_arrive_in(
         None,
         1,
     )
-    assert (summary.subject, summary.recipients) == ("Invoice 7 (corrected)", "anna@example.org")
+    assert (summary.subject, summary.recipients) == ("Invoice 7 (corrected)", ["anna@example.org"])
     assert found.container is not None and found.container["subject"] == "Invoice 7 (corrected)"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rohrpost.commands.context import CliContext, pass_context
+from rohrpost.commands.context import YES, CliContext, confirm, pass_context, plural
 from rohrpost.shared.settings import redact_url
 
 
@@ -25,24 +25,31 @@ def topology_declare(ctx: CliContext) -> None:
     settings = ctx.settings()
     declared = declare_topology(settings)
     click.echo(
-        f"declared {len(declared.exchanges())} exchanges, {len(declared.queues())} queues, "
-        f"{len(declared.bindings())} bindings in namespace {settings.namespace!r} "
+        f"declared {plural(len(declared.exchanges()), 'exchange')}, "
+        f"{plural(len(declared.queues()), 'queue')}, "
+        f"{plural(len(declared.bindings()), 'binding')} in namespace '{settings.namespace}' "
         f"on {redact_url(settings.broker_url.get_secret_value())}"
     )
 
 
 @topology.command("delete")
-@click.option("--yes", is_flag=True, help="Really delete, with every mail in the queues.")
+@YES
 @pass_context
 def topology_delete(ctx: CliContext, yes: bool) -> None:
-    """Delete every exchange and queue of the namespace, messages included."""
+    """Delete every exchange and queue of the namespace, messages included.
+
+    Asks first, unless --yes.
+    """
     from rohrpost.shared.broker import admin_channel
     from rohrpost.shared.state import SharedState, StateUnavailable
     from rohrpost.shared.topology import Topology
 
-    if not yes:
-        raise click.UsageError("this deletes queued mails; pass --yes to confirm")
     settings = ctx.settings()
+    confirm(
+        yes,
+        f"this deletes every queue and exchange of namespace '{settings.namespace}' on "
+        f"{redact_url(settings.broker_url.get_secret_value())}, with every mail in them",
+    )
     with admin_channel(settings.broker_url.get_secret_value()) as channel:
         Topology.from_settings(settings).delete(channel)
     forgotten = ""
@@ -50,12 +57,12 @@ def topology_delete(ctx: CliContext, yes: bool) -> None:
         state = SharedState(settings.redis_url.get_secret_value())
         try:
             keys = state.forget_namespace(settings.namespace)
-            forgotten = f" and its {keys} shared-state keys"
+            forgotten = f" and its {plural(keys, 'shared-state key')}"
         except StateUnavailable:
             forgotten = " (its shared-state keys in Redis were not reachable; they expire)"
         finally:
             state.close()
-    click.echo(f"deleted namespace {settings.namespace!r}{forgotten}")
+    click.echo(f"deleted namespace '{settings.namespace}'{forgotten}")
 
 
 @click.command()

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
+from rohrpost.commands.context import (
+    MAIL_ID,
+    YES,
+    CliContext,
+    confirm,
+    pass_context,
+    plural,
+    short_time,
+    when_option,
+)
 from rohrpost.commands.operators import ACTOR, session
 from rohrpost.commands.terminal import cell, json_text, printable
 from rohrpost.shared.preview import BRIEF, SHOW, as_text, preview
@@ -18,25 +28,23 @@ if TYPE_CHECKING:
     from rohrpost.operations import DeadLetter, DeadLetterFilter, DeadLetterQueue, OperatorSession
 
 
-def _filter(ids: tuple[uuid.UUID, ...] = (), **given: Any) -> DeadLetterFilter:
+def _filter(ids: tuple[str, ...] = (), **given: Any) -> DeadLetterFilter:
     from rohrpost.operations import DeadLetterFilter
 
     since = when_option(given.pop("since", None), "--since")
-    return DeadLetterFilter(
-        since=since, ids=frozenset(str(i) for i in ids) if ids else None, **given
-    )
+    return DeadLetterFilter(since=since, ids=frozenset(ids) if ids else None, **given)
 
 
 def _filters(command: Any) -> Any:
     for option in reversed(
         (
-            click.option("--tenant"),
-            click.option("--app"),
+            click.option("--tenant", help="Only this tenant's dead letters."),
+            click.option("--app", help="Only this app's dead letters."),
             click.option(
                 "--reason",
                 help=(
-                    "invalid, misrouted, template_error, rejected, unencodable, max_attempts,"
-                    " delivery_limit"
+                    "Only this reason: invalid, misrouted, template_error, rejected, "
+                    "unencodable, max_attempts, delivery_limit."
                 ),
             ),
             click.option("--since", help="Dead-lettered at or after: ISO 8601 or -2h, -7d."),
@@ -74,7 +82,7 @@ def dlq_list(ctx: CliContext, /, as_json: bool, **given: Any) -> None:
     )
     for letter in letters:
         click.echo(_row(letter))
-    click.echo(f"({len(letters)} dead letters)", err=True)
+    click.echo(f"({plural(len(letters), 'dead letter')})", err=True)
 
 
 def _row(letter: DeadLetter) -> str:
@@ -93,17 +101,18 @@ def _row(letter: DeadLetter) -> str:
 
 
 @dlq.command("show")
-@click.argument("mail_id", type=click.UUID)
+@click.argument("mail_id", type=MAIL_ID)
 @click.option("--tenant", help="Look only in this tenant's dead-letter queues.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The dead letter as JSON.")
 @pass_context
-def dlq_show(ctx: CliContext, mail_id: uuid.UUID, tenant: str | None, as_json: bool) -> None:
+def dlq_show(ctx: CliContext, mail_id: str, tenant: str | None, as_json: bool) -> None:
     """Show one dead letter: its container and its dead-letter headers.
 
-    Long values are cut with a note of how much was left out.
+    MAIL_ID: the id, or its first digits (at least 4). Long values are cut with a
+    note of how much was left out.
     """
     with session(ctx, None) as opened:
-        letter = _queue(opened).get(str(mail_id), tenant=tenant)
+        letter = _queue(opened).get(mail_id, tenant=tenant)
     shown = {
         **letter.summary(),
         "round": letter.round,
@@ -116,9 +125,24 @@ def dlq_show(ctx: CliContext, mail_id: uuid.UUID, tenant: str | None, as_json: b
     click.echo(json.dumps(preview(shown), indent=2) if as_json else _pretty(shown))
 
 
+def _human(key: str, value: Any) -> str:
+    """A value of ``dlq show`` for people: lists joined, times to the second, rounds from 1."""
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    if key == "dead_at" and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return f"{short_time(datetime.fromisoformat(value))} UTC"
+    if key == "size" and isinstance(value, int):
+        return plural(value, "byte")
+    if key == "round" and isinstance(value, int):
+        again = "once" if value == 1 else f"{value} times"
+        return f"{value + 1} (" + ("the first" if value == 0 else f"re-submitted {again}") + ")"
+    return str(value)
+
+
 def _pretty(shown: dict[str, Any]) -> str:
     lines = [
-        f"{key:10}  {printable(value)}"
+        f"{key.replace('_', ' '):10}  {printable(_human(key, value))}"
         for key, value in shown.items()
         if key not in ("headers", "container", "body") and value not in (None, [])
     ]
@@ -135,7 +159,7 @@ def _pretty(shown: dict[str, Any]) -> str:
 
 
 @dlq.command("edit")
-@click.argument("mail_id", type=click.UUID)
+@click.argument("mail_id", type=MAIL_ID)
 @click.option(
     "--set",
     "assignments",
@@ -153,26 +177,29 @@ def dlq_edit(
     ctx: CliContext,
     /,
     *,
-    mail_id: uuid.UUID,
+    mail_id: str,
     assignments: tuple[str, ...],
     removals: tuple[str, ...],
     editor: bool,
     tenant: str | None,
     actor: str | None,
 ) -> None:
-    """Correct a dead letter; it stays in the dead-letter queue until `dlq retry`."""
+    """Correct a dead letter; it stays in the dead-letter queue until `dlq retry`.
+
+    MAIL_ID: the id, or its first digits (at least 4).
+    """
     if not (assignments or removals or editor):
         raise click.UsageError("say what to change: --set, --unset or --editor")
     with session(ctx, actor) as opened:
         queue = _queue(opened)
         replacement = None
         if editor:
-            replacement = _edited(queue.get(str(mail_id), tenant=tenant))
+            replacement = _edited(queue.get(mail_id, tenant=tenant))
             if replacement is None:
                 click.echo("nothing changed")
                 return
         changes = queue.edit(
-            str(mail_id),
+            mail_id,
             assignments=assignments,
             removals=removals,
             replacement=replacement,
@@ -207,7 +234,7 @@ def _edited(letter: DeadLetter) -> dict[str, Any] | None:
 
 
 @dlq.command("retry")
-@click.argument("mail_ids", nargs=-1, type=click.UUID)
+@click.argument("mail_ids", nargs=-1, type=MAIL_ID)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @_filters
 @click.option("--dry-run", is_flag=True, help="Say what would be re-submitted; move nothing.")
@@ -224,14 +251,17 @@ def dlq_retry(
     ctx: CliContext,
     /,
     *,
-    mail_ids: tuple[uuid.UUID, ...],
+    mail_ids: tuple[str, ...],
     all_: bool,
     dry_run: bool,
     window: int,
     actor: str | None,
     **given: Any,
 ) -> None:
-    """Re-submit dead letters (as edited, or as they are) with the attempt counter reset."""
+    """Re-submit dead letters (as edited, or as they are) with the attempt counter reset.
+
+    MAIL_IDS: ids, or their first digits (at least 4).
+    """
     if bool(mail_ids) == all_:
         raise click.UsageError("give mail ids, or --all (with filters)")
     criteria = _filter(mail_ids, **given)
@@ -255,29 +285,35 @@ def dlq_retry(
     for letter, why in skipped:
         click.echo(f"skipped {printable(letter.mail_id or '-')}: {printable(why)}", err=True)
     click.echo(f"{verb} {len(ready)}, skipped {len(skipped)}", err=True)
-    found = {letter.mail_id for letter in ready} | {letter.mail_id for letter, _ in skipped}
-    if missing := set(criteria.ids or ()) - found:
-        raise click.ClickException(f"no dead letter {', '.join(sorted(missing))}")
+    if missing := criteria.unmatched([*ready, *(letter for letter, _ in skipped)]):
+        raise click.ClickException(f"no dead letter {', '.join(missing)}")
     if skipped:
         sys.exit(1)
 
 
 @dlq.command("purge")
-@click.argument("mail_ids", nargs=-1, type=click.UUID)
+@click.argument("mail_ids", nargs=-1, type=MAIL_ID)
 @_filters
-@click.option("--yes", is_flag=True, help="Really delete the dead letters.")
+@YES
 @ACTOR
 @pass_context
 def dlq_purge(
-    ctx: CliContext, /, mail_ids: tuple[uuid.UUID, ...], yes: bool, actor: str | None, **given: Any
+    ctx: CliContext, /, mail_ids: tuple[str, ...], yes: bool, actor: str | None, **given: Any
 ) -> None:
     """Delete dead letters for good: these ids, or all matching the filters.
 
-    Each is recorded in its mail's history. Anything in a dead-letter queue can be
-    purged, also what is not a mail container.
+    MAIL_IDS: ids, or their first digits (at least 4). Each is recorded in its mail's
+    history. Anything in a dead-letter queue can be purged, also what is not a mail
+    container. Asks first, unless --yes.
     """
-    if not yes:
-        raise click.UsageError("this deletes mails for good; pass --yes to confirm")
+    criteria = _filter(mail_ids, **given)
+    chosen = [f"--{k} {v}" for k, v in given.items() if v is not None]
+    which = (
+        f"the dead letters {', '.join(mail_ids)}"
+        if mail_ids
+        else "every dead letter" + (f" matching {' '.join(chosen)}" if chosen else "")
+    )
+    confirm(yes, f"this deletes {which} for good")
     with session(ctx, actor) as opened:
-        count = _queue(opened).purge(_filter(mail_ids, **given))
-    click.echo(f"purged {count} dead letters")
+        count = _queue(opened).purge(criteria)
+    click.echo(f"purged {plural(count, 'dead letter')}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -11,7 +10,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from rohrpost.commands.context import CliContext, pass_context, short_time, when_option
+from rohrpost.commands.context import (
+    MAIL_ID,
+    YES,
+    CliContext,
+    confirm,
+    pass_context,
+    plural,
+    short_time,
+    when_option,
+)
 from rohrpost.commands.terminal import cell, printable, printable_json
 from rohrpost.shared.timeparse import parse_duration
 
@@ -39,20 +47,28 @@ def history() -> None:
 
 
 @history.command("list")
-@click.option("--tenant")
-@click.option("--app")
-@click.option("--status", type=click.Choice(STATUSES))
-@click.option("--to", help="A recipient address (to, cc or bcc).")
-@click.option("--tag")
+@click.option("--tenant", help="Only this tenant's mails.")
+@click.option("--app", help="Only this app's mails.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only mails in this status.")
+@click.option(
+    "--to", help="A recipient (to, cc or bcc): anna@example.com or Anna <anna@example.com>."
+)
+@click.option("--tag", help="Only mails with this tag.")
 @click.option("--since", help="Last change at or after: ISO 8601 or -2h, -7d.")
 @click.option("--until", help="Last change before: ISO 8601 or -2h, -7d.")
-@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=100,
+    show_default=True,
+    help="Show at most this many mails.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
 @pass_context
 def list_(
     ctx: CliContext, /, as_json: bool, since: str | None, until: str | None, **criteria: object
 ) -> None:
-    """List mails, newest change first."""
+    """List mails, newest change first; scheduled mails with the time they are due."""
     from rohrpost.shared.store import MailFilter
 
     mail_filter = MailFilter.model_validate(
@@ -61,48 +77,59 @@ def list_(
     with open_store(ctx) as store:
         found = store.list_mails(mail_filter)
     if as_json:
-        click.echo(json.dumps([m.model_dump(mode="json") for m in found], indent=2))
+        click.echo(printable_json(json.dumps([m.model_dump(mode="json") for m in found], indent=2)))
         return
-    click.echo(
-        f"{'id':36}  {'status':13}  {'last change (UTC)':19}  {'tenant/app':20}  {'to':28}  subject"
-    )
+    due = criteria.get("status") == "scheduled"
+    when = "due (UTC)" if due else "last change (UTC)"
+    click.echo(f"{'id':36}  {'status':13}  {when:19}  {'tenant/app':20}  {'to':28}  subject")
     for mail in found:
-        click.echo(_row(mail))
-    click.echo(f"({len(found)} mails)", err=True)
+        click.echo(_row(mail, due=due))
+    click.echo(f"({plural(len(found), 'mail')})", err=True)
 
 
-def _row(mail: MailSummary) -> str:
+def _row(mail: MailSummary, *, due: bool) -> str:
+    when = mail.not_before if due else mail.updated_at
     return (
-        f"{mail.id}  {mail.status:13}  {short_time(mail.updated_at)}  "
-        f"{cell(f'{mail.tenant}/{mail.app}', 20):20}  {cell(mail.recipients, 28):28}  "
+        f"{mail.id}  {mail.status:13}  {short_time(when):19}  "
+        f"{cell(f'{mail.tenant}/{mail.app}', 20):20}  {cell(', '.join(mail.recipients), 28):28}  "
         f"{cell(mail.subject, 40)}"
     )
 
 
 @history.command("show")
-@click.argument("mail_id", type=click.UUID)
+@click.argument("mail_id", type=MAIL_ID)
 @click.option("--json", "as_json", is_flag=True, help="The mail and its timeline as JSON.")
 @pass_context
-def show(ctx: CliContext, mail_id: uuid.UUID, as_json: bool) -> None:
-    """Show one mail and its whole timeline."""
+def show(ctx: CliContext, mail_id: str, as_json: bool) -> None:
+    """Show one mail and its whole timeline (MAIL_ID: the id or its first digits)."""
+    from rohrpost.operations.actions import is_held
+    from rohrpost.operations.ids import resolve_mail_id
+
     with open_store(ctx) as store:
-        found = store.mail(mail_id)
+        whole = resolve_mail_id(mail_id, store)
+        found = store.mail(whole)
     if found is None:
-        raise click.ClickException(f"the history has no mail {mail_id}")
+        raise click.ClickException(
+            f"the history has no mail {whole} (too new to be archived yet, or mistyped? "
+            "`rohrpost history list` shows what it has)"
+        )
     if as_json:
         click.echo(printable_json(found.model_dump_json(indent=2)))
     else:
-        click.echo(_describe(found))
+        click.echo(_describe(found, held=is_held(found)))
 
 
-def _describe(found: MailHistory) -> str:
+def _describe(found: MailHistory, *, held: bool) -> str:
     mail = found.mail
+    status = mail.status + (f" ({mail.reason})" if mail.reason else "")
+    if held and mail.status not in ("sent", "expired", "dead_lettered", "cancelled"):
+        status += ", held (rohrpost release sends it)"
     lines = [
         f"mail        {mail.id}",
-        f"status      {mail.status}" + (f" ({mail.reason})" if mail.reason else ""),
+        f"status      {status}",
         f"tenant/app  {mail.tenant}/{mail.app}",
         f"from        {mail.sender or '-'}",
-        f"to          {mail.recipients or '-'}",
+        f"to          {', '.join(mail.recipients) or '-'}",
         f"subject     {mail.subject or '-'}",
         f"attempts    {mail.attempts}",
     ]
@@ -133,9 +160,15 @@ def _describe(found: MailHistory) -> str:
 
 
 @history.command("actions")
-@click.option("--tenant")
-@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--tenant", help="Only this tenant's pauses and resumes.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=100,
+    show_default=True,
+    help="Show at most this many actions.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of lines.")
 @pass_context
 def actions(ctx: CliContext, tenant: str | None, limit: int, as_json: bool) -> None:
     """List operator actions on whole tenants and apps (pause, resume), newest first."""
@@ -154,18 +187,28 @@ def actions(ctx: CliContext, tenant: str | None, limit: int, as_json: bool) -> N
 
 @history.command("purge")
 @click.option("--older-than", required=True, help="Age of the last change, e.g. 30d.")
-@click.option("--tenant")
-@click.option("--app")
+@click.option("--tenant", help="Only this tenant's mails.")
+@click.option("--app", help="Only this app's mails.")
+@YES
 @pass_context
-def purge(ctx: CliContext, older_than: str, tenant: str | None, app: str | None) -> None:
-    """Delete finished mails whose last change is older than --older-than."""
+def purge(ctx: CliContext, older_than: str, tenant: str | None, app: str | None, yes: bool) -> None:
+    """Delete finished mails whose last change is older than --older-than, for good.
+
+    Finished: sent, expired, dead-lettered or cancelled. Asks first, unless --yes.
+    """
     try:
         cutoff = datetime.now(UTC) - parse_duration(older_than)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from exc
+    scope = " of " + "/".join(x for x in (tenant, app) if x) if tenant or app else ""
     with open_store(ctx) as store:
+        confirm(
+            yes,
+            f"this deletes every finished mail{scope} last changed before "
+            f"{short_time(cutoff)} UTC from the history",
+        )
         count = store.purge(cutoff, tenant=tenant, app=app)
-    click.echo(f"purged {count} mails last changed before {short_time(cutoff)} UTC")
+    click.echo(f"purged {plural(count, 'mail')} last changed before {short_time(cutoff)} UTC")
 
 
 @click.group()

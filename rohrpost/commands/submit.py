@@ -142,7 +142,13 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
 @click.option("--expires", help="Do not send after: ISO 8601 or +30s/+2h/+3d.")
 @click.option("--max-attempts", type=click.IntRange(1, 100), help="[default: the app's]")
 @click.option("--tag", multiple=True, help="Tag for searching history (repeatable).")
-@click.option("--history", type=click.Choice(["keep", "delete"]), default="keep", show_default=True)
+@click.option(
+    "--history",
+    type=click.Choice(["keep", "delete"]),
+    default="keep",
+    show_default=True,
+    help="delete: once sent, the history keeps only the outcome, not the content.",
+)
 @click.option(
     "--file",
     "file_",

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rohrpost.operations.browse import Browse, Message, browse
 from rohrpost.operations.edits import apply_edits, diff
+from rohrpost.operations.ids import ambiguous, starts_with
 from rohrpost.operations.letter import DeadLetter, read_letter
 from rohrpost.operations.session import OperatorSession
 from rohrpost.shared.broker import Publication
@@ -49,6 +50,7 @@ class DeadLetterFilter(BaseModel):
     app: str | None = None
     reason: str | None = None
     since: datetime | None = None
+    #: mail ids, or unique prefixes of them (see rohrpost.operations.ids)
     ids: frozenset[str] | None = None
     #: SHA-256 of bodies: names dead letters that are not mail containers (or have no id).
     digests: frozenset[str] | None = None
@@ -56,7 +58,9 @@ class DeadLetterFilter(BaseModel):
     def matches(self, letter: DeadLetter) -> bool:
         """True when ``letter`` meets every criterion (ids or digests: either names it)."""
         named = self.ids is None and self.digests is None
-        named = named or (self.ids is not None and letter.mail_id in self.ids)
+        named = named or (
+            self.ids is not None and any(starts_with(letter.mail_id, i) for i in self.ids)
+        )
         named = named or (self.digests is not None and letter.digest in self.digests)
         return (
             named
@@ -65,6 +69,19 @@ class DeadLetterFilter(BaseModel):
                 self.since is None or (letter.dead_at is not None and letter.dead_at >= self.since)
             )
         )
+
+    def unmatched(self, letters: Sequence[DeadLetter]) -> list[str]:
+        """The ids (or prefixes) asked for that none of ``letters`` has."""
+        return sorted(
+            i for i in self.ids or () if not any(starts_with(x.mail_id, i) for x in letters)
+        )
+
+    def check_unique(self, letters: Sequence[DeadLetter]) -> None:
+        """OperatorError when an id prefix fits dead letters of several mails."""
+        for prefix in sorted(self.ids or ()):
+            fitting = sorted({str(x.mail_id) for x in letters if starts_with(x.mail_id, prefix)})
+            if len(fitting) > 1:
+                raise ambiguous(prefix, fitting)
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,7 @@ class DeadLetterQueue:
             return [h.letter for h in held]
 
     def get(self, mail_id: str, *, tenant: str | None = None) -> DeadLetter:
-        """The dead letter of ``mail_id``; OperatorError when there is none."""
+        """The dead letter of ``mail_id`` (or a unique prefix); OperatorError when none."""
         found = self.letters(DeadLetterFilter(ids=frozenset({mail_id}), tenant=tenant))
         if not found:
             raise OperatorError(f"no dead letter {mail_id}")
@@ -112,6 +129,7 @@ class DeadLetterQueue:
             if not held:
                 raise OperatorError(f"no dead letter {mail_id}")
             letter, message = held[0].letter, held[0].message
+            mail_id = letter.mail_id or mail_id  # the whole id, when a prefix was given
             if replacement is None and letter.container is None:
                 raise OperatorError(
                     f"dead letter {mail_id} is not a mail container: {letter.problem}; "
@@ -263,4 +281,5 @@ class DeadLetterQueue:
                 letter = read_letter(tenant, app, message.queue, message.properties, message.body)
                 if criteria.matches(letter):
                     held.append(_Held(letter, message))
+            criteria.check_unique([h.letter for h in held])
             yield session, held

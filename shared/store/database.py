@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,16 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """The migration the store is at (None when it has never been migrated)."""
-    with translate_errors(), engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+    # Alembic says "Context impl SQLiteImpl." at INFO whenever it looks: noise on the
+    # stderr of every read-only command.
+    chatty = logging.getLogger("alembic.runtime.migration")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        with translate_errors(), engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        chatty.setLevel(level)
 
 
 def migrate(engine: Engine) -> str:

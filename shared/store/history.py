@@ -10,11 +10,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from sqlalchemy import Connection, Engine, Select, and_, delete, exists, or_, select
 
+from rohrpost.shared.container import bare_address
+from rohrpost.shared.errors import StoreError
 from rohrpost.shared.events import MailEvent
 from rohrpost.shared.store import letters
 from rohrpost.shared.store.audit import AuditEntry, audit_entries, paused_scopes
@@ -41,6 +44,37 @@ from rohrpost.shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
 PURGE_BATCH = 5000
 
 
+def split_recipients(value: object) -> list[str]:
+    """The addresses of a stored recipients text (``"Anna <a@x>, b@y"``), each as written.
+
+    Commas inside a quoted display name (``"Schmidt, Anna" <a@x>``) or inside ``<…>``
+    do not split.
+    """
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return []
+    found: list[str] = []
+    current: list[str] = []
+    quoted = angled = escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"' and not angled:
+            quoted = not quoted
+        elif char in "<>" and not quoted:
+            angled = char == "<"
+        elif char == "," and not (quoted or angled):
+            found.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    found.append("".join(current).strip())
+    return [address for address in found if address]
+
+
 class MailFilter(BaseModel):
     """What ``list_mails`` returns: every given criterion must hold."""
 
@@ -59,6 +93,12 @@ class MailFilter(BaseModel):
     after: tuple[datetime, uuid.UUID] | None = None
     limit: int = 100
 
+    @field_validator("to")
+    @classmethod
+    def _bare_address(cls, value: str | None) -> str | None:
+        """``Anna <anna@example.com>`` finds Anna's mails: the store indexes bare addresses."""
+        return None if value is None else bare_address(value.strip()).lower()
+
 
 class MailSummary(BaseModel):
     """One mail as the history knows it."""
@@ -74,7 +114,8 @@ class MailSummary(BaseModel):
     not_before: datetime | None
     sent_at: datetime | None
     sender: str | None
-    recipients: str | None
+    #: to, cc and bcc as submitted (``Anna <anna@example.com>``); empty once deleted
+    recipients: Annotated[list[str], BeforeValidator(split_recipients)]
     subject: str | None
     template: str | None
     attempts: int
@@ -141,7 +182,13 @@ class HistoryStore:
 
     @classmethod
     def open(cls, url: str, *, migrate_schema: bool = False) -> HistoryStore:
-        """Open the store at ``url``; migrate it, or insist that it is migrated."""
+        """Open the store at ``url``; migrate it, or insist that it is migrated.
+
+        Only migrating creates a SQLite file: opened to read, a missing file is a
+        StoreError that says so (SQLite would create an empty one).
+        """
+        if not migrate_schema:
+            _require_sqlite_file(url)
         engine = create_store_engine(url)
         try:
             if migrate_schema:
@@ -201,6 +248,17 @@ class HistoryStore:
         summary = MailSummary.model_validate({k: row[k] for k in MailSummary.model_fields})
         container = json.loads(row["container"]) if row["container"] else None
         return MailHistory(mail=summary, container=container, events=entries)
+
+    def ids_with_prefix(self, prefix: str, limit: int = 11) -> list[uuid.UUID]:
+        """Ids of mails starting with ``prefix`` (hex digits, dashes ignored), in order.
+
+        A range query on the primary key (``low <= id <= high``), so it stays an
+        index lookup however many mails the store holds.
+        """
+        low, high = prefix_range(prefix)
+        query = select(mails.c.id).where(mails.c.id >= low, mails.c.id <= high)
+        with translate_errors(), self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(mails.c.id).limit(limit)).scalars())
 
     def actions(self, tenant: str | None = None, limit: int = 100) -> list[OperatorAction]:
         """Tenant-wide operator actions, newest first."""
@@ -313,6 +371,27 @@ class HistoryStore:
         return len(ids)
 
 
+def prefix_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """The lowest and highest id starting with ``prefix``; ValueError unless it is hex."""
+    digits = prefix.replace("-", "").lower()
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"{prefix!r} is not the start of a mail id (hex digits and dashes)")
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
+def _require_sqlite_file(url: str) -> None:
+    """StoreError when ``url`` is a SQLite file that does not exist."""
+    scheme, _, rest = url.partition(":///")
+    path = rest.partition("?")[0]
+    if scheme.partition("+")[0] != "sqlite" or not path or path == ":memory:":
+        return
+    if not Path(path).exists():
+        raise StoreError(
+            f"the history store {path} does not exist: no history consumer has run with "
+            "this configuration yet (`rohrpost store migrate` creates it)"
+        )
+
+
 def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
     for column, value in (
         (mails.c.tenant, criteria.tenant),
@@ -337,7 +416,7 @@ def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
             exists().where(mail_tags.c.mail_id == mails.c.id, mail_tags.c.tag == criteria.tag)
         )
     if criteria.id_prefix is not None:
-        low, high = id_range(criteria.id_prefix)
+        low, high = prefix_range(criteria.id_prefix)
         query = query.where(mails.c.id >= low, mails.c.id <= high)
     if criteria.after is not None:
         at, mail_id = criteria.after
@@ -376,7 +455,3 @@ def _candidates(conn: Connection, criteria: MailFilter) -> list[uuid.UUID] | Non
     return None if found is None else list(found)
 
 
-def id_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
-    """The lowest and highest mail id starting with ``prefix`` (hex digits; dashes ignored)."""
-    digits = prefix.replace("-", "").lower()[:32]
-    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
