@@ -13,6 +13,7 @@ million mails is measured from PostgreSQL's relation sizes.
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -237,8 +238,29 @@ def measure(count: int) -> dict[str, Any]:
         for name, found in plans.items()
     }
     figures["mib_per_million_mails"] = _size_per_million(store.engine, count)
+    figures["purge"] = _purge(store, now - SPAN * 0.9)  # the oldest tenth: expired
     store.close()
     return figures
+
+
+def _purge(store: HistoryStore, cutoff: datetime) -> dict[str, Any]:
+    """Purge the mails finished before ``cutoff`` as retention does: batches and their times.
+
+    The history consumer purges one batch between its batches of ingest, so the
+    longest batch is the longest ingest waits. The store is rebuilt on the next run.
+    """
+    moments = [time.perf_counter()]
+    purged = store.purge(cutoff, on_progress=lambda _done: moments.append(time.perf_counter()))
+    batches = [later - earlier for earlier, later in itertools.pairwise(moments)]
+    total = moments[-1] - moments[0]
+    return {
+        "mails": purged,
+        "seconds": round(total, 1),
+        "mails_per_s": round(purged / total) if total else 0,
+        "batches": len(batches),
+        "longest_batch_s": round(max(batches, default=0.0), 3),
+        "batch_p95_s": round(statistics.quantiles(batches, n=20)[18], 3) if len(batches) > 1 else 0,
+    }
 
 
 def _plans_of(engine: Engine, run: Callable[[], Any]) -> list[list[str]]:

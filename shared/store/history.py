@@ -453,5 +453,3 @@ def _candidates(conn: Connection, criteria: MailFilter) -> list[uuid.UUID] | Non
             continue  # frequent: the query's own EXISTS finds them quickly
         found = ids if found is None else found & ids
     return None if found is None else list(found)
-
-
