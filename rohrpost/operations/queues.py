@@ -36,7 +36,7 @@ class QueueReading:
             queue
             for tenant, app in topology.routes
             for queue in (
-                topology.send_queue(tenant, app),
+                *topology.send_queues(tenant, app),
                 topology.dead_queue(tenant, app),
                 topology.held_queue(tenant, app),
             )
@@ -70,6 +70,16 @@ class QueueReading:
         """Messages ready in ``name``; None when it could not be read."""
         found = self.found.get(name)
         return None if found is None else found[0]
+
+    def total(self, names: list[str]) -> int | None:
+        """Messages ready in all of ``names`` together; None when one could not be read.
+
+        A queue the broker does not have holds nothing (a lane an older version did
+        not declare); ``notes`` names it.
+        """
+        if self.problem is not None or not any(name in self.found for name in names):
+            return None
+        return sum(self.found[name][0] for name in names if name in self.found)
 
     def consumers(self, name: str) -> int | None:
         """Consumers of ``name``; None when it could not be read."""

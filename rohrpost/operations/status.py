@@ -13,7 +13,9 @@ first (Postfix's ``postqueue -p`` and ``qshape``), per tenant/app and in total::
 Where each figure comes from, and what ``None`` (shown as ``-``) means:
 
 * the broker, by passive ``queue.declare`` (exact, at the moment of the call):
-  ``ready`` (due mails in the send queue), ``consumers`` (of the send queue),
+  ``ready`` (due mails in the route's send queues, every priority lane together;
+  ``ready_by_priority`` per lane), ``consumers`` (of the send queue of normal
+  mails; every worker consumes each lane of a route),
   ``held`` (the route's held queue), ``dead_lettered`` (its dead-letter queue), the
   delay levels' total and the history queue. None when the broker or the queue is
   missing (``broker`` / ``notes`` say why), or the app is disabled (no queues).
@@ -42,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from rohrpost.operations.management import QueueCounts
 from rohrpost.operations.queues import QueueReading, in_flight_counts
 from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.container import PRIORITIES
 from rohrpost.shared.errors import BrokerError, OperatorError, StoreError
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
@@ -88,6 +91,8 @@ class RouteStatus(Figures):
     enabled: bool
     paused: bool | None  # None: unknown (no history store)
     smtp: str
+    #: ``ready`` per priority lane (high, normal, bulk)
+    ready_by_priority: dict[str, int | None] | None = None
 
 
 class QueueFigure(BaseModel):
@@ -227,16 +232,19 @@ class _Sources:
 def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> RouteStatus:
     config = settings.tenants[tenant].apps[app]
     topology, reading, in_flight = sources.topology, sources.reading, sources.in_flight
-    send = topology.send_queue(tenant, app)
-    held = in_flight.get(send) if in_flight is not None and config.enabled else None
+    lanes = topology.send_queues(tenant, app)
     figures: dict[str, Any] = {}
     if config.enabled:
         figures = {
-            "ready": reading.messages(send),
-            "consumers": reading.consumers(send),
+            "ready": reading.total(lanes),
+            "ready_by_priority": {
+                priority: reading.messages(queue)
+                for priority, queue in zip(PRIORITIES, lanes, strict=True)
+            },
+            "consumers": reading.consumers(topology.send_queue(tenant, app)),
             "held": reading.messages(topology.held_queue(tenant, app)),
             "dead_lettered": reading.messages(topology.dead_queue(tenant, app)),
-            "in_flight": held.unacked if held is not None else None,
+            "in_flight": _unacked(in_flight, lanes),
         }
     if sources.history is not None:
         route = sources.history.get((tenant, app), RouteHistory())
@@ -250,6 +258,14 @@ def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> Rout
         smtp=config.smtp,
         **figures,
     )
+
+
+def _unacked(in_flight: dict[str, QueueCounts] | None, queues: list[str]) -> int | None:
+    """Unacked messages of ``queues`` together; None unless the management API told."""
+    if in_flight is None:
+        return None
+    found = [counts.unacked for queue in queues if (counts := in_flight.get(queue)) is not None]
+    return sum(found) if found else None
 
 
 def _history_figures(route: RouteHistory, now: datetime) -> dict[str, Any]:
