@@ -8,8 +8,9 @@ Threads in one worker process:
   from an in-process inbox, render and send them, then hand the outcome's
   publications back to the broker. The delivery is acked once they are confirmed.
 
-Every lane (send queue) of every route has a consumer with its own prefetch window,
-and the inbox serves high before normal before bulk, routes in turn
+Every lane (send queue) of every route has a consumer with its own prefetch window
+(``prefetch`` each: a burst of high mails comes in whole, not one ack round trip at
+a time), and the inbox serves high before normal before bulk, routes in turn
 (``rohrpost.consumer.inbox``): a backlog delays other routes' and lanes' mails by a
 turn, not by its size.
 
@@ -58,17 +59,6 @@ _EMPTY_POLLS_TO_DRAIN = 3
 _CLAIM_BATCH = 500
 #: How often a stopping worker looks whether its last outcomes are confirmed.
 _SETTLE_POLL_SECONDS = 0.01
-
-
-def lane_prefetch(settings: Settings, priority: Priority) -> int:
-    """Unacked mails per consumer of a lane of ``priority``.
-
-    High mails are served first anyway; a small window (two per sender thread) keeps
-    one worker from holding many of them while other workers' threads are free.
-    """
-    if priority == "high":
-        return min(settings.prefetch, 2 * settings.threads)
-    return settings.prefetch
 
 
 class SendWorker:
@@ -203,7 +193,7 @@ class SendWorker:
             broker.cancel_consumer(queue)
             self._consuming.discard(queue)
         elif not paused and queue not in self._consuming:
-            broker.consume(queue, lane_prefetch(self._settings, priority), self._receive)
+            broker.consume(queue, self._settings.prefetch, self._receive)
             self._consuming.add(queue)
 
     def _wait(self, probe: QueueProbe | None) -> None:
