@@ -7,6 +7,8 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +23,10 @@ from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Lane, Topology, queue_depths
 from rohrpost.shared.wire import mail_properties
-from tests.conftest import WorkerThread, declare
+from tests.conftest import WorkerThread, declare, wait_until, write_config
 from tests.test_delay import matches, route
+from tests.test_mail_actions import held_depth
+from tests.test_operators import archive, cli, queue_ids
 
 TWO_TENANTS = {
     "tenants": {
@@ -283,6 +287,43 @@ def test_a_worker_consumes_every_lane_and_sends_high_mails_first(
     kinds = [m.recipients[0].partition("@")[0].rstrip("0123456789") for m in caught]
     assert kinds[1:] == sorted(kinds[1:], key=PRIORITIES.index), kinds
     assert len(set(kinds)) == 3
+
+
+def test_submit_on_the_command_line_takes_a_priority(settings: Settings, tmp_path: Path) -> None:
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    flags = ["--tenant", "acme", "--app", "billing", "--to", "a@example.com", "--subject", "s"]
+    mail_id = cli(config, "submit", *flags, "--text", "t", "--priority", "bulk").stdout.strip()
+    bulk = Topology.from_settings(settings).send_queue("acme", "billing", "bulk")
+    assert queue_ids(settings, bulk) == [mail_id]
+
+
+def test_send_now_puts_a_scheduled_mail_into_the_send_queue_of_its_priority(
+    settings: Settings, tmp_path: Path
+) -> None:
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    with Producer(settings) as producer:
+        mail_id = str(producer.submit({**mail(1, "high"), "not_before": later}))
+    archive(settings).close()
+    cli(config, "send-now", mail_id)
+    high, normal, _ = Topology.from_settings(settings).send_queues("acme", "billing")
+    assert (queue_ids(settings, high), queue_ids(settings, normal)) == ([mail_id], [])
+
+
+def test_release_moves_a_held_mail_back_into_the_send_queue_of_its_priority(
+    settings: Settings, tmp_path: Path, worker_thread: Callable[..., WorkerThread]
+) -> None:
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    with Producer(settings) as producer:
+        mail_id = str(producer.submit(mail(1, "bulk")))
+    archive(settings).close()
+    cli(config, "hold", mail_id)
+    worker = worker_thread(settings)
+    wait_until(lambda: held_depth(settings) == 1)  # set aside by the worker
+    worker.stop()
+    cli(config, "release", mail_id)
+    _, normal, bulk = Topology.from_settings(settings).send_queues("acme", "billing")
+    assert (queue_ids(settings, bulk), queue_ids(settings, normal)) == ([mail_id], [])
 
 
 # -- acceptance (issue 15) ----------------------------------------------------------------
