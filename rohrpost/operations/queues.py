@@ -20,6 +20,12 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
 
 
+def send_queues(topology: Topology, tenant: str, app: str) -> list[str]:
+    """The queues a route's due mails wait in, the first its main one; every figure of a
+    route's send queue is read through this (one today: a second lane is one more name)."""
+    return [topology.send_queue(tenant, app)]
+
+
 class QueueReading:
     """Queue depths and consumers read by passive declares; missing queues are noted."""
 
@@ -36,7 +42,7 @@ class QueueReading:
             queue
             for tenant, app in topology.routes
             for queue in (
-                topology.send_queue(tenant, app),
+                *send_queues(topology, tenant, app),
                 topology.dead_queue(tenant, app),
                 topology.held_queue(tenant, app),
             )
@@ -75,6 +81,17 @@ class QueueReading:
         """Consumers of ``name``; None when it could not be read."""
         found = self.found.get(name)
         return None if found is None else found[1]
+
+    def total_messages(self, names: list[str]) -> int | None:
+        """Messages ready in all of ``names``; None when one could not be read."""
+        counts = [self.messages(name) for name in names]
+        return None if None in counts else sum(c or 0 for c in counts)
+
+    def most_consumers(self, names: list[str]) -> int | None:
+        """The most consumers any of ``names`` has (a worker consumes each queue of its
+        route, so summing would count it once per queue); None when one could not be read."""
+        counts = [self.consumers(name) for name in names]
+        return None if None in counts else max(c or 0 for c in counts)
 
 
 def in_flight_counts(settings: Settings) -> tuple[dict[str, QueueCounts] | None, str | None]:

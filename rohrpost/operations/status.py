@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from rohrpost.operations.management import QueueCounts
-from rohrpost.operations.queues import QueueReading, in_flight_counts
+from rohrpost.operations.queues import QueueReading, in_flight_counts, send_queues
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import BrokerError, OperatorError, StoreError
 from rohrpost.shared.settings import Settings
@@ -227,16 +227,15 @@ class _Sources:
 def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> RouteStatus:
     config = settings.tenants[tenant].apps[app]
     topology, reading, in_flight = sources.topology, sources.reading, sources.in_flight
-    send = topology.send_queue(tenant, app)
-    held = in_flight.get(send) if in_flight is not None and config.enabled else None
+    send = send_queues(topology, tenant, app)
     figures: dict[str, Any] = {}
     if config.enabled:
         figures = {
-            "ready": reading.messages(send),
-            "consumers": reading.consumers(send),
+            "ready": reading.total_messages(send),
+            "consumers": reading.most_consumers(send),
             "held": reading.messages(topology.held_queue(tenant, app)),
             "dead_lettered": reading.messages(topology.dead_queue(tenant, app)),
-            "in_flight": held.unacked if held is not None else None,
+            "in_flight": _unacked(in_flight, send),
         }
     if sources.history is not None:
         route = sources.history.get((tenant, app), RouteHistory())
@@ -250,6 +249,13 @@ def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> Rout
         smtp=config.smtp,
         **figures,
     )
+
+
+def _unacked(in_flight: dict[str, QueueCounts] | None, names: list[str]) -> int | None:
+    """Mails workers hold unacked from ``names``; None when one of them is not known."""
+    if in_flight is None or any(name not in in_flight for name in names):
+        return None
+    return sum(in_flight[name].unacked for name in names)
 
 
 def _history_figures(route: RouteHistory, now: datetime) -> dict[str, Any]:
