@@ -21,7 +21,9 @@ import pytest
 
 from rohrpost.catcher import MailCatcher
 from rohrpost.console.app import create_app
+from rohrpost.operations.queues import QueueReading
 from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import ConsoleSettings, Settings
 from rohrpost.shared.store import HistoryRecord, HistoryStore
@@ -281,6 +283,41 @@ async def test_a_store_that_cannot_be_reached_is_a_banner_and_the_queues_still_s
         billing = row(page.text, "acme-billing")
         assert (billing["ready"], billing["sent_hour"], billing["scheduled"]) == ("1", "-", "-")
         assert 'class="status unknown"' in page.text  # paused or not: only the history knows
+
+
+# Reading the queues
+
+
+def test_queues_read_over_several_connections_give_what_one_channel_gives(
+    installation: Settings,
+) -> None:
+    known_state(installation)
+    topology = Topology.from_settings(installation)
+    url = installation.broker_url.get_secret_value()
+    with admin_channel(url) as channel:
+        channel.queue_delete(topology.held_queue("globex", "shop"))
+        one = QueueReading(topology)
+        one.read(channel)
+    several = QueueReading(topology)
+    several.read_from(url, connections=3)
+    assert several.found == one.found and several.problem is None
+    assert several.messages(topology.send_queue("acme", "billing")) == 3
+    assert several.messages(topology.held_queue("acme", "billing")) == 1
+    assert (
+        several.notes
+        == one.notes
+        == [
+            f"1 of {len(one.names)} queues do not exist (first: "
+            f"{topology.held_queue('globex', 'shop')}); run `rohrpost topology declare`"
+        ]
+    )
+
+
+def test_an_overview_of_one_tenant_reads_only_its_queues(installation: Settings) -> None:
+    topology = Topology.from_settings(installation)
+    reading = QueueReading(topology, [("globex", "shop")])
+    assert topology.dead_queue("globex", "shop") in reading.names
+    assert not [name for name in reading.names if ".acme." in name]
 
 
 # Who may see it
