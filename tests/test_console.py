@@ -529,6 +529,19 @@ async def test_an_operator_resends_a_sent_mail_and_cancels_a_scheduled_one(
     assert again.status_code == 409 and "only queued or scheduled" in again.text
 
 
+async def test_a_mail_page_shows_a_priority_other_than_normal(
+    client: httpx.AsyncClient, console_settings: Settings, catcher: MailCatcher
+) -> None:
+    with Producer(console_settings) as producer:
+        high = str(producer.submit(mail("anna@example.com", priority="high")))
+        normal = str(producer.submit(mail("bob@example.com")))
+    drain_sent(console_settings, catcher, 2)
+    archive(console_settings)
+    await logged_in(client, "operator")
+    assert "<dt>Priority</dt><dd>high</dd>" in (await client.get(f"/mails/{high}")).text
+    assert "<dt>Priority</dt>" not in (await client.get(f"/mails/{normal}")).text
+
+
 def drain_sent(settings: Settings, catcher: MailCatcher, count: int) -> None:
     """Run a worker until ``count`` mails reached the catcher (scheduled ones stay)."""
     worker = WorkerThread(settings).start()
