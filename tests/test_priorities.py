@@ -289,6 +289,23 @@ def test_a_worker_consumes_every_lane_and_sends_high_mails_first(
     assert len(set(kinds)) == 3
 
 
+def test_the_history_archives_mails_of_every_lane_due_or_scheduled(settings: Settings) -> None:
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    with Producer(settings) as producer:
+        due = {p: producer.submit(mail(1, p)) for p in PRIORITIES}
+        scheduled = {p: producer.submit({**mail(2, p), "not_before": later}) for p in PRIORITIES}
+    store = archive(settings)
+    try:
+        statuses = {
+            mail_id: found.mail.status if (found := store.mail(mail_id)) else None
+            for mail_id in [*due.values(), *scheduled.values()]
+        }
+    finally:
+        store.close()
+    assert [statuses[i] for i in due.values()] == ["queued"] * 3
+    assert [statuses[i] for i in scheduled.values()] == ["scheduled"] * 3
+
+
 def test_submit_on_the_command_line_takes_a_priority(settings: Settings, tmp_path: Path) -> None:
     config = write_config(settings, tmp_path / "rohrpost.toml")
     flags = ["--tenant", "acme", "--app", "billing", "--to", "a@example.com", "--subject", "s"]
