@@ -23,7 +23,7 @@ from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Lane, Topology, queue_depths
 from rohrpost.shared.wire import mail_properties
-from tests.conftest import WorkerThread, declare, wait_until, write_config
+from tests.conftest import WorkerThread, declare, drain, wait_until, write_config
 from tests.test_delay import matches, route
 from tests.test_mail_actions import held_depth
 from tests.test_operators import archive, cli, queue_ids
@@ -304,6 +304,21 @@ def test_the_history_archives_mails_of_every_lane_due_or_scheduled(settings: Set
         store.close()
     assert [statuses[i] for i in due.values()] == ["queued"] * 3
     assert [statuses[i] for i in scheduled.values()] == ["scheduled"] * 3
+
+
+def test_a_dead_letter_of_any_lane_is_retried_into_its_lane(
+    settings: Settings, catcher: MailCatcher, tmp_path: Path
+) -> None:
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    catcher.always("bulk1@acme.example", "550 5.1.1 no such user")
+    with Producer(settings) as producer:
+        mail_id = str(producer.submit(mail(1, "bulk")))
+    drain(settings)
+    dead = Topology.from_settings(settings).dead_queue("acme", "billing")
+    assert queue_ids(settings, dead) == [mail_id]
+    cli(config, "dlq", "retry", mail_id)
+    _, normal, bulk = Topology.from_settings(settings).send_queues("acme", "billing")
+    assert (queue_ids(settings, bulk), queue_ids(settings, normal)) == ([mail_id], [])
 
 
 def test_submit_on_the_command_line_takes_a_priority(settings: Settings, tmp_path: Path) -> None:
