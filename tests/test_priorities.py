@@ -321,6 +321,24 @@ def test_a_dead_letter_of_any_lane_is_retried_into_its_lane(
     assert (queue_ids(settings, bulk), queue_ids(settings, normal)) == ([mail_id], [])
 
 
+def test_pausing_a_route_stops_its_consumers_in_every_lane(
+    settings: Settings, tmp_path: Path, worker_thread: Callable[..., WorkerThread]
+) -> None:
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    lanes = Topology.from_settings(settings).send_queues("acme", "billing")
+
+    def consumers() -> list[int]:
+        with admin_channel(settings.broker_url.get_secret_value()) as channel:
+            return [channel.queue_declare(q, passive=True).method.consumer_count for q in lanes]
+
+    worker_thread(settings)
+    wait_until(lambda: consumers() == [1, 1, 1])
+    cli(config, "pause", "acme/billing")
+    wait_until(lambda: consumers() == [0, 0, 0])
+    cli(config, "resume", "acme/billing")
+    wait_until(lambda: consumers() == [1, 1, 1])
+
+
 def test_submit_on_the_command_line_takes_a_priority(settings: Settings, tmp_path: Path) -> None:
     config = write_config(settings, tmp_path / "rohrpost.toml")
     flags = ["--tenant", "acme", "--app", "billing", "--to", "a@example.com", "--subject", "s"]
