@@ -470,7 +470,7 @@ async def test_an_edit_is_previewed_then_saved_with_its_diff_and_user(
     [edited] = [e for e in detail["events"] if e["kind"] == "edited"]
     assert edited["actor"] == "operator"
     assert edited["changes"]["to"] == [[f"Nobody <{BAD}>"], ["Anna <anna@customer.example>"]]
-    assert detail["mail"]["recipients"] == "Anna <anna@customer.example>"
+    assert detail["mail"]["recipients"] == ["Anna <anna@customer.example>"]
     assert detail["mail"]["status"] == "dead_lettered"
 
 
