@@ -78,6 +78,13 @@ SELECT tenant, app, kind, step, count(*) FROM (
 GROUP BY tenant, app, kind, step
 ON CONFLICT (tenant, app, kind, step) DO UPDATE SET count = outcome_counts.count + excluded.count
 """
+_FILL_HOURLY = """
+INSERT INTO outcome_counts_hourly (tenant, app, kind, hour, count)
+SELECT tenant, app, kind, date_trunc('hour', step, 'UTC'), sum(count) FROM outcome_counts
+GROUP BY tenant, app, kind, date_trunc('hour', step, 'UTC')
+ON CONFLICT (tenant, app, kind, hour)
+    DO UPDATE SET count = outcome_counts_hourly.count + excluded.count
+"""
 
 
 def _routes() -> dict[str, Any]:
@@ -97,6 +104,7 @@ def _fill_history(env: Environment, count: int) -> float:
         conn.execute(text(_FILL_RECIPIENTS), {"count": count})
         conn.execute(text(_FILL_WAITING), {"count": 2 * WAITING})
         conn.execute(text(_FILL_COUNTS))
+        conn.execute(text(_FILL_HOURLY))
     with engine.connect() as conn:
         conn.execute(text("ANALYZE"))
     engine.dispose()

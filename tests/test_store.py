@@ -449,6 +449,23 @@ def test_outcomes_are_counted_per_route_once_each_in_five_minute_steps(
     assert store.recent_counts(now - timedelta(days=30)) == {}
 
 
+@pytest.mark.parametrize("minute", [0, 5, 37])
+def test_a_window_of_counts_is_what_its_five_minute_steps_hold_read_from_hours_and_steps(
+    store: HistoryStore, minute: int
+) -> None:
+    from rohrpost.shared.store.counts import step_of
+
+    now = T0.replace(minute=minute, second=12)
+    ats = [now - timedelta(minutes=m) for m in range(0, 25 * 60, 7)]
+    mail = container()
+    store.write([event(mail, EventKind.ATTEMPT_FAILED, at, attempt=1) for at in ats])
+    for window in (timedelta(hours=1), timedelta(days=1), timedelta(hours=3, minutes=2)):
+        since = now - window
+        expected = sum(1 for at in ats if step_of(at) >= step_of(since))
+        counts = store.recent_counts(since)[("acme", "billing")]
+        assert counts == {"attempt_failed": expected}, window
+
+
 def test_upgrading_counts_the_last_days_outcomes_already_stored(store_url: str) -> None:
     from alembic import command
 

@@ -3,8 +3,10 @@
 "Sent / retried / dead-lettered in the last hour and 24 h" for every route would
 count hundreds of thousands of events in a busy store; the history writer keeps these
 counts instead, in the same transaction as the events (a handful of rows per batch),
-so the overview reads a few hundred rows per route. Figures are in whole 5-minute
-steps: "the last hour" is the twelve steps up to now.
+so the overview reads a few dozen rows per route. Figures are in whole 5-minute
+steps: "the last hour" is the twelve steps up to now. Each count is kept twice, per
+5-minute step and per hour: a window takes its steps up to the first whole hour, and
+the hours from there on.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, and_, delete, func, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rohrpost.shared.events import EventKind
-from rohrpost.shared.store.tables import outcome_counts
+from rohrpost.shared.store.tables import outcome_counts, outcome_counts_hourly
 
 STEP = timedelta(minutes=5)
+HOUR = timedelta(hours=1)
 #: What the counts are kept for (other events are not outcomes of an attempt).
 COUNTED = frozenset(
     kind.value
@@ -54,48 +57,80 @@ def tally(outcomes: Iterable[tuple[str, str | None, str, datetime]]) -> Counter[
     )
 
 
+def hour_of(step: datetime) -> datetime:
+    """The start of the hour ``step`` falls in."""
+    return step.replace(minute=0, second=0, microsecond=0)
+
+
 def add_counts(conn: Connection, counts: Counter[Key]) -> None:
-    """Add ``counts`` to the stored ones (one statement; keys in order, so two
-    history consumers adding to the same rows never deadlock)."""
+    """Add ``counts`` (per 5-minute step) to the stored ones, per step and per hour."""
+    add_step_counts(conn, counts)
+    hourly: Counter[Key] = Counter()
+    for (tenant, app, kind, step), count in counts.items():
+        hourly[(tenant, app, kind, hour_of(step))] += count
+    upsert_counts(conn, outcome_counts_hourly, "hour", hourly)
+
+
+def add_step_counts(conn: Connection, counts: Counter[Key]) -> None:
+    """Add ``counts`` to the 5-minute steps only (the schema before hourly counts)."""
+    upsert_counts(conn, outcome_counts, "step", counts)
+
+
+def upsert_counts(conn: Connection, table: Any, column: str, counts: Counter[Key]) -> None:
+    """Add ``counts`` to ``table``, keyed by ``column`` (step or hour). One statement,
+    keys in order, so two history consumers adding to the same rows never deadlock."""
     if not counts:
         return
     rows = [
-        {"tenant": t, "app": a, "kind": k, "step": s, "count": n}
+        {"tenant": t, "app": a, "kind": k, column: s, "count": n}
         for (t, a, k, s), n in sorted(counts.items())
     ]
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement: Any = dialect.insert(outcome_counts)
+    statement: Any = dialect.insert(table)
     statement = statement.on_conflict_do_update(
-        index_elements=["tenant", "app", "kind", "step"],
-        set_={"count": outcome_counts.c.count + statement.excluded.count},
+        index_elements=["tenant", "app", "kind", column],
+        set_={"count": table.c.count + statement.excluded.count},
     )
     conn.execute(statement, rows)
 
 
 def recent_counts(
-    conn: Connection, since: datetime, *, tenant: str | None = None, app: str | None = None
+    conn: Connection,
+    since: datetime,
+    *,
+    tenant: str | None = None,
+    app: str | None = None,
+    kinds: Iterable[str] | None = None,
 ) -> dict[tuple[str, str], Counter[str]]:
-    """Outcomes per (tenant, app) in the steps from ``since``'s step on."""
-    query = (
-        select(
-            outcome_counts.c.tenant,
-            outcome_counts.c.app,
-            outcome_counts.c.kind,
-            func.sum(outcome_counts.c.count),
+    """Outcomes (of ``kinds``; default all) per (tenant, app) in the steps from
+    ``since``'s step on: the steps before the first whole hour, then whole hours."""
+    start = step_of(since)
+    first_hour = start if start == hour_of(start) else hour_of(start) + HOUR
+    parts = []
+    for table, column, condition in (
+        (outcome_counts, "step", lambda c: and_(c >= start, c < first_hour)),
+        (outcome_counts_hourly, "hour", lambda c: c >= first_hour),
+    ):
+        query = (
+            select(table.c.tenant, table.c.app, table.c.kind, func.sum(table.c.count))
+            .where(condition(table.c[column]))
+            .group_by(table.c.tenant, table.c.app, table.c.kind)
         )
-        .where(outcome_counts.c.step >= step_of(since))
-        .group_by(outcome_counts.c.tenant, outcome_counts.c.app, outcome_counts.c.kind)
-    )
-    if tenant is not None:
-        query = query.where(outcome_counts.c.tenant == tenant)
-    if app is not None:
-        query = query.where(outcome_counts.c.app == app)
+        if tenant is not None:
+            query = query.where(table.c.tenant == tenant)
+        if app is not None:
+            query = query.where(table.c.app == app)
+        if kinds is not None:
+            query = query.where(table.c.kind.in_(list(kinds)))
+        parts.append(query)
     found: dict[tuple[str, str], Counter[str]] = {}
-    for row_tenant, row_app, kind, total in conn.execute(query):
-        found.setdefault((row_tenant, row_app), Counter())[kind] = int(total)
+    for row_tenant, row_app, kind, total in conn.execute(union_all(*parts)):
+        found.setdefault((row_tenant, row_app), Counter())[kind] += int(total)
     return found
 
 
 def forget_old_counts(conn: Connection, now: datetime) -> None:
     """Drop the steps older than KEEP."""
     conn.execute(delete(outcome_counts).where(outcome_counts.c.step < now - KEEP))
+    hourly = outcome_counts_hourly
+    conn.execute(delete(hourly).where(hourly.c.hour < now - KEEP))

@@ -66,26 +66,22 @@ def route_history(
     found: dict[Route, RouteHistory] = {}
     with translate_errors(), store.engine.connect() as conn:
         waiting = _scoped(mails.c.status.in_(WAITING), tenant, app)
-        counts = (
-            select(mails.c.tenant, mails.c.app, mails.c.status, func.count())
-            .where(waiting)
-            .group_by(mails.c.tenant, mails.c.app, mails.c.status)
-        )
-        for t, a, status, count in conn.execute(counts):
+        for t, a, status, index, count, oldest in conn.execute(_waiting(waiting, now)):
             route = found.setdefault((t, a), RouteHistory())
             if status in ("scheduled", "retrying"):
-                setattr(route, status, count)
-        for t, a, index, count, oldest in conn.execute(_ages(waiting, now)):
-            route = found.setdefault((t, a), RouteHistory())
-            route.waiting_by_age[_NAMES[index]] = count
+                setattr(route, status, getattr(route, status) + count)
+            if index is None:  # not due yet
+                continue
+            route.waiting_by_age[_NAMES[index]] += count
             if oldest is not None and (route.oldest_due is None or oldest < route.oldest_due):
                 route.oldest_due = oldest
         _count_events(conn, found, now, tenant, app)
     return found
 
 
-def _ages(waiting: Any, now: datetime) -> Any:
-    """Mails due by ``now`` and not sent, counted by age bucket, with the oldest due time."""
+def _waiting(waiting: Any, now: datetime) -> Any:
+    """Mails not yet finished, counted by status and, once due, by age bucket (None
+    while not due), with the oldest due time: one pass over the ``status`` index."""
     # due: the later of submission and not_before (a retry keeps its first due time)
     due = case(
         (
@@ -101,19 +97,23 @@ def _ages(waiting: Any, now: datetime) -> Any:
         (due > now - timedelta(seconds=low), index)
         for index, (low, _) in enumerate(AGE_BUCKETS[1:])
     ]
-    bucket = case(*younger_than, else_=len(AGE_BUCKETS) - 1)
-    due_mails = (
-        select(mails.c.tenant, mails.c.app, bucket.label("bucket"), due.label("due"))
-        .where(waiting, due <= now)
-        .subquery()
-    )
+    bucket = case((due > now, None), *younger_than, else_=len(AGE_BUCKETS) - 1)
+    rows = select(
+        mails.c.tenant,
+        mails.c.app,
+        mails.c.status,
+        bucket.label("bucket"),
+        due.label("due"),
+    ).where(waiting)
+    found = rows.subquery()
     return select(
-        due_mails.c.tenant,
-        due_mails.c.app,
-        due_mails.c.bucket,
+        found.c.tenant,
+        found.c.app,
+        found.c.status,
+        found.c.bucket,
         func.count(),
-        func.min(due_mails.c.due),
-    ).group_by(due_mails.c.tenant, due_mails.c.app, due_mails.c.bucket)
+        func.min(found.c.due),
+    ).group_by(found.c.tenant, found.c.app, found.c.status, found.c.bucket)
 
 
 def _count_events(
@@ -124,7 +124,8 @@ def _count_events(
         (now - timedelta(hours=1), "last_hour"),
         (now - timedelta(days=1), "last_day"),
     ):
-        for route_key, counts in recent_counts(conn, since, tenant=tenant, app=app).items():
+        counted = recent_counts(conn, since, tenant=tenant, app=app, kinds=_COUNTED)
+        for route_key, counts in counted.items():
             figures = getattr(found.setdefault(route_key, RouteHistory()), window)
             for kind, name in _COUNTED.items():
                 figures[name] = counts.get(kind, 0)

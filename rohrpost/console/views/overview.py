@@ -52,27 +52,34 @@ def _link(path: str, **query: str) -> str:
 def _route(ctx: ViewContext, route: RouteStatus) -> dict[str, Any]:
     """What the page shows of a route beside its figures: server, state, age, links."""
     server = ctx.console.settings.smtp.get(route.smtp)
-    scope = {"tenant": route.tenant, "app": route.app}
+    # tenant and app names are [a-z0-9_-]: nothing in them needs quoting
+    scope = f"tenant={route.tenant}&app={route.app}"
     if not route.enabled:
         state = "disabled"
     else:
         state = {None: "unknown", True: "paused", False: "active"}[route.paused]
+    idle = route.enabled and route.consumers == 0 and route.paused is False
     return {
         "server": f"{server.host}:{server.port}" if server else "",
         "state": state,
         "oldest": age(route.oldest_waiting_seconds),
+        # figures that call for a look: a route nobody sends from, dead letters
+        "flags": {
+            "consumers": "warn" if idle else "",
+            "dead_lettered": "bad" if route.dead_lettered else "",
+        },
         "links": {
-            "dead_letters": _link("/dead-letters", **scope),
-            "dead_letters_hour": _link("/dead-letters", **scope, since="-1h"),
-            "dead_letters_day": _link("/dead-letters", **scope, since="-24h"),
-            "mails": _link("/mails", **scope),
-            "queued": _link("/mails", **scope, status="queued"),
-            "scheduled": _link("/mails", **scope, status="scheduled"),
-            "retrying": _link("/mails", **scope, status="retrying"),
-            "sent_hour": _link("/mails", **scope, status="sent", since="-1h"),
-            "sent_day": _link("/mails", **scope, status="sent", since="-24h"),
+            "dead_letters": f"/dead-letters?{scope}",
+            "dead_letters_hour": f"/dead-letters?{scope}&since=-1h",
+            "dead_letters_day": f"/dead-letters?{scope}&since=-24h",
+            "mails": f"/mails?{scope}",
+            "queued": f"/mails?{scope}&status=queued",
+            "scheduled": f"/mails?{scope}&status=scheduled",
+            "retrying": f"/mails?{scope}&status=retrying",
+            "sent_hour": f"/mails?{scope}&status=sent&since=-1h",
+            "sent_day": f"/mails?{scope}&status=sent&since=-24h",
             "tenant": f"/tenants#app-{route.tenant}-{route.app}",
-            "audit": _link("/audit", tenant=route.tenant),
+            "audit": f"/audit?tenant={route.tenant}",
         },
     }
 

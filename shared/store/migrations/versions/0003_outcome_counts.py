@@ -34,7 +34,7 @@ def upgrade() -> None:
 
 def _backfill() -> None:
     """Count the last day's outcomes already stored, so the overview starts right."""
-    from rohrpost.shared.store.counts import add_counts, tally
+    from rohrpost.shared.store.counts import add_step_counts, tally
 
     since = datetime.now(UTC) - timedelta(days=1)
     events = sa.table(
@@ -47,7 +47,7 @@ def _backfill() -> None:
         .where(events.c.at >= since)
     )
     conn = op.get_bind()
-    add_counts(conn, tally((t, a, k, at) for t, a, k, at in conn.execute(query)))
+    add_step_counts(conn, tally((t, a, k, at) for t, a, k, at in conn.execute(query)))
 
 
 def downgrade() -> None:
