@@ -4,16 +4,16 @@ Without it PostgreSQL read all of a tenant's dead letters (``ix_mails_tenant_app
 and sorted them to show the newest 50: 1.6 s at p95 over 10,000,000 mails
 (``python -m bench queries``).
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
