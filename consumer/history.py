@@ -35,6 +35,7 @@ from rohrpost.shared.probe import QueueProbe
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
+from rohrpost.shared.store.history import PurgeBatches
 from rohrpost.shared.topology import Topology
 
 log = get_logger(__name__)
@@ -64,6 +65,7 @@ class HistoryConsumer:
         self._drain_when: Callable[[], bool] | None = None
         self._next_purge = 0.0
         self._purging: list[_Purge] = []
+        self._batches = PurgeBatches()
         self.written = 0
 
     def stop(self) -> None:
@@ -315,9 +317,9 @@ class HistoryConsumer:
     def _purge_if_due(self, store: HistoryStore) -> None:
         """Delete one batch of expired mails, if a purge is due or under way.
 
-        Retention runs between batches of ingest, one purge batch (at most
-        PURGE_BATCH mails, one short transaction) per round of the loop, so purging
-        a million expired mails never stops the archiving for long.
+        Retention runs between batches of ingest, one purge batch (one short
+        transaction, sized by ``PurgeBatches`` to take at most ~0.5 s) per round of
+        the loop, so purging a million expired mails never stops the archiving for long.
         """
         now = time.monotonic()
         if not self._purging and now >= self._next_purge:
@@ -335,12 +337,16 @@ class HistoryConsumer:
         if not self._purging:
             return
         purge = self._purging[0]
+        started = time.monotonic()
         try:
-            deleted = store.purge_batch(purge.cutoff, tenant=purge.tenant, app=purge.app)
+            deleted = store.purge_batch(
+                purge.cutoff, tenant=purge.tenant, app=purge.app, batch_size=self._batches.size
+            )
         except StoreError as exc:
             log.warning("history purge failed; retrying later", error=str(exc))
             self._purging = []
             return
+        self._batches.took(time.monotonic() - started)
         purge.deleted += deleted
         if deleted:
             return
