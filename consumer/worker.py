@@ -24,8 +24,16 @@ from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.control import ControlFollower
 from rohrpost.consumer.events import EventBatcher
+from rohrpost.consumer.limits import FlowControl, Item
 from rohrpost.consumer.observers import LogObserver, MetricsObserver, Observer
-from rohrpost.consumer.outcome import Processed, Sent, mail_publication, outcome_event
+from rohrpost.consumer.outcome import (
+    RATE_LIMITED,
+    Processed,
+    Redelay,
+    Sent,
+    mail_publication,
+    outcome_event,
+)
 from rohrpost.consumer.processor import MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
@@ -40,6 +48,7 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.state import SharedState
 from rohrpost.shared.topology import Topology
+from rohrpost.shared.wire import attempt_of
 
 log = get_logger(__name__)
 
@@ -83,6 +92,17 @@ class SendWorker:
             control=self._control,
             claims=self._claims,
         )
+        # rate and connection limits, between the claimer and the sender threads
+        self._flow = FlowControl(
+            settings,
+            self._processor.route_of,
+            self._topology.send_queue,
+            state=self._state,
+            metrics=self.metrics,
+            dispatch=self._inbox.put,
+            defer=self._defer,
+        )
+        self._observers.append(self._flow)
         self._consuming: set[str] = set()
         self._paused_routes: set[tuple[str, str]] = set()  # as last logged
         self._consuming_started = False
@@ -125,6 +145,7 @@ class SendWorker:
             for i in range(self._settings.threads)
         ]
         threads.append(threading.Thread(target=self._claim_loop, name="claimer", daemon=True))
+        self._flow.start()
         for thread in threads:
             thread.start()
         self._consuming_started = True
@@ -221,6 +242,7 @@ class SendWorker:
             thread.join()
         deadline = time.monotonic() + self._settings.publish_timeout.total_seconds()
         self._settle_outcomes(deadline)
+        self._flow.release()
         self._claims.close()
         if self._state is not None:
             self._state.close()
@@ -269,16 +291,19 @@ class SendWorker:
             deliveries = [d for d in batch if d is not None]
             keys = [self._processor.claim_key(d) for d in deliveries]
             taken = iter(self._claims.claim_many([key for key in keys if key is not None]))
-            for delivery, key in zip(deliveries, keys, strict=True):
-                # without a mail id in its properties, claimed once it is read
-                self._inbox.put((delivery, next(taken) if key is not None else None))
+            # without a mail id in its properties, claimed once it is read
+            self._flow.admit(
+                (delivery, next(taken) if key is not None else None)
+                for delivery, key in zip(deliveries, keys, strict=True)
+            )
+        self._flow.close()  # what still waits for its turn goes back to the delay levels
         for _ in range(self._settings.threads):
             self._inbox.put(None)
 
     # -- sender threads --------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        transport = SmtpTransport(self._settings.smtp)
+        transport = SmtpTransport(self._settings.smtp, self._flow.pools)
         try:
             while (item := self._inbox.get()) is not None:
                 delivery, claim = item
@@ -291,6 +316,15 @@ class SendWorker:
                 self._record(processed)
         finally:
             transport.close()
+
+    def _defer(self, item: Item, seconds: int) -> None:
+        """Delay a mail whose turn under a rate limit is further off (same attempt)."""
+        delivery, claim = item
+        self._claims.release(claim)
+        tenant, app = self._processor.route_of(delivery.queue)
+        attempt = attempt_of(delivery.properties)
+        delay = Redelay(self._topology.delay.seconds(seconds), RATE_LIMITED)
+        self._record(Processed(delivery, None, attempt, delay, tenant, app))
 
     def _put_back(self, delivery: Delivery) -> None:
         assert self._broker is not None

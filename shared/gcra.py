@@ -93,11 +93,16 @@ def adapted_rate(adapted: _Adapted, now_ms: float) -> float:
 
 
 def cut(current: float, configured: float, now_ms: float) -> _Adapted:
-    """The state after a throttling reply cut ``current`` (configured: 0 when none)."""
+    """The state after a throttling reply cut ``current`` (configured: 0 when none).
+
+    The rate climbs back to ``new / BETA`` (where it was cut, unless the floor held it)
+    in ``RECOVERY_SECONDS``, and on up to the configured rate, or without one up to
+    twice that.
+    """
     floor = min(configured, FLOOR_PER_SECOND) if configured > 0 else FLOOR_PER_SECOND
     new = max(floor, current * BETA)
-    cap = configured if configured > 0 else 2 * current
-    return _Adapted(new, (current - new) / RECOVERY_SECONDS, now_ms, cap)
+    cap = configured if configured > 0 else 2 * new / BETA
+    return _Adapted(new, new * (1 / BETA - 1) / RECOVERY_SECONDS, now_ms, cap)
 
 
 @dataclass

@@ -20,19 +20,24 @@ from dataclasses import dataclass
 
 from rohrpost.shared.state import SharedState, StateUnavailable
 
-# KEYS[1]: the server's set. ARGV: limit, token, ttl_ms. 1 when taken, else 0.
+# KEYS[1]: the server's set. ARGV: limit, token, ttl_ms, waiting_ms. 1 when taken; else 0,
+# and KEYS[1]:waiting says for waiting_ms that a process waits for a permit.
 _ACQUIRE = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1] .. ':waiting', '1', 'PX', ARGV[4])
+  return 0
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: sets, ARGV[1]: ttl_ms, ARGV[i + 1]: the token in KEYS[i]. Per token 1 when still held.
+# KEYS: sets, ARGV[1]: ttl_ms, ARGV[i + 1]: the token in KEYS[i]. Per token 1 when still held,
+# 2 when held and some process waits for a permit of that server.
 _RENEW = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
@@ -44,13 +49,17 @@ for i, key in ipairs(KEYS) do
   if expires and tonumber(expires) > now then
     redis.call('ZADD', key, now + ttl, ARGV[i + 1])
     redis.call('PEXPIRE', key, ttl)
-    out[i] = 1
+    out[i] = 1 + redis.call('EXISTS', key .. ':waiting')
   else
     out[i] = 0
   end
 end
 return out
 """
+
+
+#: How long a refused request for a permit counts as a process waiting for one.
+_WAITING_MS = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,14 @@ class Lease:
     server: str
     token: str
     shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """Leases no longer held, and servers whose permits another process waits for."""
+
+    lost: list[Lease]
+    wanted: set[str]
 
 
 class ConnectionLeases:
@@ -95,7 +112,7 @@ class ConnectionLeases:
         token = f"{self._base}:{next(self._tokens)}"
         if self._state is not None and self._acquire is not None:
             script, key = self._acquire, f"{self._prefix}{server}"
-            args = [limit, token, self._ttl_ms]
+            args = [limit, token, self._ttl_ms, _WAITING_MS]
             try:
                 taken = self._state.run(lambda c: script(keys=[key], args=args, client=c))
             except StateUnavailable:
@@ -109,14 +126,15 @@ class ConnectionLeases:
             self._held_locally[server] += 1
         return Lease(server, token, shared=False)
 
-    def renew(self, leases: list[Lease]) -> list[Lease]:
-        """Extend the leases; those no longer held, to be given up with their connections.
+    def renew(self, leases: list[Lease]) -> Renewal:
+        """Extend the leases; say which are lost and for which servers others wait.
 
         Lost are shared leases that expired (or Redis lost them) and, once Redis
-        answers again, the ones counted in this process while it did not.
+        answers again, the ones counted in this process while it did not: their
+        connections are to be closed.
         """
         if not leases or self._state is None or self._renew is None:
-            return []
+            return Renewal([], set())
         shared = [lease for lease in leases if lease.shared]
         script = self._renew
         keys = [f"{self._prefix}{lease.server}" for lease in shared]
@@ -124,9 +142,11 @@ class ConnectionLeases:
         try:
             held = self._state.run(lambda c: script(keys=keys, args=args, client=c))
         except StateUnavailable:
-            return []  # kept until Redis answers, or their lease runs out there
+            return Renewal([], set())  # kept until Redis answers, or their lease runs out there
         lost = [lease for lease, ok in zip(shared, held, strict=True) if not int(ok)]
-        return lost + [lease for lease in leases if not lease.shared]
+        lost += [lease for lease in leases if not lease.shared]
+        wanted = {lease.server for lease, ok in zip(shared, held, strict=True) if int(ok) == 2}
+        return Renewal(lost, wanted)
 
     def release(self, lease: Lease) -> None:
         """Give the permit back."""

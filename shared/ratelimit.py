@@ -140,9 +140,9 @@ else
 end
 if configured > 0 then floor = math.min(floor, configured) end
 local new = math.max(floor, current * beta)
-local cap = configured > 0 and configured or 2 * current
+local cap = configured > 0 and configured or 2 * new / beta
 redis.call('HSET', KEYS[1], 'rate', string.format('%.6f', new),
-  'slope', string.format('%.9f', (current - new) / recovery),
+  'slope', string.format('%.9f', new * (1 / beta - 1) / recovery),
   'at', string.format('%.3f', now), 'cap', string.format('%.6f', cap))
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return math.floor(new * 1000 + 0.5)
