@@ -7,22 +7,39 @@ a real SMTP server (the catcher, throttling above a rate) and a real Redis.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import signal
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
-from rohrpost.catcher import free_port
+from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.consumer.smtp import classify, is_throttling
+from rohrpost.producer.client import Producer
 from rohrpost.shared.errors import ConfigError, ThrottledDeliveryError, TransientDeliveryError
 from rohrpost.shared.gcra import BETA, BURST_MS, RECOVERY_SECONDS, Group, LocalRates, Params
 from rohrpost.shared.leases import ConnectionLeases
 from rohrpost.shared.rate import Rate, parse_rate
 from rohrpost.shared.ratelimit import Limit, RateLimiter
-from rohrpost.shared.settings import settings_from_mapping
+from rohrpost.shared.settings import Settings, settings_from_mapping
 from rohrpost.shared.state import SharedState
+from tests.conftest import (
+    EventLog,
+    WorkerThread,
+    dead_letters,
+    declare,
+    rohrpost_command,
+    wait_until,
+    write_config,
+)
 
 HORIZON_MS = 5000.0
 
@@ -277,3 +294,212 @@ def test_without_redis_each_process_takes_its_share_of_the_permits_at_least_one(
     alone = ConnectionLeases(unreachable, "tnowhere", lambda _: 3)
     assert alone.acquire("small", 1) is not None and alone.acquire("small", 1) is None
     unreachable.close()
+
+
+# -- acceptance: real workers, a real SMTP server, a real Redis --------------------------------
+
+
+def limited_mails(count: int, app: str = "billing") -> list[dict[str, object]]:
+    return [
+        {
+            "tenant": "acme",
+            "app": app,
+            "to": [f"r{i}@example.com"],
+            "subject": f"#{i}",
+            "text": "hi",
+        }
+        for i in range(count)
+    ]
+
+
+def windows(times: list[float], width: float = 5.0) -> list[int]:
+    """Mails in each full ``width``-second window after the first, from the first mail."""
+    ordered = sorted(times)
+    start, counts = ordered[0] + width, []
+    while start + width <= ordered[-1]:
+        counts.append(sum(1 for t in ordered if start <= t < start + width))
+        start += width
+    return counts
+
+
+@contextlib.contextmanager
+def workers(config: Path, processes: int = 2) -> Iterator[Path]:
+    """``rohrpost worker --processes N`` until the block ends; yields where it logs."""
+    log = config.parent / "workers.log"
+    command = rohrpost_command(config, "worker", "--processes", str(processes))
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stderr=stderr)
+        try:
+            yield log
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    """The JSON lines the workers wrote."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def test_two_workers_keep_a_server_to_20_per_second_and_another_server_is_not_slowed(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    tmp_path: Path,
+    record_property: Any,
+) -> None:
+    with MailCatcher() as free:
+        settings = make_settings(
+            smtp={
+                "catcher": {"max_rate": "20/s"},
+                "free": {"host": "127.0.0.1", "port": free.port, "timeout": "5s"},
+            },
+            tenants={"acme": {"apps": {"news": {"smtp": "free", "sender": "news@acme.example"}}}},
+        )
+        declare(settings)
+        config = write_config(settings, tmp_path / "rohrpost.toml")
+        with Producer(settings) as producer:
+            producer.submit_many(limited_mails(400) + limited_mails(400, app="news"))
+        with workers(config):
+            got = catcher.wait_for(lambda mails: len(mails) >= 400, timeout=90)
+        free_done = max(m.received_at for m in free.mails)
+        assert len(free.mails) == 400
+    times = sorted(m.received_at for m in got)
+    assert len(got) == 400
+    counts = windows(times)
+    record_property("figure", f"20/s by two workers, mails per 5 s window: {counts}")
+    assert len(counts) >= 2
+    assert all(90 <= n <= 110 for n in counts), counts
+    # the other server's 400 were all sent while the limited one had sent half of its own
+    assert free_done < times[199]
+
+
+def test_a_server_throttling_above_10_per_second_is_sent_near_10_without_spending_attempts(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    worker_thread: Callable[..., WorkerThread],
+    record_property: Any,
+) -> None:
+    settings = make_settings()
+    declare(settings)
+    events = EventLog(settings)
+    catcher.throttle(10, "421 4.7.0 rate limit exceeded")
+    try:
+        with Producer(settings) as producer:
+            producer.submit_many(limited_mails(300))
+        worker = worker_thread(settings)
+        got = catcher.wait_for(lambda mails: len(mails) >= 300, timeout=100)
+        worker.stop()
+        sent = [e for e in events.read() if e.kind == "sent"]
+    finally:
+        events.delete()
+    times = sorted(m.received_at for m in got)
+    settled = (len(times) - 101) / (times[-1] - times[100])  # after the first 100
+    throttled = [a for a in catcher.attempts if a.reply.startswith("421")]
+    record_property(
+        "figure",
+        f"server throttling above 10/s: settled at {settled:.2f}/s, {len(throttled)} throttling "
+        f"replies for 300 mails",
+    )
+    assert len(got) == 300
+    assert 8.0 <= settled <= 10.5
+    assert throttled, "the server did throttle"
+    assert dead_letters(settings) == []
+    assert len(sent) == 300 and {e.attempt for e in sent} == {1}
+    assert not [e for e in events.events if e.kind == "attempt_failed"]
+
+
+class RedisServer:
+    """A redis-server of this test's own (the shared one on 6379 stays up), empty at each start."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no"]
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_until(lambda: self.client(lambda c: c.ping()), timeout=10)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+    def client(self, call: Callable[[redis.Redis], Any]) -> Any:
+        """``call`` on a fresh client; None when the server does not answer."""
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            return call(client)
+        except redis.exceptions.ConnectionError:
+            return None
+        finally:
+            client.close()
+
+
+def test_with_the_limit_store_stopped_workers_keep_their_shares_and_then_the_global_limit(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    tmp_path: Path,
+    record_property: Any,
+) -> None:
+    store = RedisServer(free_port())
+    settings = make_settings(
+        redis_url=f"redis://127.0.0.1:{store.port}/0", smtp={"catcher": {"max_rate": "20/s"}}
+    )
+    declare(settings)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    with Producer(settings.model_copy(update={"redis_url": None})) as producer:
+        producer.submit_many(limited_mails(500))
+    store.start()
+    try:
+        with workers(config) as log:
+            catcher.wait_for(lambda mails: len(mails) >= 100, timeout=60)
+            store.stop()  # the limit store stops mid-run
+            stopped = time.time()
+            catcher.wait_for(lambda mails: len(mails) >= 280, timeout=60)
+            store.start()  # and comes back, empty
+            back = time.time()
+            got = catcher.wait_for(lambda mails: len(mails) >= 500, timeout=60)
+            key = f"{settings.namespace}:limit:smtp:catcher"
+            kept = store.client(lambda c: c.exists(key))
+    finally:
+        store.stop()
+    lines = log_lines(log)
+    times = sorted(m.received_at for m in got)
+    outage = [t for t in times if stopped + 1 <= t < back]
+    after = [t for t in times if back + 2 <= t]
+    outage_rate = (len(outage) - 1) / (outage[-1] - outage[0])
+    after_rate = (len(after) - 1) / (after[-1] - after[0])
+    record_property(
+        "figure",
+        f"limit store stopped: {outage_rate:.1f}/s by two shares of 10/s, then {after_rate:.1f}/s "
+        "with the global limit again",
+    )
+    assert len(times) == 500
+    assert 17 <= outage_rate <= 23
+    assert 18 <= after_rate <= 22
+    shares = [line for line in lines if "keeps to its share" in line["event"]]
+    again = [line for line in lines if "global again" in line["event"]]
+    assert len(shares) == 2 and len(again) == 2, "each process said it, once each way"
+    assert kept, "the limits are kept in the store again"
+
+
+def test_max_connections_holds_across_worker_processes_and_threads(
+    make_settings: Callable[..., Settings], catcher: MailCatcher, tmp_path: Path
+) -> None:
+    settings = make_settings(threads=4, smtp={"catcher": {"max_connections": 2}})
+    declare(settings)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    catcher.latency = 0.01
+    with Producer(settings) as producer:
+        producer.submit_many(limited_mails(300))
+    with workers(config):
+        got = catcher.wait_for(lambda mails: len(mails) >= 300, timeout=90)
+    assert len(got) == 300
+    assert catcher.peak_connections <= 2
