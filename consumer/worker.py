@@ -92,6 +92,12 @@ class SendWorker:
             control=self._control,
             claims=self._claims,
         )
+        self._consuming: set[str] = set()
+        self._paused_routes: set[tuple[str, str]] = set()  # as last logged
+        self._consuming_started = False
+        # deliveries as they arrive, and then with their send claims (taken in batches)
+        self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Delivery, Claim | None] | None] = queue.SimpleQueue()
         # rate and connection limits, between the claimer and the sender threads
         self._flow = FlowControl(
             settings,
@@ -103,12 +109,6 @@ class SendWorker:
             defer=self._defer,
         )
         self._observers.append(self._flow)
-        self._consuming: set[str] = set()
-        self._paused_routes: set[tuple[str, str]] = set()  # as last logged
-        self._consuming_started = False
-        # deliveries as they arrive, and then with their send claims (taken in batches)
-        self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._inbox: queue.SimpleQueue[tuple[Delivery, Claim | None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._received = 0
