@@ -19,8 +19,10 @@ as Redis answers.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -190,6 +192,10 @@ class RateLimiter:
         self._local = LocalRates()
         self._lock = threading.Lock()
         self._global: bool | None = None  # as last logged
+        self._known: dict[str, Limit] = {}
+        # when the turns this process reserved fall due (its clock, ms), per limit
+        self._pending: dict[str, deque[float]] = {}
+        self._pending_lock = threading.Lock()
 
     @property
     def is_global(self) -> bool:
@@ -198,18 +204,63 @@ class RateLimiter:
 
     def reserve(self, limits: Sequence[Limit], groups: Sequence[Group]) -> Decision:
         """Turns for ``groups`` of mails passing ``limits`` (each group names its limits)."""
-        if self._reserve is not None and self._state is not None:
+        for limit in limits:
+            self._known[limit.name] = limit
+        now = self._clock() * 1000
+        decision = self._reserve_global(limits, groups)
+        if decision is None:
+            params = [self._local_params(limit) for limit in limits]
+            decision = self._local.decide(params, list(groups), now, self._horizon_ms)
+        self._note(limits, groups, decision, now)
+        return decision
+
+    def _reserve_global(self, limits: Sequence[Limit], groups: Sequence[Group]) -> Decision | None:
+        """The decision of Redis; None when it cannot be asked."""
+        if self._reserve is None or self._state is None:
+            return None
+        script = self._reserve
+        try:
+            if self._global is False:
+                # Back from shares: first the turns this process reserved meanwhile.
+                carried, counts = self._pending_groups()
+                if carried:
+                    ckeys, cargs = self._reserve_arguments(carried, counts)
+                    self._state.run(lambda c: script(keys=ckeys, args=cargs, client=c))
             keys, args = self._reserve_arguments(limits, groups)
-            script = self._reserve
-            try:
-                reply = self._state.run(lambda c: script(keys=keys, args=args, client=c))
-            except StateUnavailable as exc:
-                self._switch(global_=False, error=str(exc))
-            else:
-                self._switch(global_=True)
-                return _decision(reply, len(limits), groups)
-        params = [self._local_params(limit) for limit in limits]
-        return self._local.decide(params, list(groups), self._clock() * 1000, self._horizon_ms)
+            reply = self._state.run(lambda c: script(keys=keys, args=args, client=c))
+        except StateUnavailable as exc:
+            self._switch(global_=False, error=str(exc))
+            return None
+        self._switch(global_=True)
+        return _decision(reply, len(limits), groups)
+
+    def _note(
+        self, limits: Sequence[Limit], groups: Sequence[Group], decision: Decision, now: float
+    ) -> None:
+        """Remember when this process's reserved turns fall due, to carry them on a switch."""
+        with self._pending_lock:
+            for group, slots in zip(groups, decision.slots, strict=True):
+                dues = [now + slot.wait_ms for slot in slots if slot.reserved]
+                for k in group.limits:
+                    pending = self._pending.get(limits[k].name)
+                    if pending is None:
+                        pending = self._pending[limits[k].name] = deque(maxlen=100_000)
+                    pending.extend(dues)
+
+    def _pending_groups(self) -> tuple[list[Limit], list[Group]]:
+        """The turns reserved and not yet due, one group per limit."""
+        now = self._clock() * 1000
+        limits: list[Limit] = []
+        groups: list[Group] = []
+        with self._pending_lock:
+            for name, pending in self._pending.items():
+                while pending and pending[0] <= now:
+                    pending.popleft()
+                waiting = sum(1 for due in pending if due > now)
+                if waiting:
+                    groups.append(Group((len(limits),), waiting, returning=True))
+                    limits.append(self._known[name])
+        return limits, groups
 
     def throttled(self, limit: Limit, made_at_ms: float, seed: float) -> float:
         """A throttling reply to a mail reserved at ``made_at_ms``; the server's rate after it.
@@ -285,6 +336,10 @@ class RateLimiter:
             if was is False:
                 log.warning("rate limits are global again (shared state reachable)")
         else:
+            # The turns reserved in Redis and not yet due count against this process's share.
+            limits, groups = self._pending_groups()
+            params = [self._local_params(limit) for limit in limits]
+            self._local.decide(params, groups, self._clock() * 1000, math.inf)
             log.warning(
                 "rate limits: shared state unreachable; this process keeps to its share of "
                 "each limit (the limit divided by its send queue's consumers) until it is back",
