@@ -46,11 +46,17 @@ IDLE_MS = 60_000.0
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """One limit as the algorithm sees it: its configured rate (0: none) and whether it adapts."""
+    """One limit as the algorithm sees it: its configured rate (0: none) and whether it adapts.
+
+    ``shares``: how many processes keep to a share of the limit each (``per_second`` is
+    one share). Mails deferred by any of them come back spread over all, so the
+    deferred queue moves at the whole limit's pace, ``shares`` times a share's.
+    """
 
     name: str
     per_second: float
     adaptive: bool = False
+    shares: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +144,7 @@ class LocalRates:
                     else:
                         position = max(go, queued)
                         for k in bound:
-                            btat[k] = max(btat[k], position) + intervals[k]
+                            btat[k] = max(btat[k], position) + intervals[k] / params[k].shares
                         turns.append(Slot(False, position - now_ms))
                 slots.append(tuple(turns))
             for p, t, b in zip(params, tat, btat, strict=True):

@@ -309,7 +309,8 @@ class RateLimiter:
         return [self._local.adapting(limit.name, now) for limit in limits]
 
     def _local_params(self, limit: Limit) -> Params:
-        return Params(limit.name, limit.per_second / self._shares(limit), limit.adaptive)
+        shares = self._shares(limit)
+        return Params(limit.name, limit.per_second / shares, limit.adaptive, shares)
 
     def _reserve_arguments(
         self, limits: Sequence[Limit], groups: Sequence[Group]
