@@ -45,10 +45,13 @@ class ServerSlots:
         limit: int,
         leases: ConnectionLeases,
         *,
+        most: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``limit``: the installation's; ``most``: the most this process takes (its threads)."""
         self.server = server
         self.limit = limit
+        self._most = limit if most is None else min(limit, most)
         self._leases = leases
         self._clock = clock
         self._lock = threading.Lock()
@@ -58,6 +61,7 @@ class ServerSlots:
         self._idle: list[tuple[smtplib.SMTP, float]] = []  # open and free, since when
         self._rotate = False  # another process waits for a permit
         self._quiet_until = 0.0
+        self._full_at = 0.0  # when every permit was last in use
 
     # -- the flow control's side ---------------------------------------------------------
 
@@ -67,7 +71,8 @@ class ServerSlots:
             if self._busy < len(self._held):
                 self._busy += 1
                 return True
-            if len(self._held) >= self.limit or self._clock() < self._quiet_until:
+            self._full_at = self._clock()
+            if len(self._held) >= self._most or self._full_at < self._quiet_until:
                 return False
         lease = self._leases.acquire(self.server, self.limit)
         if lease is None:
@@ -80,6 +85,8 @@ class ServerSlots:
     def finished(self) -> None:
         """A mail counted by ``take`` is done, whatever became of it."""
         with self._lock:
+            if self._busy >= len(self._held):
+                self._full_at = self._clock()
             self._busy -= 1
 
     def held(self) -> list[Lease]:
@@ -107,6 +114,8 @@ class ServerSlots:
             stale = [c for c, since in self._idle if now - since > IDLE_SECONDS]
             self._idle = [(c, since) for c, since in self._idle if now - since <= IDLE_SECONDS]
             surplus = len(self._held) - max(self._busy, self._lent + len(self._idle))
+            if now - self._full_at <= IDLE_SECONDS:
+                surplus = 0  # all were in use a moment ago: likely again soon
             released = [self._held.pop()[0] for _ in range(max(0, surplus))]
         for connection in stale:
             _close(connection)

@@ -121,8 +121,9 @@ class FlowControl:
         namespace = settings.namespace
         self._limiter = RateLimiter(state, namespace, self._shares, horizon=HORIZON_SECONDS)
         self._leases = ConnectionLeases(state, settings.namespace, self._shares.server)
+        # No process uses more connections to a server than it has sender threads.
         self.pools: dict[str, ServerSlots] = {
-            name: ServerSlots(name, server.max_connections, self._leases)
+            name: ServerSlots(name, server.max_connections, self._leases, most=settings.threads)
             for name, server in settings.smtp.items()
             if server.max_connections is not None
         }
@@ -131,7 +132,10 @@ class FlowControl:
         self._accepted: dict[str, deque[float]] = {}
         self._tickets: dict[int, _Ticket] = {}
         self._parked: list[_Parked] = []
-        self._waiting: dict[str, deque[tuple[Item, _Ticket]]] = {n: deque() for n in self.pools}
+        # per server with max_connections: mails waiting for a permit, since when
+        self._waiting: dict[str, deque[tuple[Item, _Ticket, float]]] = {
+            n: deque() for n in self.pools
+        }
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closing = False
@@ -143,6 +147,17 @@ class FlowControl:
     def start(self) -> None:
         """Start the thread that lets parked and waiting mails go."""
         self._metrics.limits_global.set(1 if self._limiter.is_global else 0)
+        settings = self._settings
+        apps = [settings.app(tenant, app) for tenant, app in settings.routes()]
+        limited = bool(self.pools) or any(
+            config is not None and config.max_rate is not None
+            for config in [*settings.smtp.values(), *apps]
+        )
+        if limited and not self._limiter.is_global:
+            log.warning(
+                "rate limits without shared state (redis_url is empty): each worker process "
+                "keeps to its share of each limit"
+            )
         self._thread.start()
 
     # -- the claimer thread --------------------------------------------------------------
@@ -169,12 +184,12 @@ class FlowControl:
         if self._thread.is_alive():
             self._thread.join()
         with self._cond:
-            left = [(p.item, p.ticket) for p in self._parked]
+            left = [p.item for p in self._parked]
             for waiting in self._waiting.values():
-                left += waiting
+                left += [item for item, _, _ in waiting]
                 waiting.clear()
             self._parked.clear()
-        for item, _ in left:
+        for item in left:
             self._defer(item, 1)
 
     def release(self) -> None:
@@ -243,9 +258,10 @@ class FlowControl:
 
     def _through(self, item: Item, ticket: _Ticket) -> None:
         """On to the sender threads, or to its server's queue for a connection permit."""
-        if ticket.route.pooled:
+        server = ticket.route.server
+        if ticket.route.pooled and (self._waiting[server] or not self.pools[server].take()):
             with self._cond:
-                self._waiting[ticket.route.server].append((item, ticket))
+                self._waiting[server].append((item, ticket, self._clock()))
                 self._cond.notify()
         else:
             self._send(item, ticket)
@@ -268,8 +284,7 @@ class FlowControl:
         route = ticket.route
         if route.pooled:
             self.pools[route.server].finished()
-            with self._cond:
-                self._cond.notify()
+            self._serve(route.server)  # the permit goes to the next mail waiting, if any
         match processed.outcome:
             case Sent() if route.server_limit.rate is None:
                 accepted = self._accepted.setdefault(route.server, deque(maxlen=10_000))
@@ -340,12 +355,21 @@ class FlowControl:
             return due
 
     def _serve_waiting(self) -> None:
-        for server, slots in self.pools.items():
-            waiting = self._waiting[server]
-            while waiting and slots.take():
-                with self._cond:
-                    item, ticket = waiting.popleft()
-                self._send(item, ticket)
+        for server in self.pools:
+            self._serve(server)
+
+    def _serve(self, server: str) -> None:
+        """Let mails waiting for a permit of ``server`` through while permits are free."""
+        slots, waiting = self.pools[server], self._waiting[server]
+        while waiting and slots.take():
+            with self._cond:
+                if not waiting:  # another thread let it through meanwhile
+                    slots.finished()
+                    return
+                item, ticket, since = waiting.popleft()
+            if self._clock() - since > _PERMIT_POLL_SECONDS / 2:
+                self._count(ticket.route, "connections")
+            self._send(item, ticket)
 
     def _tend(self) -> None:
         for server, slots in self.pools.items():

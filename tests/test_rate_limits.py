@@ -490,16 +490,39 @@ def test_with_the_limit_store_stopped_workers_keep_their_shares_and_then_the_glo
     assert kept, "the limits are kept in the store again"
 
 
-def test_max_connections_holds_across_worker_processes_and_threads(
-    make_settings: Callable[..., Settings], catcher: MailCatcher, tmp_path: Path
+def test_max_connections_holds_across_processes_and_threads_and_other_servers_keep_flowing(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    tmp_path: Path,
+    record_property: Any,
 ) -> None:
-    settings = make_settings(threads=4, smtp={"catcher": {"max_connections": 2}})
-    declare(settings)
-    config = write_config(settings, tmp_path / "rohrpost.toml")
-    catcher.latency = 0.01
-    with Producer(settings) as producer:
-        producer.submit_many(limited_mails(300))
-    with workers(config):
-        got = catcher.wait_for(lambda mails: len(mails) >= 300, timeout=90)
+    with MailCatcher() as free:
+        settings = make_settings(
+            threads=4,
+            smtp={
+                "catcher": {"max_connections": 2},
+                "free": {"host": "127.0.0.1", "port": free.port, "timeout": "5s"},
+            },
+            tenants={"acme": {"apps": {"news": {"smtp": "free", "sender": "news@acme.example"}}}},
+        )
+        declare(settings)
+        config = write_config(settings, tmp_path / "rohrpost.toml")
+        catcher.latency = 0.05  # a slow server: at most 2 connections, ~40 mails/s
+        with Producer(settings) as producer:
+            producer.submit_many(limited_mails(300) + limited_mails(300, app="news"))
+        with workers(config):
+            got = catcher.wait_for(lambda mails: len(mails) >= 300, timeout=90)
+        free_done = max(m.received_at for m in free.mails)
+        assert len(free.mails) == 300
+        free_peak = free.peak_connections
+    times = sorted(m.received_at for m in got)
+    record_property(
+        "figure",
+        f"max_connections = 2: {catcher.peak_connections} open at most (the free server saw "
+        f"{free_peak}), 300 mails in {times[-1] - times[0]:.1f} s",
+    )
     assert len(got) == 300
-    assert catcher.peak_connections <= 2
+    assert catcher.peak_connections == 2
+    assert free_peak > 2  # two processes of four threads, each with its own connection
+    # mails waiting for a permit do not hold up the other server's
+    assert free_done < times[149]
