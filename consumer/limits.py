@@ -278,19 +278,24 @@ class FlowControl:
 
     def on_outcome(self, processed: Processed) -> None:
         """Give back the mail's connection permit; learn from throttling replies."""
-        ticket = self._tickets.pop(id(processed.delivery), None)
+        ticket = self.put_back(processed.delivery)
         if ticket is None:
             return  # deferred here, never let through
         route = ticket.route
-        if route.pooled:
-            self.pools[route.server].finished()
-            self._serve(route.server)  # the permit goes to the next mail waiting, if any
         match processed.outcome:
             case Sent() if route.server_limit.rate is None:
                 accepted = self._accepted.setdefault(route.server, deque(maxlen=10_000))
                 accepted.append(self._clock())
             case Redelay(_, why) if why == THROTTLED:
                 self._throttled(ticket)
+
+    def put_back(self, delivery: Delivery) -> _Ticket | None:
+        """A mail let through is done with (or given back unsent): free its permit."""
+        ticket = self._tickets.pop(id(delivery), None)
+        if ticket is not None and ticket.route.pooled:
+            self.pools[ticket.route.server].finished()
+            self._serve(ticket.route.server)  # the permit goes to the next mail waiting
+        return ticket
 
     def _throttled(self, ticket: _Ticket) -> None:
         route = ticket.route

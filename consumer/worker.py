@@ -310,6 +310,7 @@ class SendWorker:
                 structlog.contextvars.clear_contextvars()
                 if self._control.is_paused(*self._processor.route_of(delivery.queue)):
                     self._claims.release(claim)
+                    self._flow.put_back(delivery)
                     self._put_back(delivery)  # prefetched before the pause took effect
                     continue
                 processed = self._processor.process(delivery, transport, claim)
