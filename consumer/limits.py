@@ -53,6 +53,8 @@ _TICK_SECONDS = 0.25
 _RENEW_SECONDS = 2.0
 #: How often a mail waiting for a connection permit asks for one.
 _PERMIT_POLL_SECONDS = 0.1
+#: Mails let through later than this after they arrived count as having waited.
+_WAITED_SECONDS = 0.002
 #: Sends accepted over this window estimate the rate a throttling server took.
 _ACCEPTED_WINDOW_SECONDS = 2.0
 
@@ -130,6 +132,7 @@ class FlowControl:
         self._routes: dict[str, _Route] = {}
         self._adapting: set[str] = set()  # servers without max_rate a throttling reply cut
         self._accepted: dict[str, deque[float]] = {}
+        self._shown: dict[str | None, float] = {}  # gauge values last set
         self._tickets: dict[int, _Ticket] = {}
         self._parked: list[_Parked] = []
         # per server with max_connections: mails waiting for a permit, since when
@@ -209,7 +212,7 @@ class FlowControl:
         self._show_rates(limits, decision.rates)
         for ((route, _), items), slots in zip(groups.items(), decision.slots, strict=True):
             for item, slot in zip(items, slots, strict=True):
-                ticket = _Ticket(route, decision.now_ms, now)
+                ticket = _Ticket(route, slot.made_at_ms or decision.now_ms, now)
                 if slot.reserved and slot.wait_ms <= 1:
                     self._through(item, ticket)
                     continue
@@ -223,11 +226,18 @@ class FlowControl:
 
     def _show_rates(self, limits: list[Limit], rates: tuple[float, ...]) -> None:
         shared = self._limiter.is_global
-        self._metrics.limits_global.set(1 if shared else 0)
+        shown: list[tuple[str | None, float]] = [(None, 1.0 if shared else 0.0)]
         for limit, rate in zip(limits, rates, strict=True):
             if limit.adaptive:
-                overall = rate if shared else rate * self._shares(limit)
-                self._metrics.effective_rate.labels(limit.name.removeprefix("smtp:")).set(overall)
+                shown.append((limit.name, rate if shared else rate * self._shares(limit)))
+        for name, value in shown:
+            if self._shown.get(name) == value:
+                continue  # a gauge written to a file per process (multiprocess mode): only news
+            self._shown[name] = value
+            if name is None:
+                self._metrics.limits_global.set(value)
+            else:
+                self._metrics.effective_rate.labels(name.removeprefix("smtp:")).set(value)
 
     def _park(self, item: Item, ticket: _Ticket, due: float) -> None:
         with self._cond:
@@ -269,8 +279,8 @@ class FlowControl:
     def _send(self, item: Item, ticket: _Ticket) -> None:
         self._tickets[id(item[0])] = ticket
         route = ticket.route
-        if ticket.made_at or route.pooled:
-            waited = max(0.0, self._clock() - ticket.since)
+        waited = self._clock() - ticket.since
+        if waited > _WAITED_SECONDS:
             self._metrics.rate_limit_wait.labels(route.tenant, route.app).observe(waited)
         self._dispatch(item)
 
@@ -398,6 +408,7 @@ class FlowControl:
                 name = limit.name.removeprefix("smtp:")
                 if adapting:
                     self._adapting.add(name)
-                else:
+                elif name in self._adapting:
                     self._adapting.discard(name)
+                    self._shown[limit.name] = 0.0
                     self._metrics.effective_rate.labels(name).set(0)

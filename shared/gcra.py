@@ -40,6 +40,8 @@ RECOVERY_SECONDS = 10.0
 FLOOR_PER_SECOND = 0.1
 #: A lowering of a server without a configured rate is forgotten after this long.
 MEMORY_SECONDS = 600.0
+#: Turns taken ahead for mails still to come fall within this (see ``Group.prefetch``).
+PREFETCH_MS = 100.0
 #: Idle limits are forgotten this long after their last reserved or deferred mail.
 IDLE_MS = 60_000.0
 
@@ -61,19 +63,29 @@ class Params:
 
 @dataclass(frozen=True, slots=True)
 class Group:
-    """``count`` mails that pass the limits numbered ``limits`` (indexes into the params)."""
+    """``count`` mails that pass the limits numbered ``limits`` (indexes into the params).
+
+    ``prefetch``: not mails yet but turns taken ahead, as long as each falls within
+    ``PREFETCH_MS`` (and no deferred queue waits); the slots hold only those taken.
+    """
 
     limits: tuple[int, ...]
     count: int
     returning: bool = False
+    prefetch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """One mail's turn: go after ``wait_ms`` (reserved), or come back then (deferred)."""
+    """One mail's turn: go after ``wait_ms`` (reserved), or come back then (deferred).
+
+    ``made_at_ms``: when the turn was reserved, on the limiter's clock (0: at the
+    decision's ``now_ms``); a throttling reply to the mail names it.
+    """
 
     reserved: bool
     wait_ms: float
+    made_at_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +149,8 @@ class LocalRates:
                     go = max([now_ms, *(tat[k] - BURST_MS for k in bound)])
                     queued = max([now_ms, *(btat[k] for k in bound)])
                     behind = not group.returning and queued - now_ms > horizon_ms
+                    if group.prefetch and (go - now_ms > PREFETCH_MS or behind):
+                        break
                     if go - now_ms <= horizon_ms and not behind:
                         for k in bound:
                             tat[k] = max(tat[k], go) + intervals[k]

@@ -34,6 +34,7 @@ from rohrpost.shared.gcra import (
     FLOOR_PER_SECOND,
     IDLE_MS,
     MEMORY_SECONDS,
+    PREFETCH_MS,
     RECOVERY_SECONDS,
     Decision,
     Group,
@@ -50,19 +51,21 @@ __all__ = ["Decision", "Group", "Limit", "RateLimiter", "Slot"]
 log = get_logger(__name__)
 
 # KEYS: per limit i, KEYS[2i-1] its GCRA hash and KEYS[2i] its AIMD hash.
-# ARGV: horizon_ms, burst_ms, idle_ms, n, then per limit: per_second (0: none), adaptive;
-# then the number of groups, and per group: count, returning, m, then m limit numbers.
-# Returns Redis's clock (ms), each limit's effective rate (mails per 1000 s) and, per
-# mail, 1 and the wait (µs) when reserved, 0 and the wait until its turn when deferred.
+# ARGV: horizon_ms, burst_ms, idle_ms, prefetch_ms, n, then per limit: per_second (0: none),
+# adaptive; then the number of groups, and per group: count, kind (0 new mails, 1 mails
+# coming back, 2 turns taken ahead), m, then m limit numbers. Returns Redis's clock (ms),
+# each limit's effective rate (mails per 1000 s) and, per mail, 1 and the wait (µs) when
+# reserved, 0 and the wait until its turn when deferred, 2 and 0 for a turn not taken.
 _RESERVE = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local horizon, burst, idle, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+local horizon, burst, idle, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
   tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 local interval, tat, btat, touched = {}, {}, {}, {}
 local out = {tostring(now)}
-local a = 5
+local a = 6
 for i = 1, n do
   local rate, adaptive = tonumber(ARGV[a]), ARGV[a + 1] == '1'
   a = a + 2
@@ -81,7 +84,8 @@ end
 local groups = tonumber(ARGV[a])
 a = a + 1
 for _ = 1, groups do
-  local count, returning, m = tonumber(ARGV[a]), ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
+  local count, kind, m = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local returning, prefetch, stopped = kind == '1', kind == '2', false
   local bound = {}
   for j = 1, m do
     local k = tonumber(ARGV[a + 2 + j])
@@ -94,7 +98,11 @@ for _ = 1, groups do
       go = math.max(go, tat[k] - burst)
       queued = math.max(queued, btat[k])
     end
-    if go - now <= horizon and (returning or queued - now <= horizon) then
+    if prefetch and (stopped or go - now > window or queued - now > horizon) then
+      stopped = true
+      out[#out + 1] = 2
+      out[#out + 1] = 0
+    elseif go - now <= horizon and (returning or queued - now <= horizon) then
       for _, k in ipairs(bound) do
         tat[k] = math.max(tat[k], go) + interval[k]
         touched[k] = true
@@ -165,6 +173,9 @@ class Limit:
         return self.rate.per_second if self.rate is not None else 0.0
 
 
+#: Most turns taken ahead for one set of limits in one round trip.
+_MOST_AHEAD = 256
+
 #: How many processes share a limit while Redis is unreachable (at least 1).
 Shares = Callable[[Limit], int]
 
@@ -196,6 +207,10 @@ class RateLimiter:
         # when the turns this process reserved fall due (its clock, ms), per limit
         self._pending: dict[str, deque[float]] = {}
         self._pending_lock = threading.Lock()
+        # turns taken ahead per set of limits: (when, on this clock in ms; made at, Redis)
+        self._credits: dict[tuple[str, ...], deque[tuple[float, float]]] = {}
+        self._pace: dict[tuple[str, ...], deque[tuple[float, int]]] = {}
+        self._rates: dict[str, float] = {}
 
     @property
     def is_global(self) -> bool:
@@ -203,16 +218,76 @@ class RateLimiter:
         return bool(self._global) if self._global is not None else self._state is not None
 
     def reserve(self, limits: Sequence[Limit], groups: Sequence[Group]) -> Decision:
-        """Turns for ``groups`` of mails passing ``limits`` (each group names its limits)."""
+        """Turns for ``groups`` of mails passing ``limits`` (each group names its limits).
+
+        Turns taken ahead serve first; Redis is asked only for the rest, and then also
+        for turns ahead: as many as a tenth of a second brings at the recent pace of
+        each set of limits, provided they fall within that tenth (so they never hold
+        back a limit that binds). A limit that never binds thus costs one round trip
+        per such tenth, not one per batch.
+        """
         for limit in limits:
             self._known[limit.name] = limit
         now = self._clock() * 1000
-        decision = self._reserve_global(limits, groups)
+        sets = [tuple(limits[k].name for k in group.limits) for group in groups]
+        served = []
+        for names, group in zip(sets, groups, strict=True):
+            self._count_pace(names, group.count, now)
+            served.append(self._credits_for(names, group.count, now))
+        rest = [
+            Group(group.limits, group.count - len(taken), group.returning, group.prefetch)
+            for group, taken in zip(groups, served, strict=True)
+        ]
+        if not any(group.count for group in rest):
+            rates = tuple(self._rates.get(limit.name, 0.0) for limit in limits)
+            return Decision(now, rates, tuple(tuple(taken) for taken in served))
+        ahead = self._ahead(sets, rest, now)
+        decision = self._reserve_global(limits, rest + ahead)
         if decision is None:
             params = [self._local_params(limit) for limit in limits]
-            decision = self._local.decide(params, list(groups), now, self._horizon_ms)
-        self._note(limits, groups, decision, now)
-        return decision
+            decision = self._local.decide(params, rest, now, self._horizon_ms)
+            ahead = []
+        self._note(limits, rest + ahead, decision, now)
+        for limit, rate in zip(limits, decision.rates, strict=True):
+            self._rates[limit.name] = rate
+        for group, turns in zip(ahead, decision.slots[len(rest) :], strict=True):
+            names = tuple(limits[k].name for k in group.limits)
+            credits = self._credits.setdefault(names, deque())
+            credits.extend((now + turn.wait_ms, decision.now_ms) for turn in turns)
+        slots = tuple(
+            (*taken, *turns)
+            for taken, turns in zip(served, decision.slots[: len(rest)], strict=True)
+        )
+        return Decision(decision.now_ms, decision.rates, slots)
+
+    def _credits_for(self, names: tuple[str, ...], count: int, now: float) -> list[Slot]:
+        """Up to ``count`` turns taken ahead for this set of limits, and not gone stale."""
+        credits = self._credits.get(names)
+        taken: list[Slot] = []
+        while credits and len(taken) < count:
+            at, made = credits.popleft()
+            if at >= now - BURST_MS:  # older ones would add to a burst: dropped
+                taken.append(Slot(True, max(0.0, at - now), made))
+        return taken
+
+    def _count_pace(self, names: tuple[str, ...], count: int, now: float) -> None:
+        """Count mails asking for turns under a set of limits, over the last second."""
+        pace = self._pace.setdefault(names, deque())
+        pace.append((now, count))
+        while pace and pace[0][0] < now - 1000:
+            pace.popleft()
+
+    def _ahead(self, sets: list[tuple[str, ...]], rest: list[Group], now: float) -> list[Group]:
+        """Groups of turns to take ahead, one per set of limits, sized by the recent pace."""
+        if self._state is None or self._global is False:
+            return []  # per process, turns cost nothing to reserve
+        ahead: list[Group] = []
+        for names, group in zip(sets, rest, strict=True):
+            pace = self._pace.get(names, ())
+            wanted = math.ceil(sum(n for _, n in pace) * PREFETCH_MS / 1000)
+            if wanted >= 2 and not any(a.limits == group.limits for a in ahead):
+                ahead.append(Group(group.limits, min(wanted, _MOST_AHEAD), prefetch=True))
+        return ahead
 
     def _reserve_global(self, limits: Sequence[Limit], groups: Sequence[Group]) -> Decision | None:
         """The decision of Redis; None when it cannot be asked."""
@@ -316,13 +391,20 @@ class RateLimiter:
         self, limits: Sequence[Limit], groups: Sequence[Group]
     ) -> tuple[list[str], list[str | float | int]]:
         keys: list[str] = []
-        args: list[str | float | int] = [self._horizon_ms, BURST_MS, IDLE_MS, len(limits)]
+        args: list[str | float | int] = [
+            self._horizon_ms,
+            BURST_MS,
+            IDLE_MS,
+            PREFETCH_MS,
+            len(limits),
+        ]
         for limit in limits:
             keys += [f"{self._prefix}{limit.name}", f"{self._prefix}{limit.name}:aimd"]
             args += [limit.per_second, int(limit.adaptive)]
         args.append(len(groups))
         for group in groups:
-            args += [group.count, int(group.returning), len(group.limits)]
+            kind = 2 if group.prefetch else int(group.returning)
+            args += [group.count, kind, len(group.limits)]
             args += [k + 1 for k in group.limits]
         return keys, args
 
@@ -359,7 +441,9 @@ def _decision(reply: list[bytes | int], limits: int, groups: Sequence[Group]) ->
         at += 2 * group.count
         slots.append(
             tuple(
-                Slot(int(chunk[i]) == 1, int(chunk[i + 1]) / 1000) for i in range(0, len(chunk), 2)
+                Slot(int(chunk[i]) == 1, int(chunk[i + 1]) / 1000)
+                for i in range(0, len(chunk), 2)
+                if int(chunk[i]) != 2  # a turn not taken ahead
             )
         )
     return Decision(now, rates, tuple(slots))

@@ -202,7 +202,13 @@ def test_redis_decides_as_the_python_algorithm_does(
         Limit("app:a:b", parse_rate("5/s")),
         Limit("smtp:y", None, adaptive=True),
     ]
-    groups = [Group((0,), 10), Group((0, 1), 5), Group((1,), 30, returning=True), Group((2,), 3)]
+    groups = [
+        Group((0,), 10),
+        Group((0, 1), 5),
+        Group((1,), 30, returning=True),
+        Group((2,), 3),
+        Group((0,), 10, prefetch=True),  # turns ahead: only those within a tenth of a second
+    ]
     limiter = RateLimiter(state, limit_namespace, lambda _: 1, horizon=HORIZON_MS / 1000)
     in_redis = limiter.reserve(limits, groups)
     params = [Params(lim.name, lim.per_second, lim.adaptive) for lim in limits]
@@ -210,6 +216,39 @@ def test_redis_decides_as_the_python_algorithm_does(
     assert limiter.is_global
     assert in_redis.rates == in_python.rates
     assert in_redis.slots == in_python.slots
+
+
+def test_turns_taken_ahead_spare_round_trips_while_a_limit_does_not_bind(
+    state: SharedState, limit_namespace: str
+) -> None:
+    roomy = Limit("smtp:roomy", parse_rate("100000/s"))
+    limiter = RateLimiter(state, limit_namespace, lambda _: 1)
+    key = f"{limit_namespace}:limit:smtp:roomy"
+
+    def tat() -> bytes | None:
+        return state.run(lambda c: c.hget(key, "tat"))  # type: ignore[no-any-return]
+
+    first = limiter.reserve([roomy], [Group((0,), 50)])
+    assert all(slot.reserved for slot in first.slots[0])
+    after_first = tat()
+    served = limiter.reserve([roomy], [Group((0,), 5)])  # 5 turns were taken ahead
+    assert len(served.slots[0]) == 5 and all(slot.reserved for slot in served.slots[0])
+    assert tat() == after_first, "no round trip"
+    limiter.reserve([roomy], [Group((0,), 5)])
+    assert tat() != after_first, "the turns ahead are used up: Redis is asked again"
+
+
+def test_turns_are_not_taken_ahead_beyond_a_tenth_of_a_second(
+    state: SharedState, limit_namespace: str
+) -> None:
+    tight = Limit("smtp:tight", parse_rate("5/s"))
+    limiter = RateLimiter(state, limit_namespace, lambda _: 1)
+    key = f"{limit_namespace}:limit:smtp:tight"
+    limiter.reserve([tight], [Group((0,), 20)])  # binding: turns 200 ms apart
+    before = state.run(lambda c: c.hget(key, "tat"))
+    [slots] = limiter.reserve([tight], [Group((0,), 1)]).slots
+    assert state.run(lambda c: c.hget(key, "tat")) != before, "asked Redis: nothing ahead"
+    assert slots[0].wait_ms > 1000
 
 
 def test_a_cut_in_redis_applies_to_every_process(state: SharedState, limit_namespace: str) -> None:
