@@ -124,8 +124,8 @@ class Metrics:
         )
         self.rate_limit_wait = Histogram(
             "rohrpost_rate_limit_wait_seconds",
-            "How long mails under a limit waited for their turn (in the worker, or through "
-            "the delay levels).",
+            "How long mails that had to wait for their turn or a connection waited (in the "
+            "worker, or through the delay levels).",
             TENANT_APP,
             buckets=_WAIT_BUCKETS,
             registry=r,
