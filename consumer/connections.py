@@ -51,7 +51,8 @@ class ServerSlots:
         """``limit``: the installation's; ``most``: the most this process takes (its threads)."""
         self.server = server
         self.limit = limit
-        self._most = limit if most is None else min(limit, most)
+        self._threads = limit if most is None else most
+        self._most = min(limit, self._threads)
         self._leases = leases
         self._clock = clock
         self._lock = threading.Lock()
@@ -81,6 +82,14 @@ class ServerSlots:
             self._held.append((lease, self._clock()))
             self._busy += 1
         return True
+
+    def short(self) -> bool:
+        """Whether this process holds fewer permits than it has sender threads.
+
+        Mails that wait while it does not wait for a free sender thread, not a permit.
+        """
+        with self._lock:
+            return len(self._held) < self._threads
 
     def finished(self) -> None:
         """A mail counted by ``take`` is done, whatever became of it."""

@@ -382,8 +382,11 @@ class FlowControl:
                     slots.finished()
                     return
                 item, ticket, since = waiting.popleft()
-            if self._clock() - since > _PERMIT_POLL_SECONDS / 2:
+            now = self._clock()
+            if now - since > _PERMIT_POLL_SECONDS / 2 and slots.short():
                 self._count(ticket.route, "connections")
+            elif not ticket.made_at:
+                ticket = _Ticket(ticket.route, ticket.made_at, now)  # it waited for a thread
             self._send(item, ticket)
 
     def _tend(self) -> None:
