@@ -2,8 +2,10 @@
 
 100 tenant/app routes, N mails in the history (default 1,000,000: written straight
 into PostgreSQL with ``generate_series``, as the history consumer would have left
-them) and 10,000 dead letters (in their queues and in the store). Measured through
-a real console on 127.0.0.1 over HTTP: the dead-letter page and a history search by
+them, with the outcome counts of their last week and 20,000 of them still waiting)
+and 10,000 dead letters (in their queues and in the store). Measured through a real
+console on 127.0.0.1 over HTTP: the overview (every route's queues read from the
+broker, its history from the store), the dead-letter page and a history search by
 recipient (p50/p95 of repeated requests), and a bulk retry of the 10,000 (the
 filtered set, confirmed, run as a job) in mails per second.
 """
@@ -30,6 +32,7 @@ TENANTS, APPS = 10, 10  # 100 routes
 DEAD = 10_000
 DEAD_TENANT = "t0"
 REQUESTS = 200
+WAITING = 10_000  # queued (due, not yet sent) and as many scheduled
 
 _FILL = """
 INSERT INTO mails (id, tenant, app, status, round, status_rank, status_at, created_at,
@@ -48,6 +51,35 @@ SELECT md5('mail' || i)::uuid, 'r' || i || '@customer.example' FROM generate_ser
 """
 
 
+# Due mails not yet sent and mails scheduled for later: what the overview's ages count.
+_FILL_WAITING = """
+INSERT INTO mails (id, tenant, app, status, round, status_rank, status_at, created_at,
+                   updated_at, not_before, sender, recipients, subject, attempts,
+                   content_deleted, history)
+SELECT md5('waiting' || i)::uuid, 't' || (i % 10), 'a' || ((i / 10) % 10),
+       CASE WHEN i % 2 = 0 THEN 'queued' ELSE 'scheduled' END, 0, i % 2,
+       now() - make_interval(secs => i), now() - make_interval(secs => i),
+       now() - make_interval(secs => i),
+       CASE WHEN i % 2 = 0 THEN NULL ELSE now() + make_interval(secs => i) END,
+       'shop@acme.example', 'w' || i || '@customer.example', 'Waiting ' || i, 0, false, 'keep'
+FROM generate_series(1, :count) AS i
+"""
+# The history writer keeps these beside the events: outcomes per route and 5-minute step.
+_FILL_COUNTS = """
+INSERT INTO outcome_counts (tenant, app, kind, step, count)
+SELECT tenant, app, kind, step, count(*) FROM (
+    SELECT tenant, app, 'sent' AS kind,
+           date_bin('5 minutes', sent_at, TIMESTAMPTZ '2000-01-01') AS step
+    FROM mails WHERE sent_at >= now() - interval '7 days'
+    UNION ALL
+    SELECT tenant, app, 'submitted', date_bin('5 minutes', created_at, TIMESTAMPTZ '2000-01-01')
+    FROM mails WHERE created_at >= now() - interval '7 days'
+) AS outcomes
+GROUP BY tenant, app, kind, step
+ON CONFLICT (tenant, app, kind, step) DO UPDATE SET count = outcome_counts.count + excluded.count
+"""
+
+
 def _routes() -> dict[str, Any]:
     return {
         f"t{t}": {
@@ -63,6 +95,8 @@ def _fill_history(env: Environment, count: int) -> float:
     with engine.begin() as conn:
         conn.execute(text(_FILL), {"count": count})
         conn.execute(text(_FILL_RECIPIENTS), {"count": count})
+        conn.execute(text(_FILL_WAITING), {"count": 2 * WAITING})
+        conn.execute(text(_FILL_COUNTS))
     with engine.connect() as conn:
         conn.execute(text("ANALYZE"))
     engine.dispose()
@@ -137,6 +171,21 @@ def _timed(client: httpx.Client, paths: list[str]) -> dict[str, float]:
     }
 
 
+def _overview_shows(client: httpx.Client) -> dict[str, Any]:
+    """What the overview the timings fetched showed: that it read every source."""
+    shown = client.get("/api/v1/overview").json()["overview"]
+    total = shown["total"]
+    return {
+        "routes": len(shown["routes"]),
+        "ready": total["ready"],
+        "dead_lettered": total["dead_lettered"],
+        "scheduled": total["scheduled"],
+        "waiting_due": sum((total["waiting_by_age"] or {}).values()),
+        "sent_24h": total["last_day"]["sent"],
+        "unknown": {k: shown[k] for k in ("broker", "history", "management") if shown[k]},
+    }
+
+
 def _bulk_retry(client: httpx.Client) -> tuple[float, dict[str, Any]]:
     page = client.get("/dead-letters")
     csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
@@ -163,6 +212,7 @@ def console(count: int, store: str = "postgresql") -> dict[str, Any]:
         try:
             with httpx.Client(base_url=served.url.rstrip("/"), timeout=300) as client:
                 client.get("/dead-letters")  # warm: connections, templates
+                client.get("/overview")
                 pages = [f"/dead-letters?page={1 + i % 20}" for i in range(REQUESTS)]
                 filtered = [
                     f"/dead-letters?tenant={DEAD_TENANT}&app=a{i % APPS}" for i in range(REQUESTS)
@@ -175,6 +225,10 @@ def console(count: int, store: str = "postgresql") -> dict[str, Any]:
                     "mails_in_history": count,
                     "dead_letters": DEAD,
                     "history_fill_seconds": round(fill_seconds, 1),
+                    "overview": _timed(client, ["/overview"] * REQUESTS),
+                    "overview_figures": _timed(client, ["/overview/figures"] * REQUESTS),
+                    "overview_api": _timed(client, ["/api/v1/overview"] * REQUESTS),
+                    "overview_shows": _overview_shows(client),
                     "dead_letter_page": _timed(client, pages),
                     "dead_letter_page_filtered": _timed(client, filtered),
                     "history_search_by_recipient": _timed(client, searches),

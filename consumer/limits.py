@@ -110,9 +110,15 @@ class FlowControl:
         metrics: Metrics,
         dispatch: Callable[[Item], None],
         defer: Callable[[Item, int], None],
+        urgent: Callable[[str], bool] = lambda _queue: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``dispatch``: hand a mail to the sender threads; ``defer``: delay it (seconds)."""
+        """``dispatch``: hand a mail to the sender threads; ``defer``: delay it (seconds).
+
+        ``urgent(queue)``: whether mails of that send queue (the high lane) take the
+        next free turn without queueing behind mails deferred through the delay levels.
+        """
+        self._urgent = urgent
         self._settings = settings
         self._route_of = route_of
         self._metrics = metrics
@@ -175,7 +181,8 @@ class FlowControl:
                 self._through(item, _Ticket(route, 0.0, now))
                 continue
             headers = item[0].properties.headers or {}
-            groups.setdefault((route, LIMITED_HEADER in headers), []).append(item)
+            ahead = LIMITED_HEADER in headers or self._urgent(item[0].queue)
+            groups.setdefault((route, ahead), []).append(item)
         if groups:
             self._reserve(groups, now)
 

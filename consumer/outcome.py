@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from rohrpost.shared.broker import Delivery, Publication
-from rohrpost.shared.container import MailContainer
+from rohrpost.shared.container import DEFAULT_PRIORITY, MailContainer
 from rohrpost.shared.events import INVALID_BODY, EventKind, MailEvent
 from rohrpost.shared.preview import as_text
 from rohrpost.shared.topology import Topology
@@ -175,7 +175,9 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
             )
         case _:
             return None
-    key = topology.delay.routing_key(delay, processed.tenant, processed.app)
+    # back into the mail's own lane once the delay is over
+    priority = processed.mail.priority if processed.mail else DEFAULT_PRIORITY
+    key = topology.delayed_key(delay, processed.tenant, processed.app, priority)
     return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
 
 

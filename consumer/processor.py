@@ -89,12 +89,10 @@ class MailProcessor:
         self._renderer = renderer
         self._now = clock
         self._rng = rng or random.Random()
-        self._queue_routes = {
-            topology.send_queue(tenant, app): (tenant, app) for tenant, app in topology.routes
-        }
+        self._queue_routes = {queue: lane.route for queue, lane in topology.lanes().items()}
 
     def route_of(self, queue: str) -> tuple[str, str]:
-        """(tenant, app) of a send queue."""
+        """(tenant, app) of a send queue (any of its lanes)."""
         return self._queue_routes[queue]
 
     def claim_key(self, delivery: Delivery) -> str | None:

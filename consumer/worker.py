@@ -5,8 +5,14 @@ Threads in one worker process:
 * the broker's I/O thread (``rohrpost.shared.broker.Broker``) receives deliveries, publishes,
   acks, and keeps heartbeats going however long an SMTP conversation takes;
 * ``threads`` sender threads, each with its own SMTP connections, take deliveries
-  from an in-process queue, render and send them, then hand the outcome's
+  from an in-process inbox, render and send them, then hand the outcome's
   publications back to the broker. The delivery is acked once they are confirmed.
+
+Every lane (send queue) of every route has a consumer with its own prefetch window
+(``prefetch`` each: a burst of high mails comes in whole, not one ack round trip at
+a time), and the inbox serves high before normal before bulk, routes in turn
+(``rohrpost.consumer.inbox``): a backlog delays other routes' and lanes' mails by a
+turn, not by its size.
 
 ``stop()`` (SIGTERM) cancels the consumers and finishes every mail already
 delivered to this process before it returns, so nothing is redelivered needlessly.
@@ -24,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.control import ControlFollower
 from rohrpost.consumer.events import EventBatcher
+from rohrpost.consumer.inbox import Inbox
 from rohrpost.consumer.limits import FlowControl, Item
 from rohrpost.consumer.observers import LogObserver, MetricsObserver, Observer
 from rohrpost.consumer.outcome import (
@@ -38,8 +45,9 @@ from rohrpost.consumer.processor import MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
+from rohrpost.shared.container import PRIORITIES, Priority, decode_container
 from rohrpost.shared.control import ControlState
-from rohrpost.shared.errors import BrokerUnavailable
+from rohrpost.shared.errors import BrokerUnavailable, ContainerError
 from rohrpost.shared.idempotency import Claim, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
@@ -92,12 +100,13 @@ class SendWorker:
             control=self._control,
             claims=self._claims,
         )
+        self._lanes = self._topology.lanes()
         self._consuming: set[str] = set()
         self._paused_routes: set[tuple[str, str]] = set()  # as last logged
         self._consuming_started = False
         # deliveries as they arrive, and then with their send claims (taken in batches)
         self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._inbox: queue.SimpleQueue[tuple[Delivery, Claim | None] | None] = queue.SimpleQueue()
+        self._inbox: Inbox[tuple[Delivery, Claim | None]] = Inbox()
         # rate and connection limits, between the claimer and the sender threads
         self._flow = FlowControl(
             settings,
@@ -105,8 +114,9 @@ class SendWorker:
             self._topology.send_queue,
             state=self._state,
             metrics=self.metrics,
-            dispatch=self._inbox.put,
+            dispatch=lambda item: self._inbox.put(item, self._lanes[item[0].queue]),
             defer=self._defer,
+            urgent=lambda queue: self._lanes[queue].priority == "high",
         )
         self._observers.append(self._flow)
         self._lock = threading.Lock()
@@ -153,7 +163,7 @@ class SendWorker:
         self.metrics.ready.labels("worker").set(1)
         log.info(
             "worker started",
-            queues=len(self._topology.routes),
+            queues=len(self._lanes),
             threads=self._settings.threads,
             node=broker.node,
         )
@@ -187,19 +197,26 @@ class SendWorker:
             return
         with self._lock:
             for tenant, app in self._topology.routes:
-                queue = self._topology.send_queue(tenant, app)
                 paused = self._control.is_paused(tenant, app)
                 self.metrics.route_paused.labels(tenant, app).set(1 if paused else 0)
-                if paused and queue in self._consuming:
-                    broker.cancel_consumer(queue)
-                    self._consuming.discard(queue)
-                elif not paused and queue not in self._consuming:
-                    broker.consume(queue, self._settings.prefetch, self._receive)
-                    self._consuming.add(queue)
+                for priority in PRIORITIES:
+                    self._follow_pause(broker, tenant, app, priority, paused=paused)
                 if paused != ((tenant, app) in self._paused_routes):
                     # once per change (and at start for what is paused), not per instruction
                     log.info("route paused" if paused else "route resumed", tenant=tenant, app=app)
                     self._paused_routes ^= {(tenant, app)}
+
+    def _follow_pause(
+        self, broker: Broker, tenant: str, app: str, priority: Priority, *, paused: bool
+    ) -> None:
+        """Consume the lane of ``priority`` of tenant/app, or stop, as ``paused`` says."""
+        queue = self._topology.send_queue(tenant, app, priority)
+        if paused and queue in self._consuming:
+            broker.cancel_consumer(queue)
+            self._consuming.discard(queue)
+        elif not paused and queue not in self._consuming:
+            broker.consume(queue, self._settings.prefetch, self._receive)
+            self._consuming.add(queue)
 
     def _wait(self, probe: QueueProbe | None) -> None:
         empty_polls = 0
@@ -210,9 +227,9 @@ class SendWorker:
             assert self._broker is not None
             # A paused route's mails wait for its resume, not for the drain.
             watched = [
-                self._topology.send_queue(t, a)
-                for t, a in self._topology.routes
-                if not self._control.is_paused(t, a)
+                queue
+                for queue, lane in self._lanes.items()
+                if not self._control.is_paused(lane.tenant, lane.app)
             ]
             watched += self._topology.delay_queues()
             idle = self._in_flight == 0 and self._broker.pending() == 0
@@ -297,8 +314,7 @@ class SendWorker:
                 for delivery, key in zip(deliveries, keys, strict=True)
             )
         self._flow.close()  # what still waits for its turn goes back to the delay levels
-        for _ in range(self._settings.threads):
-            self._inbox.put(None)
+        self._inbox.close()
 
     # -- sender threads --------------------------------------------------------------
 
@@ -325,7 +341,11 @@ class SendWorker:
         tenant, app = self._processor.route_of(delivery.queue)
         attempt = attempt_of(delivery.properties)
         delay = Redelay(self._topology.delay.seconds(seconds), RATE_LIMITED)
-        self._record(Processed(delivery, None, attempt, delay, tenant, app))
+        try:
+            mail = decode_container(delivery.body)  # it comes back into its own lane
+        except ContainerError:
+            mail = None  # the processor dead-letters it when it comes back
+        self._record(Processed(delivery, mail, attempt, delay, tenant, app))
 
     def _put_back(self, delivery: Delivery) -> None:
         assert self._broker is not None

@@ -142,10 +142,10 @@ class Producer:
         seconds = delay.seconds(mail.not_before - now) if mail.not_before else 0
         if seconds > 0:
             exchange = self._topology.schedule_exchange
-            routing_key = delay.routing_key(seconds, mail.tenant, mail.app)
+            routing_key = self._topology.delayed_key(seconds, mail.tenant, mail.app, mail.priority)
         else:
             exchange = self._topology.submit_exchange
-            routing_key = self._topology.route_key(mail.tenant, mail.app)
+            routing_key = self._topology.route_key(mail.tenant, mail.app, mail.priority)
         return mail, Publication(exchange, routing_key, body, properties)
 
     def submit(

@@ -148,6 +148,37 @@ INVOICE = {
 }
 
 
+def test_the_overview_renews_its_figures_without_reloading_the_page(
+    page: Any, pipeline: Pipeline, catcher: MailCatcher
+) -> None:
+    catcher.always("nobody@customer.example", "550 5.1.1 " + REJECTED)
+    [dead] = submit(pipeline.settings, [mail("nobody@customer.example")])
+    wait_until(lambda: pipeline.status(dead) == "dead_lettered")
+    log_in(page, pipeline)
+    page.click("header nav a:has-text('Overview')")
+    page.wait_for_url(re.compile(r"/overview$"))
+    sent = "#route-acme-billing td.sent_hour"
+    assert page.inner_text(sent) == "0"
+    assert page.inner_text("#route-acme-billing td.dead_lettered") == "1"
+    assert page.inner_text("#route-globex-shop td.state") == "active"
+    page.evaluate("window.notReloaded = true")  # gone if the whole page loads again
+    ids = submit(pipeline.settings, [mail(f"r{i}@example.com") for i in range(3)])
+    catcher.wait_for(lambda mails: len(mails) == 3)
+    wait_until(lambda: all(pipeline.status(i) == "sent" for i in ids))
+    page.wait_for_function(
+        "selector => document.querySelector(selector).textContent.trim() === '3'",
+        arg=sent,
+        timeout=30_000,
+    )
+    assert page.evaluate("window.notReloaded") is True
+    assert page.url.endswith("/overview")
+    assert page.inner_text("#route-total td.sent_hour") == "3"
+    shoot(page, "overview")
+    page.click("#route-acme-billing td.dead_lettered a")
+    page.wait_for_url(re.compile(r"/dead-letters\?tenant=acme&app=billing$"))
+    assert "nobody@customer.example" in page.inner_text("table.list")
+
+
 def test_a_rejected_mail_is_corrected_in_the_form_retried_sent_and_its_story_shown(
     page: Any, pipeline: Pipeline, catcher: MailCatcher, templates: Path
 ) -> None:

@@ -19,7 +19,20 @@ VIEW_RECIPIENTS = "view-recipients"
 #: Who may log in or call the API, and with which role.
 VIEW_USERS = "view-users"
 #: Everything that changes something.
-MAIL_ACTIONS = frozenset({"edit", "retry", "purge", "resend", "cancel", "pause", "resume"})
+MAIL_ACTIONS = frozenset(
+    {
+        "edit",
+        "retry",
+        "purge",
+        "resend",
+        "cancel",
+        "send-now",
+        "hold",
+        "release",
+        "pause",
+        "resume",
+    }
+)
 
 _GRANTS: dict[Role, frozenset[str]] = {
     "viewer": frozenset({VIEW, VIEW_RECIPIENTS}),

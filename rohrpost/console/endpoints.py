@@ -43,7 +43,7 @@ def _console(request: Request) -> Console:
 
 
 async def landing(request: Request) -> Response:
-    """The first page (the dead letters, until an overview exists)."""
+    """The first page: the overview."""
     return RedirectResponse(request.scope.get("root_path", "") + LANDING, status_code=303)
 
 

@@ -114,8 +114,17 @@ class Guard:
     def _login_wall(self, request: Request, path: str) -> tuple[Message, Message]:
         if path.startswith("/api/"):
             return _answer(401, "log in or send Authorization: Bearer TOKEN", path)
-        target = quote(path + (f"?{request.url.query}" if request.url.query else ""), safe="")
         root = request.scope.get("root_path", "")
+        if request.headers.get("hx-request") == "true":
+            # htmx renewing part of a page (the overview's figures): the whole page goes
+            # to the login, which leads back to it, instead of a login form in the part.
+            current = urlsplit(request.headers.get("hx-current-url", ""))
+            page = current.path if current.netloc == request.url.netloc else ""
+            page = page[len(root) :] if root and page.startswith(root) else page
+            back = (page or "/") + (f"?{current.query}" if page and current.query else "")
+            location = f"{root}/login?next={quote(back, safe='')}"
+            return _answer(401, "the session ended: log in again", path, hx_redirect=location)
+        target = quote(path + (f"?{request.url.query}" if request.url.query else ""), safe="")
         return _redirect(f"{root}/login?next={target}")
 
     def _headed(self, send: Send, new_cookie: dict[str, Any] | None, secure: bool) -> Send:
@@ -145,7 +154,9 @@ def _origin_of(url: str | None) -> str | None:
     return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
 
 
-def _answer(status: int, text: str, path: str) -> tuple[Message, Message]:
+def _answer(
+    status: int, text: str, path: str, *, hx_redirect: str | None = None
+) -> tuple[Message, Message]:
     if path.startswith("/api/"):
         body, kind = json.dumps({"error": text, "status": status}).encode(), b"application/json"
     else:
@@ -153,6 +164,8 @@ def _answer(status: int, text: str, path: str) -> tuple[Message, Message]:
     headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if hx_redirect is not None:
+        headers.append((b"hx-redirect", hx_redirect.encode()))
     return (
         {"type": "http.response.start", "status": status, "headers": headers},
         {"type": "http.response.body", "body": body},

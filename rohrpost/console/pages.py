@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 T = TypeVar("T")
 API = "/api/v1"
-#: The landing page (until an overview exists) and the navigation, in order.
-LANDING = "/dead-letters"
+#: The landing page and the navigation, in order.
+LANDING = "/overview"
 NAVIGATION = [
+    ("Overview", "/overview"),
     ("Dead letters", "/dead-letters"),
     ("History", "/mails"),
     ("Tenants", "/tenants"),

@@ -7,11 +7,28 @@ the OpenAPI document is generated from this list.
 from __future__ import annotations
 
 from rohrpost.console.pages import Page
-from rohrpost.console.views import bulk, deadletters, editing, history, tenants
+from rohrpost.console.views import bulk, deadletters, editing, history, overview, tenants
 
 _POST = ("POST",)
 
 PAGES = [
+    Page(
+        "/overview",
+        overview.overview_page,
+        "overview.html",
+        "Every tenant/app at a glance (filters: tenant, app): `overview` is the object "
+        "`rohrpost status --json` prints; a source that cannot be read leaves its figures "
+        "null and is named in `problems`",
+        tags=("overview",),
+    ),
+    Page(
+        "/overview/figures",
+        overview.overview_page,
+        "overview_figures.html",
+        "The overview's figures alone (HTML), which the page fetches again every few seconds",
+        api=False,
+        tags=("overview",),
+    ),
     Page(
         "/dead-letters",
         deadletters.dead_letter_list,
@@ -101,6 +118,33 @@ PAGES = [
         "Stop a queued or scheduled mail",
         methods=_POST,
         action="cancel",
+        tags=("history",),
+    ),
+    Page(
+        "/mails/{mail_id}/send-now",
+        history.send_now_mail,
+        "problem.html",
+        "Send a scheduled or retrying mail now instead of when it is due",
+        methods=_POST,
+        action="send-now",
+        tags=("history",),
+    ),
+    Page(
+        "/mails/{mail_id}/hold",
+        history.hold_mail,
+        "problem.html",
+        "Hold a queued, scheduled or retrying mail: set aside when due, until released",
+        methods=_POST,
+        action="hold",
+        tags=("history",),
+    ),
+    Page(
+        "/mails/{mail_id}/release",
+        history.release_mail,
+        "problem.html",
+        "Release a held mail (back into its send queue when already set aside)",
+        methods=_POST,
+        action="release",
         tags=("history",),
     ),
     Page(

@@ -5,6 +5,7 @@ be read is None, with the reason.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pika.exceptions
@@ -16,53 +17,93 @@ from rohrpost.operations.management import (
     broker_vhost,
     management_url,
 )
+from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.errors import BrokerError
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
 
 
-class QueueReading:
-    """Queue depths and consumers read by passive declares; missing queues are noted."""
+def send_queues(topology: Topology, tenant: str, app: str) -> list[str]:
+    """The queues a route's due mails wait in: its lanes, high first; every figure of a
+    route's send queues is read through this."""
+    return topology.send_queues(tenant, app)
 
-    def __init__(self, topology: Topology) -> None:
+
+#: Passive declares a connection of ``QueueReading.read_from`` makes at least: each is a
+#: round trip (~0.4 ms here, with pika's own ~0.2 ms of CPU), so the 360 queues of 100
+#: routes take ~130 ms on one connection and are read on several at once.
+_QUEUES_PER_CONNECTION = 60
+_CONNECTIONS = 4
+#: What reading some queues gave: (ready, consumers) by name, the missing, a problem.
+_Share = tuple[dict[str, tuple[int, int]], list[str], str | None]
+
+
+class QueueReading:
+    """Queue depths and consumers read by passive declares; missing queues are noted.
+
+    ``routes``: the (tenant, app) pairs to read the queues of (default: every enabled
+    one); the delay levels and the history's queues are always read.
+    """
+
+    def __init__(self, topology: Topology, routes: list[tuple[str, str]] | None = None) -> None:
         self.topology = topology
+        chosen = topology.routes if routes is None else routes
+        self.names = [
+            queue
+            for tenant, app in chosen
+            for queue in (
+                *send_queues(topology, tenant, app),
+                topology.dead_queue(tenant, app),
+                topology.held_queue(tenant, app),
+            )
+        ]
+        self.names += topology.delay_queues()
+        if topology.history:
+            self.names += [topology.history_queue, topology.history_rejected_queue]
         self.found: dict[str, tuple[int, int]] = {}
         self.notes: list[str] = []
         self.problem: str | None = None
 
     def read(self, channel: Any) -> None:
-        """Read every queue of the topology on ``channel`` (a blocking pika channel)."""
-        topology = self.topology
-        names = [
-            queue
-            for tenant, app in topology.routes
-            for queue in (
-                topology.send_queue(tenant, app),
-                topology.dead_queue(tenant, app),
-                topology.held_queue(tenant, app),
-            )
-        ]
-        names += topology.delay_queues()
-        if topology.history:
-            names += [topology.history_queue, topology.history_rejected_queue]
-        missing = []
-        for name in names:
+        """Read the queues on ``channel`` (a blocking pika channel)."""
+        found, missing, self.problem = _declare_passively(channel, self.names)
+        self._take(found, missing)
+
+    def read_from(self, url: str, *, timeout: float = 5, connections: int | None = None) -> None:
+        """Read the queues over a few connections to ``url`` at once (each its share;
+        ``connections``: how many, default one per 60 queues, at most 4)."""
+        count = connections or min(_CONNECTIONS, len(self.names) // _QUEUES_PER_CONNECTION)
+        count = max(1, min(count, len(self.names)))
+        shares = [self.names[i::count] for i in range(count)]
+
+        def read_share(
+            names: list[str],
+        ) -> tuple[dict[str, tuple[int, int]], list[str], str | None]:
             try:
-                method = channel.queue_declare(name, passive=True).method
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:
-                    self.problem = f"the broker refused to show {name}: {exc.reply_text}"
-                    return
-                missing.append(name)
-                channel = channel.connection.channel()
-                continue
-            except pika.exceptions.AMQPError as exc:
-                why = str(exc) or type(exc).__name__
-                self.problem = f"lost the broker while reading the queues: {why}"
-                return
-            self.found[name] = (method.message_count, method.consumer_count)
+                with admin_channel(url, timeout=timeout) as channel:
+                    return _declare_passively(channel, names)
+            except BrokerError as exc:
+                return {}, [], str(exc)
+
+        if count == 1:
+            answers = [read_share(shares[0])]
+        else:
+            with ThreadPoolExecutor(count, thread_name_prefix="queue-reading") as pool:
+                answers = list(pool.map(read_share, shares))
+        found: dict[str, tuple[int, int]] = {}
+        missing: list[str] = []
+        for share_found, share_missing, problem in answers:
+            found |= share_found
+            missing += share_missing
+            self.problem = self.problem or problem
+        self._take(found, missing)
+
+    def _take(self, found: dict[str, tuple[int, int]], missing: list[str]) -> None:
+        self.found = found
         if missing:
+            first = min(missing, key=self.names.index)
             self.notes.append(
-                f"{len(missing)} of {len(names)} queues do not exist (first: {missing[0]}); "
+                f"{len(missing)} of {len(self.names)} queues do not exist (first: {first}); "
                 "run `rohrpost topology declare`"
             )
 
@@ -71,10 +112,47 @@ class QueueReading:
         found = self.found.get(name)
         return None if found is None else found[0]
 
+    def total(self, names: list[str]) -> int | None:
+        """Messages ready in all of ``names`` together; None when one could not be read.
+
+        A queue the broker does not have holds nothing (a lane an older version did
+        not declare); ``notes`` names it.
+        """
+        if self.problem is not None or not any(name in self.found for name in names):
+            return None
+        return sum(self.found[name][0] for name in names if name in self.found)
+
     def consumers(self, name: str) -> int | None:
         """Consumers of ``name``; None when it could not be read."""
         found = self.found.get(name)
         return None if found is None else found[1]
+
+    def most_consumers(self, names: list[str]) -> int | None:
+        """The most consumers any of ``names`` has (a worker consumes each queue of its
+        route, so summing would count it once per queue); None when none could be read."""
+        counts = [count for name in names if (count := self.consumers(name)) is not None]
+        return max(counts) if counts else None
+
+
+def _declare_passively(channel: Any, names: list[str]) -> _Share:
+    """(ready messages, consumers) of each of ``names`` that exists, those that do not,
+    and why the reading stopped (None: it did not)."""
+    found: dict[str, tuple[int, int]] = {}
+    missing: list[str] = []
+    for name in names:
+        try:
+            method = channel.queue_declare(name, passive=True).method
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                return found, missing, f"the broker refused to show {name}: {exc.reply_text}"
+            missing.append(name)
+            channel = channel.connection.channel()
+            continue
+        except pika.exceptions.AMQPError as exc:
+            why = str(exc) or type(exc).__name__
+            return found, missing, f"lost the broker while reading the queues: {why}"
+        found[name] = (method.message_count, method.consumer_count)
+    return found, missing, None
 
 
 def in_flight_counts(settings: Settings) -> tuple[dict[str, QueueCounts] | None, str | None]:

@@ -19,6 +19,7 @@ from rohrpost.operations.deadletters import DeadLetterFilter, DeadLetterQueue
 from rohrpost.operations.letter import DeadLetter
 from rohrpost.operations.preview import DryRun, MailPreview
 from rohrpost.operations.session import OperatorSession
+from rohrpost.operations.status import Overview, overview
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import RohrpostError, StoreError
 from rohrpost.shared.settings import Settings
@@ -120,6 +121,19 @@ class OperatorService:
         """The pauses in force."""
         return self.store.paused()
 
+    def overview(self, tenant: str | None = None, app: str | None = None) -> Overview:
+        """What ``rohrpost status`` shows, by the same code: figures a source cannot give
+        are None and the overview says why (``broker``, ``history``, ``management``)."""
+        try:
+            store: HistoryStore | None = self.store
+            problem = None
+        except StoreError as exc:
+            store, problem = None, str(exc)
+        shown = overview(self.settings, store, tenant=tenant, app=app, history_problem=problem)
+        if store is not None and shown.history is not None:
+            self.close_store()  # opened afresh next time, once the store answers again
+        return shown
+
     def preview(self, container: dict[str, Any]) -> MailPreview:
         """``container`` rendered with the current templates, not sent."""
         with self._lock:
@@ -180,6 +194,21 @@ class OperatorService:
         """Stop a queued or scheduled mail."""
         with OperatorSession(self.settings, actor) as session:
             return actions.cancel(session, mail_id, self.store)
+
+    def send_now(self, actor: str, mail_id: uuid.UUID) -> str:
+        """Send a scheduled or retrying mail now, not when it is due."""
+        with OperatorSession(self.settings, actor) as session:
+            return actions.send_now(session, mail_id, self.store)
+
+    def hold(self, actor: str, mail_id: uuid.UUID) -> str:
+        """Set a waiting mail aside when it comes due, until released."""
+        with OperatorSession(self.settings, actor) as session:
+            return actions.hold(session, mail_id, self.store)
+
+    def release(self, actor: str, mail_id: uuid.UUID) -> str:
+        """Send a held mail again (at once when it was already set aside)."""
+        with OperatorSession(self.settings, actor) as session:
+            return actions.release(session, mail_id, self.store)
 
     def pause(self, actor: str, tenant: str, app: str | None) -> str:
         """Hold a tenant's (or an app's) mails."""

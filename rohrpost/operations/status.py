@@ -13,7 +13,9 @@ first (Postfix's ``postqueue -p`` and ``qshape``), per tenant/app and in total::
 Where each figure comes from, and what ``None`` (shown as ``-``) means:
 
 * the broker, by passive ``queue.declare`` (exact, at the moment of the call):
-  ``ready`` (due mails in the send queue), ``consumers`` (of the send queue),
+  ``ready`` (due mails in the route's send queues, every priority lane together;
+  ``ready_by_priority`` per lane), ``consumers`` (of the send queue of normal
+  mails; every worker consumes each lane of a route),
   ``held`` (the route's held queue), ``dead_lettered`` (its dead-letter queue), the
   delay levels' total and the history queue. None when the broker or the queue is
   missing (``broker`` / ``notes`` say why), or the app is disabled (no queues).
@@ -33,6 +35,7 @@ API and the store, and never creates a store file.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,9 +43,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from rohrpost.operations.management import QueueCounts
-from rohrpost.operations.queues import QueueReading, in_flight_counts
-from rohrpost.shared.broker import admin_channel
-from rohrpost.shared.errors import BrokerError, OperatorError, StoreError
+from rohrpost.operations.queues import QueueReading, in_flight_counts, send_queues
+from rohrpost.shared.container import PRIORITIES
+from rohrpost.shared.errors import OperatorError, StoreError
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.store.figures import AGE_BUCKETS, RouteHistory, paused_scopes, route_history
@@ -88,6 +91,8 @@ class RouteStatus(Figures):
     enabled: bool
     paused: bool | None  # None: unknown (no history store)
     smtp: str
+    #: ``ready`` per priority lane (high, normal, bulk)
+    ready_by_priority: dict[str, int | None] | None = None
 
 
 class QueueFigure(BaseModel):
@@ -134,30 +139,26 @@ def overview(
 
     ``store``: the history store, or None (then the history's figures are None and
     ``history_problem`` says why). ``channel``: a blocking pika channel to read the
-    queues with (default: a short-lived connection to ``broker_url``). ``now``: the
+    queues with (default: a few short-lived connections to ``broker_url``, at once). ``now``: the
     time ages and windows count from (default: the current time).
     """
     _require_scope(settings, tenant, app)
     now = now or datetime.now(UTC)
     topology = Topology.from_settings(settings)
-    reading = QueueReading(topology)
-    if channel is not None:
-        reading.read(channel)
-    else:
-        try:
-            with admin_channel(settings.broker_url.get_secret_value(), timeout=5) as opened:
-                reading.read(opened)
-        except BrokerError as exc:
-            reading.problem = str(exc)
-    in_flight, management = in_flight_counts(settings)
-    history: dict[tuple[str, str], RouteHistory] | None = None
-    paused: set[tuple[str, str | None]] | None = None
-    if store is not None:
-        try:
-            history = route_history(store, now, tenant=tenant, app=app)
-            paused = paused_scopes(store)
-        except StoreError as exc:  # the queues' figures are worth showing all the same
-            history_problem, history, paused = str(exc), None, None
+    scope = [(t, a) for t, a in topology.routes if tenant in (None, t) and app in (None, a)]
+    reading = QueueReading(topology, scope)
+    # The three sources answer independently: asked at once, the overview takes as
+    # long as the slowest of them, not as all three together.
+    with ThreadPoolExecutor(2, thread_name_prefix="overview") as pool:
+        asked_management = pool.submit(in_flight_counts, settings)
+        asked_history = pool.submit(_history, store, now, tenant, app)
+        if channel is not None:
+            reading.read(channel)
+        else:
+            reading.read_from(settings.broker_url.get_secret_value())
+        in_flight, management = asked_management.result()
+        history, paused, store_problem = asked_history.result()
+    history_problem = store_problem or history_problem
     sources = _Sources(topology, reading, in_flight, history, paused, now)
     routes = [
         _route(settings, sources, t, a)
@@ -182,6 +183,20 @@ def overview(
         history=None if history is not None else history_problem or "no history store",
         notes=reading.notes,
     )
+
+
+def _history(
+    store: HistoryStore | None, now: datetime, tenant: str | None, app: str | None
+) -> tuple[
+    dict[tuple[str, str], RouteHistory] | None, set[tuple[str, str | None]] | None, str | None
+]:
+    """The history's figures and pauses, or None and why (the store could not be read)."""
+    if store is None:
+        return None, None, None
+    try:
+        return route_history(store, now, tenant=tenant, app=app), paused_scopes(store), None
+    except StoreError as exc:  # the queues' figures are worth showing all the same
+        return None, None, str(exc)
 
 
 def _delay_levels(reading: QueueReading, topology: Topology) -> QueueFigure:
@@ -227,16 +242,19 @@ class _Sources:
 def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> RouteStatus:
     config = settings.tenants[tenant].apps[app]
     topology, reading, in_flight = sources.topology, sources.reading, sources.in_flight
-    send = topology.send_queue(tenant, app)
-    held = in_flight.get(send) if in_flight is not None and config.enabled else None
+    send = send_queues(topology, tenant, app)
     figures: dict[str, Any] = {}
     if config.enabled:
         figures = {
-            "ready": reading.messages(send),
-            "consumers": reading.consumers(send),
+            "ready": reading.total(send),
+            "ready_by_priority": {
+                priority: reading.messages(queue)
+                for priority, queue in zip(PRIORITIES, send, strict=True)
+            },
+            "consumers": reading.most_consumers(send),
             "held": reading.messages(topology.held_queue(tenant, app)),
             "dead_lettered": reading.messages(topology.dead_queue(tenant, app)),
-            "in_flight": held.unacked if held is not None else None,
+            "in_flight": _unacked(in_flight, send),
         }
     if sources.history is not None:
         route = sources.history.get((tenant, app), RouteHistory())
@@ -250,6 +268,14 @@ def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> Rout
         smtp=config.smtp,
         **figures,
     )
+
+
+def _unacked(in_flight: dict[str, QueueCounts] | None, queues: list[str]) -> int | None:
+    """Unacked messages of ``queues`` together; None unless the management API told."""
+    if in_flight is None:
+        return None
+    found = [counts.unacked for queue in queues if (counts := in_flight.get(queue)) is not None]
+    return sum(found) if found else None
 
 
 def _history_figures(route: RouteHistory, now: datetime) -> dict[str, Any]:

@@ -222,6 +222,13 @@ class HistoryStore:
         criteria = criteria or MailFilter()
         with translate_errors(), self.engine.connect() as conn:
             candidates = _candidates(conn, criteria)
+            frequent = candidates is None and (criteria.to or criteria.tag) is not None
+            if frequent and conn.dialect.name == "postgresql":
+                # A frequent recipient or tag: the newest mails are walked through the
+                # time index and each checked. Split over parallel workers, that walk
+                # took 8 times as long (595 ms against 78 ms for 50 of 200,000 mails of
+                # a tag among 10,000,000, EXPLAIN ANALYZE) for the workers' start-up.
+                conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
             query = _filtered(select(*_SUMMARY_COLUMNS), criteria)
             if candidates is not None:
                 query = query.where(mails.c.id.in_(candidates))

@@ -1,9 +1,11 @@
-"""The history: search mails (indexed filters only), one mail's timeline, resend and cancel."""
+"""The history: search mails (indexed filters only), one mail's timeline, and the actions on
+one mail: resend, cancel, send now, hold and release."""
 
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +19,7 @@ from rohrpost.console.views.common import (
     safe_text,
     when,
 )
+from rohrpost.operations.actions import is_held
 from rohrpost.shared.container import bare_address
 from rohrpost.shared.store import EventEntry, MailFilter, MailHistory
 
@@ -24,6 +27,8 @@ PAGE_SIZE = 50
 SEARCH = ("to", "tenant", "app", "status", "tag", "id", "since", "until")
 _PREFIX = re.compile(r"^[0-9a-fA-F-]{1,36}$")
 CANCELLABLE = ("queued", "scheduled", "retrying")
+#: Statuses of a mail waiting in the delay levels, which ``send-now`` fetches out of them.
+DELAYED = ("scheduled", "retrying")
 
 
 def _search(ctx: ViewContext) -> tuple[MailFilter, dict[str, str]]:
@@ -109,13 +114,18 @@ async def mail_detail(ctx: ViewContext) -> dict[str, Any]:
     """One mail: its state, rendered subject, timeline (attempts, replies, who acted)."""
     found = await _found(ctx)
     mail = found.mail
+    held = is_held(found) and mail.status in CANCELLABLE
     return {
         "mail": {**mail.model_dump(mode="json"), "last_error": safe_text(mail.last_error)},
+        "held": held,
         "container": found.container,
         "events": [_event(event) for event in found.events],
         "can": {
             "resend": ctx.may("resend", mail.tenant) and found.container is not None,
             "cancel": ctx.may("cancel", mail.tenant) and mail.status in CANCELLABLE,
+            "send_now": ctx.may("send-now", mail.tenant) and mail.status in DELAYED and not held,
+            "hold": ctx.may("hold", mail.tenant) and mail.status in CANCELLABLE and not held,
+            "release": ctx.may("release", mail.tenant) and held,
             "dead_letter": mail.status == "dead_lettered",
         },
     }
@@ -145,3 +155,27 @@ async def cancel_mail(ctx: ViewContext) -> dict[str, Any]:
         )
     message = await ctx.call(ctx.console.service.cancel, ctx.actor.audit_name, found.mail.id)
     return {"redirect": f"/mails/{found.mail.id}", "message": message}
+
+
+async def _act_on_mail(
+    ctx: ViewContext, action: str, function: Callable[[str, uuid.UUID], str]
+) -> dict[str, Any]:
+    found = await _found(ctx)
+    ctx.require(action, found.mail.tenant)
+    message = await ctx.call(function, ctx.actor.audit_name, found.mail.id)
+    return {"redirect": f"/mails/{found.mail.id}", "message": message}
+
+
+async def send_now_mail(ctx: ViewContext) -> dict[str, Any]:
+    """Send a scheduled or retrying mail now (``rohrpost send-now``)."""
+    return await _act_on_mail(ctx, "send-now", ctx.console.service.send_now)
+
+
+async def hold_mail(ctx: ViewContext) -> dict[str, Any]:
+    """Hold a waiting mail: set aside when due, until released (``rohrpost hold``)."""
+    return await _act_on_mail(ctx, "hold", ctx.console.service.hold)
+
+
+async def release_mail(ctx: ViewContext) -> dict[str, Any]:
+    """Release a held mail (``rohrpost release``)."""
+    return await _act_on_mail(ctx, "release", ctx.console.service.release)
