@@ -565,3 +565,36 @@ def test_max_connections_holds_across_processes_and_threads_and_other_servers_ke
     assert free_peak > 2  # two processes of four threads, each with its own connection
     # mails waiting for a permit do not hold up the other server's
     assert free_done < times[149]
+
+
+def test_a_high_mail_under_a_binding_limit_does_not_queue_behind_deferred_bulk_mails(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    worker_thread: Callable[..., WorkerThread],
+) -> None:
+    settings = make_settings(tenants={"acme": {"apps": {"billing": {"max_rate": "2/s"}}}})
+    declare(settings)
+    bulk = [{**mail, "priority": "bulk"} for mail in limited_mails(40)]
+    with Producer(settings) as producer:
+        producer.submit_many(bulk)
+        worker_thread(settings)
+        catcher.wait_for(lambda mails: len(mails) >= 2, timeout=30)  # the rest waits its turn
+        submitted = time.time()
+        producer.submit(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["urgent@example.com"],
+                "priority": "high",
+                "subject": "reset",
+                "text": "your code",
+            }
+        )
+    got = catcher.wait_for(
+        lambda mails: any("urgent@example.com" in m.recipients for m in mails), timeout=30
+    )
+    high = next(m for m in got if "urgent@example.com" in m.recipients)
+    # 2/s: the turns of the next 5 s were reserved for bulk mails already in the worker,
+    # the other bulk mails wait in the delay levels for turns up to 20 s out
+    assert high.received_at - submitted < 8
+    assert len(got) < 25, "sent before most of the bulk mails"
