@@ -13,6 +13,7 @@ import structlog
 from rohrpost.consumer.addresses import envelope_address
 from rohrpost.consumer.mime import build_message, message_id
 from rohrpost.consumer.outcome import (
+    THROTTLED,
     Cancelled,
     DeadLetter,
     Duplicate,
@@ -34,6 +35,7 @@ from rohrpost.shared.errors import (
     DeliveryError,
     PermanentDeliveryError,
     RenderError,
+    ThrottledDeliveryError,
     TransientDeliveryError,
     UnencodableMail,
 )
@@ -41,12 +43,25 @@ from rohrpost.shared.idempotency import Claim, ClaimState, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
 from rohrpost.shared.topology import Topology
-from rohrpost.shared.wire import RELEASED_HEADER, SEND_NOW_HEADER, attempt_of, mark_of, round_of
+from rohrpost.shared.wire import (
+    RELEASED_HEADER,
+    SEND_NOW_HEADER,
+    attempt_of,
+    mark_of,
+    round_of,
+    throttled_of,
+)
 
 log = get_logger(__name__)
 
 #: A copy that another worker is sending right now is looked at again after this.
 BUSY_RETRY_SECONDS = 5
+#: A mail the server throttled comes back after this, then waits for a turn at the
+#: server's lowered rate (rohrpost.consumer.limits).
+THROTTLED_RETRY_SECONDS = 1
+#: Throttling replies a mail may get without spending attempts; after that each one
+#: counts, so a server that throttles forever still ends in a dead letter.
+THROTTLE_BUDGET = 20
 
 
 class MailProcessor:
@@ -115,6 +130,7 @@ class MailProcessor:
                 round_of(delivery.properties),
                 send_now=mark_of(delivery.properties, SEND_NOW_HEADER),
                 released=mark_of(delivery.properties, RELEASED_HEADER),
+                throttled=throttled_of(delivery.properties),
             )
             outcome = self._decide(job, _Sending(transport, measured), claim)
         except Exception as exc:
@@ -168,6 +184,11 @@ class MailProcessor:
         mail, attempt, tenant, app = job.mail, job.attempt, job.tenant, job.app
         try:
             return self._send(mail, config, transport)
+        except ThrottledDeliveryError as exc:
+            if job.throttled >= THROTTLE_BUDGET:
+                return self._transient(mail, attempt, tenant, app, str(exc))
+            # The server's limit, not the mail's fault: not an attempt.
+            return Redelay(THROTTLED_RETRY_SECONDS, THROTTLED, str(exc))
         except TransientDeliveryError as exc:
             return self._transient(mail, attempt, tenant, app, str(exc))
         except (RenderError, PermanentDeliveryError, UnencodableMail, UnicodeError) as exc:
@@ -236,6 +257,8 @@ class _Job:
     #: operator marks the copy carries (ms): made by send-now, moved back by release
     send_now: int | None = None
     released: int | None = None
+    #: how often the server throttled it before (not counted as attempts)
+    throttled: int = 0
 
 
 @dataclass
