@@ -143,7 +143,7 @@ class Producer:
         body = encode_container(mail)
         properties = mail_properties(str(mail.id), round=round, headers=headers)
         delay = self._topology.delay
-        seconds = delay.seconds(mail.not_before - now) if mail.not_before else 0
+        seconds = delay.release_seconds(mail.not_before - now) if mail.not_before else 0
         if seconds > 0:
             exchange = self._topology.schedule_exchange
             routing_key = delay.routing_key(seconds, mail.tenant, mail.app)
