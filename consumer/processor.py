@@ -62,6 +62,10 @@ THROTTLED_RETRY_SECONDS = 1
 #: Throttling replies a mail may get without spending attempts; after that each one
 #: counts, so a server that throttles forever still ends in a dead letter.
 THROTTLE_BUDGET = 20
+#: A mail that arrives at most this early is held until it is due, on the sender thread;
+#: one that arrives earlier is delayed again. Producers release a scheduled mail up to a
+#: second early (``DelayLevels.release_seconds``); the rest allows for clocks that differ.
+HOLD_SECONDS = 2.0
 
 
 class MailProcessor:
@@ -195,7 +199,22 @@ class MailProcessor:
             return _permanent(exc)
 
     def _not_now(self, job: _Job) -> Outcome | None:
-        """Why the job's mail is not to be sent now, if it is not."""
+        """Why the job's mail is not to be sent now, if it is not.
+
+        A mail due within HOLD_SECONDS is waited for on this sender thread, then looked
+        at again (an operator may have cancelled it meanwhile); one due later is
+        delayed again.
+        """
+        stop, early = self._stopped(job), self._early(job.mail)
+        if stop is None and 0 < early <= HOLD_SECONDS:
+            time.sleep(early)
+            stop, early = self._stopped(job), self._early(job.mail)
+        if stop is not None:
+            return stop
+        return Redelay(math.ceil(early)) if early > 0 else None
+
+    def _stopped(self, job: _Job) -> Outcome | None:
+        """Why the job's mail is not to be sent at all, if it is not."""
         mail, control = job.mail, self._control
         if control.is_cancelled(mail.id):
             return Cancelled()
@@ -203,12 +222,13 @@ class MailProcessor:
             return Duplicate("superseded")
         if control.is_held(mail.id, job.released):
             return Held()
-        now = self._now()
-        if mail.expires_at is not None and mail.expires_at.timestamp() <= now:
+        if mail.expires_at is not None and mail.expires_at.timestamp() <= self._now():
             return Expired()
-        if mail.not_before is not None and mail.not_before.timestamp() > now:
-            return Redelay(math.ceil(mail.not_before.timestamp() - now))
         return None
+
+    def _early(self, mail: MailContainer) -> float:
+        """Seconds until ``mail`` is due (none or negative: it is due)."""
+        return mail.not_before.timestamp() - self._now() if mail.not_before else 0.0
 
     def _transient(
         self, mail: MailContainer, attempt: int, tenant: str, app: str, error: str
