@@ -1,4 +1,4 @@
-"""``python -m bench submit|e2e|punctuality|scale|history|console|all``, and ``cluster``."""
+"""``python -m bench submit|e2e|punctuality|scale|history|console|limits|all``, and ``cluster``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ DEFAULTS = {
     "history": 50_000,
     "console": 1_000_000,  # mails in the history (PostgreSQL); 10,000 dead letters
     "queries": 10_000_000,  # mails in the history (PostgreSQL), kept between runs
+    "limits": 20_000,  # per run; 3 rounds of a run without and one with limits
 }
 
 
@@ -61,6 +62,10 @@ def run_part(
         from bench.console import console
 
         return console(count, "postgresql")  # the production store; SQLite is not the question
+    if name == "limits":
+        from bench import limits
+
+        return limits.measure(count, processes, store)
     if name == "queries":
         from bench import queries
 

@@ -96,7 +96,14 @@ class Environment:
         return create_engine(self.settings.store_url.get_secret_value())
 
 
-def _settings(namespace: str, sink_port: int, store_url: str, **overrides: Any) -> dict[str, Any]:
+def _settings(
+    namespace: str,
+    sink_port: int,
+    store_url: str,
+    limits: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    limits = limits or {}
     return {
         "broker_url": BROKER_URL,
         "namespace": namespace,
@@ -104,10 +111,17 @@ def _settings(namespace: str, sink_port: int, store_url: str, **overrides: Any) 
         "store_url": store_url,
         "metrics_port": 0,
         "log_level": "warning",
-        "smtp": {"sink": {"host": "127.0.0.1", "port": sink_port}},
+        "smtp": {"sink": {"host": "127.0.0.1", "port": sink_port, **limits.get("smtp", {})}},
         "tenants": {
             TENANT: {
-                "apps": {APP: {"smtp": "sink", "sender": "shop@acme.example", "max_attempts": 5}}
+                "apps": {
+                    APP: {
+                        "smtp": "sink",
+                        "sender": "shop@acme.example",
+                        "max_attempts": 5,
+                        **limits.get("app", {}),
+                    }
+                }
             }
         },
         **overrides,
@@ -168,7 +182,10 @@ def _delete_shared_state(settings: Settings) -> None:
 
 @contextlib.contextmanager
 def environment(store: str = "sqlite", **overrides: Any) -> Iterator[Environment]:
-    """A fresh namespace with smtp-sink and a store; everything is removed afterwards."""
+    """A fresh namespace with smtp-sink and a store; everything is removed afterwards.
+
+    ``limits={"smtp": {...}, "app": {...}}``: more keys for the sink server and the app.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="rohrpost-bench-"))
     sink_port = free_port()
     namespace = f"bench{uuid.uuid4().hex[:8]}"

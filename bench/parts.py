@@ -183,6 +183,8 @@ def _e2e_round(count: int, processes: int, store: str) -> dict[str, float]:
     unchecked = _rohrpost_e2e(count, processes, store, redis_url="")
     run["unchecked_rate"] = unchecked["rate"]
     run["unchecked_worker_cpu"] = unchecked["worker_cpu"]
+    if store != "sqlite":  # production's store against the default one, same round
+        run["sqlite_rate"] = _rohrpost_e2e(count, processes, "sqlite")["rate"]
     return run
 
 
@@ -190,7 +192,8 @@ def e2e(count: int, processes: int, store: str = "sqlite", rounds: int = 3) -> d
     """Submit while ``rohrpost run`` works, until every mail is sent and archived.
 
     Beside each round, the plain-process baseline sends the same mails, and rohrpost
-    runs once more without the shared state (the cost of the idempotency checks).
+    runs once more without the shared state (the cost of the idempotency checks) and,
+    when ``store`` is not SQLite, once more on SQLite (the production store's cost).
     This machine's speed varies by a third between minutes, so rounds alternate and
     the medians of the per-round ratios are reported.
     """
@@ -215,6 +218,19 @@ def e2e(count: int, processes: int, store: str = "sqlite", rounds: int = 3) -> d
             statistics.median(r["unchecked_worker_cpu"] for r in runs) / count * 1000, 3
         ),
         "store": store,
+        **_against_sqlite(runs),
+    }
+
+
+def _against_sqlite(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """With another store: the same round's rate on SQLite, and the ratios to it."""
+    if "sqlite_rate" not in runs[0]:
+        return {}
+    ratios = [r["rate"] / r["sqlite_rate"] for r in runs]
+    return {
+        "sqlite_mails_per_s": round(statistics.median(r["sqlite_rate"] for r in runs)),
+        "ratio_to_sqlite": round(statistics.median(ratios), 3),
+        "ratios_to_sqlite": [round(r, 3) for r in ratios],
     }
 
 

@@ -69,7 +69,8 @@ class QueueCollector(Collector):
     def _queues(self) -> Iterator[tuple[str, str, str, str]]:
         topology = self._topology
         for tenant, app in topology.routes:
-            yield topology.send_queue(tenant, app), "send", tenant, app
+            for send in topology.send_queues(tenant, app):
+                yield send, "send", tenant, app
             yield topology.dead_queue(tenant, app), "dead", tenant, app
             yield topology.held_queue(tenant, app), "held", tenant, app
         for queue in topology.delay_queues():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +35,7 @@ from rohrpost.shared.probe import QueueProbe
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
+from rohrpost.shared.store.history import PurgeBatches
 from rohrpost.shared.topology import Topology
 
 log = get_logger(__name__)
@@ -63,6 +65,7 @@ class HistoryConsumer:
         self._drain_when: Callable[[], bool] | None = None
         self._next_purge = 0.0
         self._purging: list[_Purge] = []
+        self._batches = PurgeBatches()
         self.written = 0
 
     def stop(self) -> None:
@@ -127,18 +130,42 @@ class HistoryConsumer:
         return store, broker
 
     def _loop(self, broker: Broker, store: HistoryStore, probe: QueueProbe) -> None:
+        """Read batch after batch; each is written while the next is read.
+
+        Reading (decoding JSON, validating) and writing (building rows, waiting for
+        the database) take about equal time per mail; with one write in flight on
+        a writer thread, the database's work overlaps the reading of the next
+        batch. Writes stay in order, one at a time, so acks (``multiple``) do too.
+        """
         empty_polls = 0
-        while not self._stopping:
-            batch = self._collect()
-            if batch:
-                empty_polls = 0
-                if not self._archive(broker, store, batch):
-                    return  # stopping while the store was down: the broker redelivers
-            elif self._drain or (self._drain_when is not None and self._drain_when()):
-                empty_polls = empty_polls + 1 if self._queue_empty(probe) else 0
-                if empty_polls >= _EMPTY_POLLS_TO_DRAIN:
-                    return
-            self._purge_if_due(store)
+        with ThreadPoolExecutor(1, thread_name_prefix="history-writer") as writer:
+            writing: Future[bool] | None = None
+            try:
+                while not self._stopping:
+                    batch = self._collect()
+                    if batch:
+                        empty_polls = 0
+                        decoded = self._decode(batch)
+                        if writing is not None and not writing.result():
+                            return  # stopping while the store was down: the broker redelivers
+                        writing = writer.submit(self._archive, broker, store, batch, *decoded)
+                        if not self._purge_due():
+                            continue
+                    # Idle, or a purge batch is due: the store is this thread's for now.
+                    if writing is not None:
+                        if not writing.result():
+                            return
+                        writing = None
+                    if not batch and (
+                        self._drain or (self._drain_when is not None and self._drain_when())
+                    ):
+                        empty_polls = empty_polls + 1 if self._queue_empty(probe) else 0
+                        if empty_polls >= _EMPTY_POLLS_TO_DRAIN:
+                            return
+                    self._purge_if_due(store)
+            finally:
+                if writing is not None:
+                    writing.result()
 
     def _collect(self) -> list[Delivery]:
         batch: list[Delivery] = []
@@ -155,18 +182,29 @@ class HistoryConsumer:
                 break
         return batch
 
-    def _archive(self, broker: Broker, store: HistoryStore, batch: list[Delivery]) -> bool:
+    def _decode(self, batch: list[Delivery]) -> tuple[list[Part], list[Rejection]]:
         parts: list[Part] = []
         rejections: list[Rejection] = []
         for delivery in batch:
             readable, unreadable = read(delivery, self._settings)
             parts += readable
             rejections += unreadable
+        return parts, rejections
+
+    def _archive(
+        self,
+        broker: Broker,
+        store: HistoryStore,
+        batch: list[Delivery],
+        parts: list[Part],
+        rejections: list[Rejection],
+    ) -> bool:
+        """Write a decoded batch, set aside what cannot be, ack; False: stopped meanwhile."""
         if parts:
             refused = self._write(store, parts)
             if refused is None:
                 return False  # stopping while the store was down: the broker redelivers
-            rejections += refused
+            rejections = rejections + refused
         dead_lettered = self._set_aside(broker, rejections)
         # Every delivery up to the last one is now written or set aside.
         last = next((d for d in reversed(batch) if id(d) not in dead_lettered), None)
@@ -273,12 +311,15 @@ class HistoryConsumer:
             log.warning("cannot read the history queue's depth to drain", error=str(exc))
             return False
 
+    def _purge_due(self) -> bool:
+        return bool(self._purging) or time.monotonic() >= self._next_purge
+
     def _purge_if_due(self, store: HistoryStore) -> None:
         """Delete one batch of expired mails, if a purge is due or under way.
 
-        Retention runs between batches of ingest, one purge batch (at most
-        PURGE_BATCH mails, one short transaction) per round of the loop, so purging
-        a million expired mails never stops the archiving for long.
+        Retention runs between batches of ingest, one purge batch (one short
+        transaction, sized by ``PurgeBatches`` to take at most ~0.5 s) per round of
+        the loop, so purging a million expired mails never stops the archiving for long.
         """
         now = time.monotonic()
         if not self._purging and now >= self._next_purge:
@@ -296,12 +337,16 @@ class HistoryConsumer:
         if not self._purging:
             return
         purge = self._purging[0]
+        started = time.monotonic()
         try:
-            deleted = store.purge_batch(purge.cutoff, tenant=purge.tenant, app=purge.app)
+            deleted = store.purge_batch(
+                purge.cutoff, tenant=purge.tenant, app=purge.app, batch_size=self._batches.size
+            )
         except StoreError as exc:
             log.warning("history purge failed; retrying later", error=str(exc))
             self._purging = []
             return
+        self._batches.took(time.monotonic() - started)
         purge.deleted += deleted
         if deleted:
             return

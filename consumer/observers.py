@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from rohrpost.consumer.outcome import (
+    THROTTLED,
     Cancelled,
     DeadLetter,
     Duplicate,
@@ -58,8 +59,25 @@ class LogObserver:
                 log.info("mail sent before; copy dropped", outcome="duplicate")
             case Held():
                 log.info("mail held by an operator; set aside", outcome="held")
-            case Redelay(delay, why):
-                log.debug("mail delayed again", outcome="redelayed", delay_seconds=delay, why=why)
+            case Redelay() as redelay:
+                _log_redelay(redelay)
+
+
+def _log_redelay(redelay: Redelay) -> None:
+    if redelay.why == THROTTLED:
+        log.info(
+            "mail throttled by the server; delayed, not counted as an attempt",
+            outcome="throttled",
+            retry_in_seconds=redelay.delay_seconds,
+            error=redelay.error,
+        )
+    else:
+        log.debug(
+            "mail delayed again",
+            outcome="redelayed",
+            delay_seconds=redelay.delay_seconds,
+            why=redelay.why,
+        )
 
 
 class MetricsObserver:

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from rohrpost.shared.broker import Delivery, Publication
-from rohrpost.shared.container import MailContainer
+from rohrpost.shared.container import DEFAULT_PRIORITY, MailContainer
 from rohrpost.shared.events import INVALID_BODY, EventKind, MailEvent
 from rohrpost.shared.preview import as_text
 from rohrpost.shared.topology import Topology
@@ -21,12 +21,15 @@ from rohrpost.shared.wire import (
     ATTEMPTS_HEADER,
     DEAD_AT_HEADER,
     ERROR_HEADER,
+    LIMITED_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
+    THROTTLED_HEADER,
     carried_headers,
     header_text,
     mail_properties,
     round_of,
+    throttled_of,
 )
 
 
@@ -47,16 +50,25 @@ class Retry:
     error: str
 
 
+#: Why a mail is delayed again without an attempt: a rate limit's turn is further
+#: off than a worker waits (rohrpost.consumer.limits), or the server throttled it.
+RATE_LIMITED = "rate_limited"
+THROTTLED = "throttled"
+
+
 @dataclass(frozen=True, slots=True)
 class Redelay:
     """Not to be sent now; back into the delay levels, same attempt.
 
     It arrived before its ``not_before`` (clock skew, or a delay longer than one
-    pass), or another worker is sending a copy of it right now.
+    pass), another worker is sending a copy of it right now, its turn under a rate
+    limit is further off (``RATE_LIMITED``), or the server throttled it
+    (``THROTTLED``, with the reply as ``error``).
     """
 
     delay_seconds: int
     why: str = "early"
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +140,11 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
             properties = mail_properties(
                 mail_id, attempt=processed.attempt + 1, round=processed.round, headers=headers
             )
-        case Redelay(delay, _):
+        case Redelay(delay, why):
+            if why in (RATE_LIMITED, THROTTLED):
+                headers[LIMITED_HEADER] = 1  # it waited its turn: not behind those waiting
+            if why == THROTTLED:
+                headers[THROTTLED_HEADER] = throttled_of(delivery.properties) + 1
             properties = mail_properties(
                 mail_id, attempt=processed.attempt, round=processed.round, headers=headers
             )
@@ -159,7 +175,9 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
             )
         case _:
             return None
-    key = topology.delay.routing_key(delay, processed.tenant, processed.app)
+    # back into the mail's own lane once the delay is over
+    priority = processed.mail.priority if processed.mail else DEFAULT_PRIORITY
+    key = topology.delayed_key(delay, processed.tenant, processed.app, priority)
     return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
 
 

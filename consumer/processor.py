@@ -13,6 +13,7 @@ import structlog
 from rohrpost.consumer.addresses import envelope_address
 from rohrpost.consumer.mime import build_message, message_id
 from rohrpost.consumer.outcome import (
+    THROTTLED,
     Cancelled,
     DeadLetter,
     Duplicate,
@@ -34,6 +35,7 @@ from rohrpost.shared.errors import (
     DeliveryError,
     PermanentDeliveryError,
     RenderError,
+    ThrottledDeliveryError,
     TransientDeliveryError,
     UnencodableMail,
 )
@@ -41,12 +43,29 @@ from rohrpost.shared.idempotency import Claim, ClaimState, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
 from rohrpost.shared.topology import Topology
-from rohrpost.shared.wire import RELEASED_HEADER, SEND_NOW_HEADER, attempt_of, mark_of, round_of
+from rohrpost.shared.wire import (
+    RELEASED_HEADER,
+    SEND_NOW_HEADER,
+    attempt_of,
+    mark_of,
+    round_of,
+    throttled_of,
+)
 
 log = get_logger(__name__)
 
 #: A copy that another worker is sending right now is looked at again after this.
 BUSY_RETRY_SECONDS = 5
+#: A mail the server throttled comes back after this, then waits for a turn at the
+#: server's lowered rate (rohrpost.consumer.limits).
+THROTTLED_RETRY_SECONDS = 1
+#: Throttling replies a mail may get without spending attempts; after that each one
+#: counts, so a server that throttles forever still ends in a dead letter.
+THROTTLE_BUDGET = 20
+#: A mail that arrives at most this early is held until it is due, on the sender thread;
+#: one that arrives earlier is delayed again. Producers release a scheduled mail up to a
+#: second early (``DelayLevels.release_seconds``); the rest allows for clocks that differ.
+HOLD_SECONDS = 2.0
 
 
 class MailProcessor:
@@ -74,12 +93,10 @@ class MailProcessor:
         self._renderer = renderer
         self._now = clock
         self._rng = rng or random.Random()
-        self._queue_routes = {
-            topology.send_queue(tenant, app): (tenant, app) for tenant, app in topology.routes
-        }
+        self._queue_routes = {queue: lane.route for queue, lane in topology.lanes().items()}
 
     def route_of(self, queue: str) -> tuple[str, str]:
-        """(tenant, app) of a send queue."""
+        """(tenant, app) of a send queue (any of its lanes)."""
         return self._queue_routes[queue]
 
     def claim_key(self, delivery: Delivery) -> str | None:
@@ -117,6 +134,7 @@ class MailProcessor:
                 round_of(delivery.properties),
                 send_now=mark_of(delivery.properties, SEND_NOW_HEADER),
                 released=mark_of(delivery.properties, RELEASED_HEADER),
+                throttled=throttled_of(delivery.properties),
             )
             outcome = self._decide(job, _Sending(transport, measured), claim)
         except Exception as exc:
@@ -170,13 +188,33 @@ class MailProcessor:
         mail, attempt, tenant, app = job.mail, job.attempt, job.tenant, job.app
         try:
             return self._send(mail, config, transport)
+        except ThrottledDeliveryError as exc:
+            if job.throttled >= THROTTLE_BUDGET:
+                return self._transient(mail, attempt, tenant, app, str(exc))
+            # The server's limit, not the mail's fault: not an attempt.
+            return Redelay(THROTTLED_RETRY_SECONDS, THROTTLED, str(exc))
         except TransientDeliveryError as exc:
             return self._transient(mail, attempt, tenant, app, str(exc))
         except (RenderError, PermanentDeliveryError, UnencodableMail, UnicodeError) as exc:
             return _permanent(exc)
 
     def _not_now(self, job: _Job) -> Outcome | None:
-        """Why the job's mail is not to be sent now, if it is not."""
+        """Why the job's mail is not to be sent now, if it is not.
+
+        A mail due within HOLD_SECONDS is waited for on this sender thread, then looked
+        at again (an operator may have cancelled it meanwhile); one due later is
+        delayed again.
+        """
+        stop, early = self._stopped(job), self._early(job.mail)
+        if stop is None and 0 < early <= HOLD_SECONDS:
+            time.sleep(early)
+            stop, early = self._stopped(job), self._early(job.mail)
+        if stop is not None:
+            return stop
+        return Redelay(math.ceil(early)) if early > 0 else None
+
+    def _stopped(self, job: _Job) -> Outcome | None:
+        """Why the job's mail is not to be sent at all, if it is not."""
         mail, control = job.mail, self._control
         if control.is_cancelled(mail.id):
             return Cancelled()
@@ -184,12 +222,13 @@ class MailProcessor:
             return Duplicate("superseded")
         if control.is_held(mail.id, job.released):
             return Held()
-        now = self._now()
-        if mail.expires_at is not None and mail.expires_at.timestamp() <= now:
+        if mail.expires_at is not None and mail.expires_at.timestamp() <= self._now():
             return Expired()
-        if mail.not_before is not None and mail.not_before.timestamp() > now:
-            return Redelay(math.ceil(mail.not_before.timestamp() - now))
         return None
+
+    def _early(self, mail: MailContainer) -> float:
+        """Seconds until ``mail`` is due (none or negative: it is due)."""
+        return mail.not_before.timestamp() - self._now() if mail.not_before else 0.0
 
     def _transient(
         self, mail: MailContainer, attempt: int, tenant: str, app: str, error: str
@@ -238,6 +277,8 @@ class _Job:
     #: operator marks the copy carries (ms): made by send-now, moved back by release
     send_now: int | None = None
     released: int | None = None
+    #: how often the server throttled it before (not counted as attempts)
+    throttled: int = 0
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Connection-level failures (refused, timeout, bad greeting, failed login) are
 transient: they are not the mail's fault. Replies to the mail itself are classified
-by code: 4xx transient, 5xx permanent. A server answering 421 closes the connection,
+by code: 4xx transient, 5xx permanent; a 4xx that says the client sends too fast
+(``is_throttling``) is a throttling reply, which the worker answers by slowing
+down, not by spending an attempt. A server answering 421 closes the connection,
 so the next mail opens a fresh one. A mail that needs SMTPUTF8 (an address whose
 local part is not ASCII) is not sent to a server that does not offer it:
 UnencodableMail, before any command.
@@ -20,11 +22,17 @@ from typing import Protocol
 from rohrpost.shared.errors import (
     DeliveryError,
     PermanentDeliveryError,
+    ThrottledDeliveryError,
     TransientDeliveryError,
     UnencodableMail,
 )
 from rohrpost.shared.settings import SmtpServer
 
+#: Replies that say "too fast" when their text does (RFC 3463's 4.7.x, or words).
+_THROTTLING_CODES = (421, 451, 454)
+_THROTTLING_TEXT = re.compile(
+    r"\b4\.7\.\d{1,3}\b|rate|throttl|too many|too fast|slow down|limit", re.IGNORECASE
+)
 # SMTP's end-of-data is a line holding one dot, so a line starting with one gets two.
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
@@ -120,25 +128,79 @@ def _login(connection: smtplib.SMTP, user: str, password: str, where: str) -> No
         ) from None
 
 
+def is_throttling(code: int, text: bytes | str) -> bool:
+    """Whether a reply says the client sends too fast (``421 4.7.0 rate limit exceeded``,
+    ``454 Throttling failure``, ``451 4.7.1 …``): 421, 451 or 454 with an enhanced
+    code 4.7.x or words about rates, throttling or limits.
+    """
+    decoded = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    return code in _THROTTLING_CODES and _THROTTLING_TEXT.search(decoded) is not None
+
+
 def classify(code: int, text: bytes | str, stage: str) -> DeliveryError:
     """Our error for an SMTP reply ``code`` at ``stage`` (MAIL, RCPT, DATA)."""
     reply = f"{stage}: {_reply(code, text)}"
+    if is_throttling(code, text):
+        return ThrottledDeliveryError(reply, code)
     if 400 <= code < 500:
         return TransientDeliveryError(reply, code)
     return PermanentDeliveryError(reply, code)
 
 
-class SmtpTransport:
-    """Real SMTP over smtplib; not thread-safe, so each sender thread owns one."""
+class PooledConnections(Protocol):
+    """Connections to one server that a process's sender threads share (``max_connections``)."""
 
-    def __init__(self, servers: Mapping[str, SmtpServer]) -> None:
+    def checkout(self) -> smtplib.SMTP | None:
+        """An idle connection, or None: open one (a permit for it is free)."""
+        ...
+
+    def checkin(self, connection: smtplib.SMTP) -> None:
+        """Give back a connection that is still usable."""
+        ...
+
+    def discard(self) -> None:
+        """The connection borrowed (or to be opened) is gone."""
+        ...
+
+
+class SmtpTransport:
+    """Real SMTP over smtplib; not thread-safe, so each sender thread owns one.
+
+    Connections to servers in ``pools`` are borrowed for one transaction from the
+    process's pool (``rohrpost.consumer.connections``); to the others it keeps its own.
+    """
+
+    def __init__(
+        self,
+        servers: Mapping[str, SmtpServer],
+        pools: Mapping[str, PooledConnections] | None = None,
+    ) -> None:
         self._servers = servers
+        self._pools = pools or {}
         self._connections: dict[str, smtplib.SMTP] = {}
 
     def send(
         self, server: str, envelope_from: str, recipients: Sequence[str], message: bytes
     ) -> str:
         """Send over ``server``'s connection, reconnecting once if a reused one went stale."""
+        pool = self._pools.get(server)
+        if pool is None:
+            return self._send(server, envelope_from, recipients, message)
+        borrowed = pool.checkout()
+        if borrowed is not None:
+            self._connections[server] = borrowed
+        try:
+            return self._send(server, envelope_from, recipients, message)
+        finally:
+            connection = self._connections.pop(server, None)
+            if connection is None:
+                pool.discard()
+            else:
+                pool.checkin(connection)
+
+    def _send(
+        self, server: str, envelope_from: str, recipients: Sequence[str], message: bytes
+    ) -> str:
         reused = server in self._connections
         connection = self._connection(server)
         utf8 = needs_smtputf8(envelope_from, recipients, message)
@@ -154,7 +216,7 @@ class SmtpTransport:
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
             self._drop(server)
             if reused:
-                return self.send(server, envelope_from, recipients, message)
+                return self._send(server, envelope_from, recipients, message)
             raise TransientDeliveryError(f"server disconnected: {exc}") from exc
         except DeliveryError as exc:
             if exc.code == 421:
@@ -237,7 +299,12 @@ class SmtpTransport:
                 if server.user is not None and password is not None:
                     _login(connection, server.user, password.get_secret_value(), where)
             except smtplib.SMTPResponseException as exc:
-                raise TransientDeliveryError(
+                error = (
+                    ThrottledDeliveryError
+                    if is_throttling(exc.smtp_code, exc.smtp_error)
+                    else TransientDeliveryError
+                )
+                raise error(
                     f"{where}: {_reply(exc.smtp_code, exc.smtp_error)}", exc.smtp_code
                 ) from exc
             except (OSError, smtplib.SMTPException) as exc:

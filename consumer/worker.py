@@ -5,8 +5,14 @@ Threads in one worker process:
 * the broker's I/O thread (``rohrpost.shared.broker.Broker``) receives deliveries, publishes,
   acks, and keeps heartbeats going however long an SMTP conversation takes;
 * ``threads`` sender threads, each with its own SMTP connections, take deliveries
-  from an in-process queue, render and send them, then hand the outcome's
+  from an in-process inbox, render and send them, then hand the outcome's
   publications back to the broker. The delivery is acked once they are confirmed.
+
+Every lane (send queue) of every route has a consumer with its own prefetch window
+(``prefetch`` each: a burst of high mails comes in whole, not one ack round trip at
+a time), and the inbox serves high before normal before bulk, routes in turn
+(``rohrpost.consumer.inbox``): a backlog delays other routes' and lanes' mails by a
+turn, not by its size.
 
 ``stop()`` (SIGTERM) cancels the consumers and finishes every mail already
 delivered to this process before it returns, so nothing is redelivered needlessly.
@@ -24,14 +30,24 @@ from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.control import ControlFollower
 from rohrpost.consumer.events import EventBatcher
+from rohrpost.consumer.inbox import Inbox
+from rohrpost.consumer.limits import FlowControl, Item
 from rohrpost.consumer.observers import LogObserver, MetricsObserver, Observer
-from rohrpost.consumer.outcome import Processed, Sent, mail_publication, outcome_event
+from rohrpost.consumer.outcome import (
+    RATE_LIMITED,
+    Processed,
+    Redelay,
+    Sent,
+    mail_publication,
+    outcome_event,
+)
 from rohrpost.consumer.processor import MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
+from rohrpost.shared.container import PRIORITIES, Priority, decode_container
 from rohrpost.shared.control import ControlState
-from rohrpost.shared.errors import BrokerUnavailable
+from rohrpost.shared.errors import BrokerUnavailable, ContainerError
 from rohrpost.shared.idempotency import Claim, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
@@ -40,6 +56,7 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.state import SharedState
 from rohrpost.shared.topology import Topology
+from rohrpost.shared.wire import attempt_of
 
 log = get_logger(__name__)
 
@@ -83,12 +100,25 @@ class SendWorker:
             control=self._control,
             claims=self._claims,
         )
+        self._lanes = self._topology.lanes()
         self._consuming: set[str] = set()
         self._paused_routes: set[tuple[str, str]] = set()  # as last logged
         self._consuming_started = False
         # deliveries as they arrive, and then with their send claims (taken in batches)
         self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._inbox: queue.SimpleQueue[tuple[Delivery, Claim | None] | None] = queue.SimpleQueue()
+        self._inbox: Inbox[tuple[Delivery, Claim | None]] = Inbox()
+        # rate and connection limits, between the claimer and the sender threads
+        self._flow = FlowControl(
+            settings,
+            self._processor.route_of,
+            self._topology.send_queue,
+            state=self._state,
+            metrics=self.metrics,
+            dispatch=lambda item: self._inbox.put(item, self._lanes[item[0].queue]),
+            defer=self._defer,
+            urgent=lambda queue: self._lanes[queue].priority == "high",
+        )
+        self._observers.append(self._flow)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._received = 0
@@ -125,6 +155,7 @@ class SendWorker:
             for i in range(self._settings.threads)
         ]
         threads.append(threading.Thread(target=self._claim_loop, name="claimer", daemon=True))
+        self._flow.start()
         for thread in threads:
             thread.start()
         self._consuming_started = True
@@ -132,7 +163,7 @@ class SendWorker:
         self.metrics.ready.labels("worker").set(1)
         log.info(
             "worker started",
-            queues=len(self._topology.routes),
+            queues=len(self._lanes),
             threads=self._settings.threads,
             node=broker.node,
         )
@@ -166,19 +197,26 @@ class SendWorker:
             return
         with self._lock:
             for tenant, app in self._topology.routes:
-                queue = self._topology.send_queue(tenant, app)
                 paused = self._control.is_paused(tenant, app)
                 self.metrics.route_paused.labels(tenant, app).set(1 if paused else 0)
-                if paused and queue in self._consuming:
-                    broker.cancel_consumer(queue)
-                    self._consuming.discard(queue)
-                elif not paused and queue not in self._consuming:
-                    broker.consume(queue, self._settings.prefetch, self._receive)
-                    self._consuming.add(queue)
+                for priority in PRIORITIES:
+                    self._follow_pause(broker, tenant, app, priority, paused=paused)
                 if paused != ((tenant, app) in self._paused_routes):
                     # once per change (and at start for what is paused), not per instruction
                     log.info("route paused" if paused else "route resumed", tenant=tenant, app=app)
                     self._paused_routes ^= {(tenant, app)}
+
+    def _follow_pause(
+        self, broker: Broker, tenant: str, app: str, priority: Priority, *, paused: bool
+    ) -> None:
+        """Consume the lane of ``priority`` of tenant/app, or stop, as ``paused`` says."""
+        queue = self._topology.send_queue(tenant, app, priority)
+        if paused and queue in self._consuming:
+            broker.cancel_consumer(queue)
+            self._consuming.discard(queue)
+        elif not paused and queue not in self._consuming:
+            broker.consume(queue, self._settings.prefetch, self._receive)
+            self._consuming.add(queue)
 
     def _wait(self, probe: QueueProbe | None) -> None:
         empty_polls = 0
@@ -189,9 +227,9 @@ class SendWorker:
             assert self._broker is not None
             # A paused route's mails wait for its resume, not for the drain.
             watched = [
-                self._topology.send_queue(t, a)
-                for t, a in self._topology.routes
-                if not self._control.is_paused(t, a)
+                queue
+                for queue, lane in self._lanes.items()
+                if not self._control.is_paused(lane.tenant, lane.app)
             ]
             watched += self._topology.delay_queues()
             idle = self._in_flight == 0 and self._broker.pending() == 0
@@ -221,6 +259,7 @@ class SendWorker:
             thread.join()
         deadline = time.monotonic() + self._settings.publish_timeout.total_seconds()
         self._settle_outcomes(deadline)
+        self._flow.release()
         self._claims.close()
         if self._state is not None:
             self._state.close()
@@ -269,28 +308,44 @@ class SendWorker:
             deliveries = [d for d in batch if d is not None]
             keys = [self._processor.claim_key(d) for d in deliveries]
             taken = iter(self._claims.claim_many([key for key in keys if key is not None]))
-            for delivery, key in zip(deliveries, keys, strict=True):
-                # without a mail id in its properties, claimed once it is read
-                self._inbox.put((delivery, next(taken) if key is not None else None))
-        for _ in range(self._settings.threads):
-            self._inbox.put(None)
+            # without a mail id in its properties, claimed once it is read
+            self._flow.admit(
+                (delivery, next(taken) if key is not None else None)
+                for delivery, key in zip(deliveries, keys, strict=True)
+            )
+        self._flow.close()  # what still waits for its turn goes back to the delay levels
+        self._inbox.close()
 
     # -- sender threads --------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        transport = SmtpTransport(self._settings.smtp)
+        transport = SmtpTransport(self._settings.smtp, self._flow.pools)
         try:
             while (item := self._inbox.get()) is not None:
                 delivery, claim = item
                 structlog.contextvars.clear_contextvars()
                 if self._control.is_paused(*self._processor.route_of(delivery.queue)):
                     self._claims.release(claim)
+                    self._flow.put_back(delivery)
                     self._put_back(delivery)  # prefetched before the pause took effect
                     continue
                 processed = self._processor.process(delivery, transport, claim)
                 self._record(processed)
         finally:
             transport.close()
+
+    def _defer(self, item: Item, seconds: int) -> None:
+        """Delay a mail whose turn under a rate limit is further off (same attempt)."""
+        delivery, claim = item
+        self._claims.release(claim)
+        tenant, app = self._processor.route_of(delivery.queue)
+        attempt = attempt_of(delivery.properties)
+        delay = Redelay(self._topology.delay.seconds(seconds), RATE_LIMITED)
+        try:
+            mail = decode_container(delivery.body)  # it comes back into its own lane
+        except ContainerError:
+            mail = None  # the processor dead-letters it when it comes back
+        self._record(Processed(delivery, mail, attempt, delay, tenant, app))
 
     def _put_back(self, delivery: Delivery) -> None:
         assert self._broker is not None

@@ -4,13 +4,14 @@
 
 On SIGTERM a worker cancels its consumers and finishes every mail it already holds
 before it exits 0 (README, Operating): at most ``prefetch`` mails per send queue it
-consumes, sent ``threads`` at a time. Each mail costs one SMTP transaction; when its
-server does not answer at all, one ``timeout`` of that server (smtplib gives up on
-the connection or the greeting, the mail is retried later, the next mail connects
-anew). Then the worker waits up to 10 s for the broker to confirm the cancel and up
-to ``publish_timeout`` for its last confirms. So, per worker process:
+consumes (three per route: the high, normal and bulk lanes), sent ``threads`` at a
+time. Each mail costs one SMTP transaction; when its server does not answer at all,
+one ``timeout`` of that server (smtplib gives up on the connection or the greeting,
+the mail is retried later, the next mail connects anew). Then the worker waits up to
+10 s for the broker to confirm the cancel and up to ``publish_timeout`` for its last
+confirms. So, per worker process:
 
-    ceil(prefetch * send queues / threads) * slowest SMTP timeout + 10 s + publish_timeout
+    ceil(prefetch * 3 * routes / threads) * slowest SMTP timeout + 10 s + publish_timeout
 
 With ``--processes N`` the N processes drain side by side: the same bound. A server
 that answers is much faster (rounds * its time per mail; tests/test_deploy.py measures
@@ -26,6 +27,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from rohrpost.shared.container import PRIORITIES
 from rohrpost.shared.settings import Settings, settings_from_mapping
 
 #: How long the worker waits for the broker to confirm that its consumers are cancelled.
@@ -36,7 +38,7 @@ CANCEL_SECONDS = 10.0
 class DrainBudget:
     """The worst-case SIGTERM drain of one worker process, and what it is made of."""
 
-    held: int  # mails a worker process may hold: prefetch per consumed send queue
+    held: int  # mails a worker process may hold: prefetch per consumed send queue (lane)
     threads: int
     mail_seconds: float  # the slowest SMTP server's timeout among the consumed routes
     publish_timeout: float
@@ -58,7 +60,7 @@ class DrainBudget:
         used = {settings.tenants[t].apps[a].smtp for t, a in routes}
         timeouts = [settings.smtp[name].timeout.total_seconds() for name in used]
         return cls(
-            held=settings.prefetch * len(routes),
+            held=settings.prefetch * len(PRIORITIES) * len(routes),
             threads=settings.threads,
             mail_seconds=max(timeouts, default=0.0),
             publish_timeout=settings.publish_timeout.total_seconds(),

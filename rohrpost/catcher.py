@@ -2,7 +2,8 @@
 
 Used by ``rohrpost demo`` and by the tests: a real SMTP conversation over TCP
 (aiosmtpd), with scripted replies per recipient (``421`` twice, then accept; always
-``550``) and optional latency, so failure handling is tested against a real server.
+``550``), a sending limit answered with throttling replies, and optional latency, so
+failure handling is tested against a real server; it counts connections open at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from email.message import EmailMessage
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 Stage = Literal["rcpt", "data"]
 
@@ -66,7 +67,7 @@ class _Handler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, _options: Any
     ) -> str:
-        reply = self._catcher._scripted(address, "rcpt")
+        reply = self._catcher._scripted(address, "rcpt") or self._catcher._throttled()
         if reply is not None:
             self._catcher._note(address, reply)
             self._close_if_421(server, reply)
@@ -91,6 +92,31 @@ class _Handler:
         # A real server closes the connection after 421; so does this one.
         if reply.startswith("421") and server.transport is not None:
             asyncio.get_running_loop().call_later(0.01, server.transport.close)
+
+
+class _CountingSMTP(SMTP):
+    """aiosmtpd's server, telling the catcher when a connection opens and closes."""
+
+    def __init__(self, catcher: MailCatcher, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._catcher = catcher
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._catcher._connected(+1)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._catcher._connected(-1)
+        super().connection_lost(error)
+
+
+class _Controller(Controller):
+    def __init__(self, catcher: MailCatcher, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._catcher = catcher
+
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self._catcher, self.handler, **self.SMTP_kwargs)
 
 
 def free_port() -> int:
@@ -129,6 +155,10 @@ class MailCatcher:
         self._attempts: list[Attempt] = []
         self._scripts: dict[tuple[str, Stage], deque[str]] = defaultdict(deque)
         self._always: dict[tuple[str, Stage], str] = {}
+        self._open = 0
+        self._peak = 0
+        self._throttle: tuple[float, str] | None = None
+        self._admitted: deque[float] = deque()  # recipients let through lately (throttle)
 
     @property
     def port(self) -> int:
@@ -143,7 +173,8 @@ class MailCatcher:
             auth: dict[str, Any] = {}
             if self.login is not None:
                 auth = {"authenticator": self._authenticate, "auth_require_tls": False}
-            controller = Controller(
+            controller = _Controller(
+                self,
                 _Handler(self),
                 hostname="127.0.0.1",
                 port=port,
@@ -181,6 +212,21 @@ class MailCatcher:
         """Answer every transaction for ``recipient`` with ``reply``."""
         with self._cond:
             self._always[(recipient.lower(), stage)] = reply
+
+    def throttle(self, rate: float, reply: str = "421 4.7.0 rate limit exceeded") -> None:
+        """Answer ``reply`` to every recipient beyond ``rate`` per second (over the last second).
+
+        As a provider with a sending limit does; a reply starting ``421`` closes the
+        connection, as a real server does.
+        """
+        with self._cond:
+            self._throttle = (rate, reply)
+
+    @property
+    def peak_connections(self) -> int:
+        """The most connections that were open at once so far."""
+        with self._cond:
+            return self._peak
 
     @property
     def mails(self) -> list[CaughtMail]:
@@ -224,6 +270,25 @@ class MailCatcher:
                 return self._always[key]
             script = self._scripts.get(key)
             return script.popleft() if script else None
+
+    def _connected(self, change: int) -> None:
+        with self._cond:
+            self._open += change
+            self._peak = max(self._peak, self._open)
+
+    def _throttled(self) -> str | None:
+        """The throttling reply if this recipient is one too many this second, else None."""
+        with self._cond:
+            if self._throttle is None:
+                return None
+            rate, reply = self._throttle
+            now = time.monotonic()
+            while self._admitted and now - self._admitted[0] >= 1.0:
+                self._admitted.popleft()
+            if len(self._admitted) >= rate:
+                return reply
+            self._admitted.append(now)
+            return None
 
     def _note(self, recipient: str, reply: str) -> None:
         with self._cond:

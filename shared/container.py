@@ -45,6 +45,20 @@ MAX_CONTAINER_BYTES = 16 * 1024 * 1024
 #: JSON parsers and the template engine recurse once per level; real data needs few.
 MAX_DATA_DEPTH = 64
 
+#: How urgent a mail is: ``high`` for credentials, password resets and one-time codes,
+#: ``normal`` for everything else, ``bulk`` for newsletters. Each is a lane of its own
+#: (a send queue per tenant/app), and workers always serve high before normal before bulk.
+Priority = Literal["high", "normal", "bulk"]
+#: Every priority, in the order workers serve them.
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "bulk")
+DEFAULT_PRIORITY: Priority = "normal"
+
+
+def _is_default_priority(value: object) -> bool:
+    # Workers of earlier versions refuse unknown fields: without "priority" on the wire,
+    # the mails they can send (normal ones) stay readable to them during an upgrade.
+    return value == DEFAULT_PRIORITY
+
 
 class _Uuid4Pool:
     """Random (version 4) UUIDs from one ``os.urandom`` call per 4,096 of them.
@@ -291,6 +305,13 @@ class MailContainer(BaseModel):
         default=None, ge=1, le=100, description="Defaults to the app's max_attempts."
     )
     history: Literal["keep", "delete"] = "keep"
+    priority: Priority = Field(
+        default=DEFAULT_PRIORITY,
+        exclude_if=_is_default_priority,
+        description="high: credentials, password resets, one-time codes (sent before "
+        "anything else); normal; bulk: newsletters (sent when nothing else waits). Left "
+        "out when normal.",
+    )
     tags: tuple[Tag, ...] = Field(default=(), max_length=20)
     created_at: StoredDatetime = Field(default_factory=lambda: datetime.now(UTC))
     resend_of: uuid.UUID | None = Field(
@@ -370,6 +391,14 @@ def encode_container(container: MailContainer) -> bytes:
             f"container: {len(body)} bytes as JSON, more than the cap of {MAX_CONTAINER_BYTES}"
         )
     return body
+
+
+def priority_of(body: bytes) -> Priority:
+    """The priority of the container ``body``; normal when it is not a valid container."""
+    try:
+        return decode_container(body).priority
+    except ContainerError:
+        return DEFAULT_PRIORITY
 
 
 def decode_container(body: bytes) -> MailContainer:

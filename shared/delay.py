@@ -80,6 +80,17 @@ class DelayLevels:
         raw = delay.total_seconds() if isinstance(delay, timedelta) else delay
         return min(self.max_seconds, max(0, math.ceil(raw)))
 
+    def release_seconds(self, until_due: timedelta | float) -> int:
+        """Whole seconds a mail due in ``until_due`` waits: rounded down, capped at one pass.
+
+        Rounded down, a mail reaches its send queue up to a second before it is due and
+        the worker holds it until then: it is never sent early, and the hops' own time
+        (a burst of 20,000 due in one second takes 1-3 s to pass the last hop here) is
+        not added to a second of rounding.
+        """
+        raw = until_due.total_seconds() if isinstance(until_due, timedelta) else until_due
+        return min(self.max_seconds, max(0, math.floor(raw)))
+
     def digits(self, seconds: int) -> list[int]:
         """``seconds`` as ``count`` base-8 digits, most significant first."""
         if not 0 <= seconds <= self.max_seconds:

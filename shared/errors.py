@@ -19,6 +19,7 @@
     │                               needs SMTPUTF8 the server does not offer
     └── DeliveryError               the SMTP server did not take the mail
         ├── TransientDeliveryError  4xx, refused connection, timeout: retry later
+        │   └── ThrottledDeliveryError  421/451/454 "rate limit": too fast, delay
         └── PermanentDeliveryError  5xx: retrying will not help
 
 Third-party exceptions (pika, smtplib, jinja2, pydantic) are translated where they
@@ -119,6 +120,10 @@ class DeliveryError(RohrpostError):
 
 class TransientDeliveryError(DeliveryError):
     """A failure that may pass: 4xx reply, refused connection, timeout."""
+
+
+class ThrottledDeliveryError(TransientDeliveryError):
+    """The server says the client sends too fast: slow down and try again, not an attempt."""
 
 
 class PermanentDeliveryError(DeliveryError):

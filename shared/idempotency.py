@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
@@ -40,16 +41,24 @@ from rohrpost.shared.state import SharedState, StateUnavailable
 
 log = get_logger(__name__)
 
+#: ARGV[1]: the fingerprints of KEYS in order, FINGERPRINT_CHARS each; ARGV[2]: how
+#: long to keep each (seconds, space-separated). Answers only for the keys that
+#: existed: a flat list of (position from 1, fingerprint found). Two arguments and a
+#: short answer instead of two arguments and an answer per mail: redis-py encodes and
+#: parses each in Python, which cost submit_many ~8 µs a mail.
 _SUBMIT = """
-local out = {}
+local ttls = {}
+for ttl in string.gmatch(ARGV[2], '%d+') do ttls[#ttls + 1] = ttl end
+local width = tonumber(ARGV[3])
+local found = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[2 * i - 1], 'NX', 'EX', ARGV[2 * i]) then
-    out[i] = ''
-  else
-    out[i] = redis.call('GET', key) or ''
+  local mine = string.sub(ARGV[1], width * (i - 1) + 1, width * i)
+  if not redis.call('SET', key, mine, 'NX', 'EX', ttls[i]) then
+    found[#found + 1] = i
+    found[#found + 1] = redis.call('GET', key) or ''
   end
 end
-return out
+return found
 """
 
 _RELEASE = """
@@ -94,9 +103,14 @@ return out
 _CREATED_AT = re.compile(rb'"created_at":"[^"]*",?')
 
 
+#: Length of a fingerprint (hex digits).
+FINGERPRINT_CHARS = 24
+
+
 def fingerprint(body: bytes) -> str:
     """A short hash of a container's wire JSON, ignoring when it was created."""
-    return hashlib.blake2b(_CREATED_AT.sub(b"", body), digest_size=12).hexdigest()
+    digest = hashlib.blake2b(_CREATED_AT.sub(b"", body), digest_size=FINGERPRINT_CHARS // 2)
+    return digest.hexdigest()
 
 
 class Verdict(enum.Enum):
@@ -125,23 +139,47 @@ class IdRegistry:
         self._prefix = f"{namespace}:id:"
         self._submit = state.script(_SUBMIT) if state else None
         self._release = state.script(_RELEASE) if state else None
+        self._background: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def claim_soon(self, submissions: Sequence[Submission]) -> Future[list[Verdict]]:
+        """``claim`` on a thread of its own, so the caller goes on while Redis answers.
+
+        Calls run one after another in the order given. Bulk submission prepares the
+        next chunk meanwhile: a claim of 2,000 ids waits 20-90 ms for Redis here.
+        """
+        with self._lock:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(1, thread_name_prefix="rohrpost-ids")
+            return self._background.submit(self.claim, submissions)
+
+    def close(self) -> None:
+        """End the thread of ``claim_soon`` (after the claims it was given)."""
+        with self._lock:
+            background, self._background = self._background, None
+        if background is not None:
+            background.shutdown()
 
     def claim(self, submissions: Sequence[Submission]) -> list[Verdict]:
         """Record the ids (one round trip); say for each whether it was submitted before."""
         if self._state is None or self._submit is None or not submissions:
             return [Verdict.UNCHECKED] * len(submissions)
-        keys = [f"{self._prefix}{s.mail_id}" for s in submissions]
-        args: list[str | int] = []
-        for s in submissions:
-            args += [s.fingerprint, s.ttl_seconds]
+        prefix = self._prefix
+        keys = [f"{prefix}{s.mail_id}" for s in submissions]
+        fingerprints = "".join(s.fingerprint for s in submissions)
+        if len(fingerprints) != FINGERPRINT_CHARS * len(submissions):
+            raise ValueError(f"fingerprints must be {FINGERPRINT_CHARS} characters each")
+        args = [fingerprints, " ".join(str(s.ttl_seconds) for s in submissions), FINGERPRINT_CHARS]
         script = self._submit
         try:
             found = self._state.run(lambda client: script(keys=keys, args=args, client=client))
         except StateUnavailable:
             return [Verdict.UNCHECKED] * len(submissions)
-        return [
-            _verdict(s.fingerprint, _text(seen)) for s, seen in zip(submissions, found, strict=True)
-        ]
+        verdicts = [Verdict.NEW] * len(submissions)
+        for position, seen in zip(found[::2], found[1::2], strict=True):
+            index = int(position) - 1
+            verdicts[index] = _verdict(submissions[index].fingerprint, _text(seen))
+        return verdicts
 
     def release(self, submissions: Sequence[Submission]) -> None:
         """Forget ids whose publish failed, so they may be submitted again."""

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TENANT_APP = ("tenant", "app")
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 21600)
 _LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900)
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600)
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -113,6 +114,36 @@ class Metrics:
             ("kind",),
             registry=r,
             multiprocess_mode="liveall",
+        )
+        self.rate_limited = Counter(
+            "rohrpost_rate_limited",
+            "Mails that had to wait for their turn: limit rate (max_rate of the server or "
+            "app), connections (max_connections), throttled (the server said too fast).",
+            (*TENANT_APP, "server", "limit"),
+            registry=r,
+        )
+        self.rate_limit_wait = Histogram(
+            "rohrpost_rate_limit_wait_seconds",
+            "How long mails that had to wait for their turn or a connection waited (in the "
+            "worker, or through the delay levels).",
+            TENANT_APP,
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.effective_rate = Gauge(
+            "rohrpost_smtp_effective_rate",
+            "Mails per second the installation sends to the server now: max_rate, lowered "
+            "by throttling replies (0: no limit).",
+            ("server",),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.limits_global = Gauge(
+            "rohrpost_rate_limits_global",
+            "1 while rate and connection limits are kept in the shared state (Redis); 0 while "
+            "each process keeps to its share.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.history_written = Counter(
             "rohrpost_history_events_written", "Events the history consumer stored.", registry=r

@@ -32,6 +32,7 @@ from rohrpost.shared.container import Address, Name, describe_validation_error
 from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.nodes import broker_addresses, redact_url, split_nodes
+from rohrpost.shared.rate import Rate, parse_rate
 from rohrpost.shared.timeparse import parse_duration
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "AppConfig",
     "Backoff",
     "Duration",
+    "MaxRate",
     "Settings",
     "SmtpServer",
     "TenantConfig",
@@ -60,6 +62,8 @@ Duration = Annotated[
     PlainSerializer(_duration_text, return_type=str),
 ]
 DEFAULT_CONFIG_FILE = Path("rohrpost.toml")
+#: A rate limit as written: ``20/s``, ``600/m``, ``1000/h``, ``50000/d``.
+MaxRate = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
 
 
 class Backoff(BaseModel):
@@ -94,6 +98,17 @@ class SmtpServer(BaseModel):
         default=None, description="Name of the environment variable holding the password."
     )
     timeout: Duration = timedelta(seconds=30)
+    max_rate: MaxRate | None = Field(
+        default=None,
+        description="Most mails per second/minute/hour/day to this server, across every "
+        "worker process of the installation.",
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most SMTP connections open to this server at once, across every worker "
+        "process of the installation.",
+    )
 
     def password(self) -> SecretStr | None:
         """Read the password from its environment variable; ConfigError when it is unset."""
@@ -120,6 +135,11 @@ class AppConfig(BaseModel):
     backoff: Backoff = Backoff()
     retention_days: int = Field(
         default=30, ge=1, description="Days the history keeps a finished mail of this app."
+    )
+    max_rate: MaxRate | None = Field(
+        default=None,
+        description="Most mails of this app per second/minute/hour/day, across every worker "
+        "process of the installation.",
     )
 
 

@@ -47,6 +47,10 @@ class SharedState:
         self._down_until = 0.0
         self._down = False
         self._local = threading.local()
+        # Bumped when Redis fails: every thread then opens a fresh connection, instead of
+        # each finding its own stale one (after a Redis restart) and marking Redis down
+        # again, one thread after the other.
+        self._generation = 0
 
     @property
     def available(self) -> bool:
@@ -115,15 +119,20 @@ class SharedState:
         # A connection per thread: the pool's checkout costs ~10 µs a call, and a
         # sender thread makes one call per mail.
         client: redis.Redis | None = getattr(self._local, "client", None)
+        if client is not None and getattr(self._local, "generation", None) != self._generation:
+            client.close()
+            client = None
         if client is None:
             pool = self._pool_client().connection_pool
             client = redis.Redis(connection_pool=pool, single_connection_client=True)
             self._local.client = client
+            self._local.generation = self._generation
         return client
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:
             self._down_until = time.monotonic() + self._retry_after
+            self._generation += 1
             if not self._down:
                 self._down = True
                 log.warning(

@@ -1,11 +1,11 @@
 """Every exchange, queue and binding of one namespace, and how to declare them.
 
-    producer ─► {ns}.submit (direct, "T.A") ─────────────────────────► {ns}.send.T.A
+    producer ─► {ns}.submit (direct, "T.A[.P]") ─────────────────────► {ns}.send.T.A[.P]
        │                   └─────────────────────────────────────────► {ns}.history
-       └──────► {ns}.schedule (topic, "D.T.A") ────┬─► queue {ns}.delay.{highest digit}
+       └──────► {ns}.schedule (topic, "D.T.A[.P]") ┬─► queue {ns}.delay.{highest digit}
                                                    └─► {ns}.history          │ TTL
          queue {ns}.delay.{j} ◄── exchange {ns}.delay.{k} (dead-letter of queue k)
-                                        └── no digit left ─────────► {ns}.send.T.A
+                                        └── no digit left ─────────► {ns}.send.T.A[.P]
     worker (retry) ─► {ns}.delay (topic, like schedule without history)
     worker (dead-letter), x-delivery-limit ─► {ns}.dead (direct, "T.A") ─► {ns}.dead.T.A
     worker (a mail an operator holds) ─► {ns}.held.T.A ─► (release) {ns}.send.T.A
@@ -13,7 +13,11 @@
     history consumer (unreadable, unstorable), x-delivery-limit ─► {ns}.history.rejected
 
 (T.A is tenant.app; "D" is the delay in seconds as N octal digits, one word each, see
-rohrpost.shared.delay; a message waits in one queue per nonzero digit.)
+rohrpost.shared.delay; a message waits in one queue per nonzero digit. ".P" is the
+priority lane, ".high" or ".bulk"; a normal mail has none, so the keys and queues of
+earlier versions are the normal lane. Quorum queues have no message priorities, so
+each priority is a send queue of its own, and workers serve high before normal before
+bulk; the dead-letter and held queues are one per route.)
 Due mails take direct exchanges only: RabbitMQ 3.10 spends ~70 µs routing a message
 through a direct exchange here, 125-200 µs through a topic exchange, and the direct
 path is the hot one.
@@ -34,6 +38,7 @@ import pika
 import pika.exceptions
 
 from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.container import DEFAULT_PRIORITY, PRIORITIES, Priority
 from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyConflict
 from rohrpost.shared.logs import get_logger
@@ -72,6 +77,20 @@ class Binding:
     source: str
     destination: str
     pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One send queue: the mails of ``priority`` for tenant/app."""
+
+    tenant: str
+    app: str
+    priority: Priority
+
+    @property
+    def route(self) -> tuple[str, str]:
+        """(tenant, app)."""
+        return (self.tenant, self.app)
 
 
 @dataclass(frozen=True)
@@ -137,9 +156,21 @@ class Topology:
         """History messages the consumer could not read or store, kept for inspection."""
         return f"{self.namespace}.history.rejected"
 
-    def send_queue(self, tenant: str, app: str) -> str:
-        """The queue workers consume for tenant/app."""
-        return f"{self.namespace}.send.{tenant}.{app}"
+    def send_queue(self, tenant: str, app: str, priority: Priority = DEFAULT_PRIORITY) -> str:
+        """The queue workers consume for tenant/app's mails of ``priority`` (its lane)."""
+        return f"{self.namespace}.send.{self.route_key(tenant, app, priority)}"
+
+    def send_queues(self, tenant: str, app: str) -> list[str]:
+        """Every lane of tenant/app: its send queues, high first."""
+        return [self.send_queue(tenant, app, priority) for priority in PRIORITIES]
+
+    def lanes(self) -> dict[str, Lane]:
+        """Every send queue of every route, high lanes first within a route."""
+        return {
+            self.send_queue(tenant, app, priority): Lane(tenant, app, priority)
+            for tenant, app in self.routes
+            for priority in PRIORITIES
+        }
 
     def dead_queue(self, tenant: str, app: str) -> str:
         """The dead-letter queue of tenant/app."""
@@ -149,9 +180,16 @@ class Topology:
         """Where workers set aside the mails of tenant/app an operator holds."""
         return f"{self.namespace}.held.{tenant}.{app}"
 
-    def route_key(self, tenant: str, app: str) -> str:
-        """Routing key that sends a mail for tenant/app without delay."""
-        return f"{tenant}.{app}"
+    def route_key(self, tenant: str, app: str, priority: Priority = DEFAULT_PRIORITY) -> str:
+        """Routing key that sends a mail for tenant/app without delay into its lane."""
+        return f"{tenant}.{app}" if priority == DEFAULT_PRIORITY else f"{tenant}.{app}.{priority}"
+
+    def delayed_key(
+        self, seconds: int, tenant: str, app: str, priority: Priority = DEFAULT_PRIORITY
+    ) -> str:
+        """Routing key that delays a mail ``seconds``, then sends it into its lane."""
+        key = self.delay.routing_key(seconds, tenant, app)
+        return key if priority == DEFAULT_PRIORITY else f"{key}.{priority}"
 
     def exchanges(self) -> list[tuple[str, str]]:
         """Every exchange and its type."""
@@ -167,7 +205,7 @@ class Topology:
         ]
 
     def queues(self) -> list[Queue]:
-        """Every queue: delay levels, then each route's send, dead-letter and held queue."""
+        """Every queue: delay levels, then per route its lanes, dead-letter and held queue."""
         queues = [
             Queue(
                 self.delay.queue(level, digit),
@@ -180,19 +218,21 @@ class Topology:
             for level, digit in self.delay.queues()
         ]
         for tenant, app in self.routes:
-            queues.append(
+            queues += [
                 Queue(
-                    self.send_queue(tenant, app),
+                    send,
                     {
                         "x-delivery-limit": self.delivery_limit,
                         "x-dead-letter-exchange": self.dead_exchange,
-                        # mails arrive with "digits.tenant.app" keys too; the dead
-                        # exchange is direct and knows only "tenant.app"
+                        # mails arrive with "digits.tenant.app[.lane]" keys too; the dead
+                        # exchange is direct and knows only "tenant.app": every lane
+                        # dead-letters into the route's one dead-letter queue
                         "x-dead-letter-routing-key": self.route_key(tenant, app),
                         **_SAFE_DEAD_LETTERING,
                     },
                 )
-            )
+                for send in self.send_queues(tenant, app)
+            ]
             queues.append(
                 Queue(
                     self.dead_queue(tenant, app),
@@ -253,14 +293,16 @@ class Topology:
             bindings += [
                 Binding(
                     delay.exchange(after),
-                    self.send_queue(tenant, app),
-                    delay.done_pattern(after, self.route_key(tenant, app)),
+                    queue,
+                    delay.done_pattern(after, self.route_key(lane.tenant, lane.app, lane.priority)),
                 )
-                for tenant, app in self.routes
+                for queue, lane in self.lanes().items()
             ]
+        for queue, lane in self.lanes().items():
+            key = self.route_key(lane.tenant, lane.app, lane.priority)
+            bindings.append(Binding(self.submit_exchange, queue, key))
         for tenant, app in self.routes:
             key = self.route_key(tenant, app)
-            bindings.append(Binding(self.submit_exchange, self.send_queue(tenant, app), key))
             bindings.append(Binding(self.dead_exchange, self.dead_queue(tenant, app), key))
         bindings.append(Binding(self.control_exchange, self.control_stream, ""))
         if self.history:
@@ -268,8 +310,8 @@ class Topology:
             # A submitted mail reaches the history through the broker: one publish, two
             # queues. Bound per route, so a mail for an undeclared route stays unroutable
             # (and the producer's mandatory publish fails) instead of reaching history only.
-            for tenant, app in self.routes:
-                key = self.route_key(tenant, app)
+            for lane in self.lanes().values():
+                key = self.route_key(lane.tenant, lane.app, lane.priority)
                 bindings.append(Binding(self.submit_exchange, self.history_queue, key))
                 bindings.append(
                     Binding(

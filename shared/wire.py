@@ -33,8 +33,13 @@ QUEUE_HEADER = "x-rohrpost-queue"
 SEND_NOW_HEADER = "x-rohrpost-send-now"
 #: A copy moved out of the held queue by ``rohrpost release``: the release's mark (ms).
 RELEASED_HEADER = "x-rohrpost-released"
+#: A mail a rate limit (or a throttling server) sent through the delay levels to wait
+#: for its turn: it does not queue behind the mails waiting likewise.
+LIMITED_HEADER = "x-rohrpost-limited"
+#: How often the SMTP server throttled this mail (not counted as attempts, up to a budget).
+THROTTLED_HEADER = "x-rohrpost-throttled"
 #: Headers a mail keeps when a worker moves it on (retry, delayed again, held).
-_CARRIED = (SEND_NOW_HEADER, RELEASED_HEADER)
+_CARRIED = (SEND_NOW_HEADER, RELEASED_HEADER, THROTTLED_HEADER)
 
 MAIL_CONTENT_TYPE = "application/json"
 _MAX_HEADER_TEXT = 2000
@@ -79,6 +84,11 @@ def round_of(properties: Any) -> int:
     return _int_header(properties, ROUND_HEADER, 0)
 
 
+def throttled_of(properties: Any) -> int:
+    """How often the server throttled a delivered mail so far (0 when absent or malformed)."""
+    return _int_header(properties, THROTTLED_HEADER, 0)
+
+
 def mark_of(properties: Any, name: str) -> int | None:
     """The mark (ms) header ``name`` of a delivered mail; None when absent or not a number."""
     headers = properties.headers if isinstance(properties.headers, dict) else {}
@@ -87,7 +97,7 @@ def mark_of(properties: Any, name: str) -> int | None:
 
 
 def carried_headers(properties: Any) -> dict[str, int]:
-    """The operator marks a mail keeps wherever a worker moves it."""
+    """The operator marks (and the throttling count) a mail keeps wherever a worker moves it."""
     return {name: mark for name in _CARRIED if (mark := mark_of(properties, name)) is not None}
 
 

@@ -318,3 +318,21 @@ def test_history_commands_list_show_and_purge(
     assert "purged 0 mails" in purged.stdout
     purged = run("history", "purge", "--older-than", "0s", "--yes", config=config)
     assert "purged 1 mail last changed" in purged.stdout
+
+
+def test_history_purge_reports_progress_at_most_once_a_second(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rohrpost.commands import history as history_commands
+
+    clock = iter([0.0, 0.5, 1.2, 1.3, 2.5, 2.6])
+    monkeypatch.setattr(history_commands.time, "monotonic", lambda: next(clock))
+    progress = history_commands._PurgeProgress()  # next report at 1.0
+    for purged in (5000, 10000, 15000):
+        progress(purged)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "purging: 10000 mails so far",
+        "purging: 15000 mails so far",
+    ]

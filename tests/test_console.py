@@ -470,7 +470,7 @@ async def test_an_edit_is_previewed_then_saved_with_its_diff_and_user(
     [edited] = [e for e in detail["events"] if e["kind"] == "edited"]
     assert edited["actor"] == "operator"
     assert edited["changes"]["to"] == [[f"Nobody <{BAD}>"], ["Anna <anna@customer.example>"]]
-    assert detail["mail"]["recipients"] == "Anna <anna@customer.example>"
+    assert detail["mail"]["recipients"] == ["Anna <anna@customer.example>"]
     assert detail["mail"]["status"] == "dead_lettered"
 
 
@@ -527,6 +527,19 @@ async def test_an_operator_resends_a_sent_mail_and_cancels_a_scheduled_one(
         f"/mails/{sent}/cancel", data={"csrf": csrf}, headers={"origin": ORIGIN}
     )
     assert again.status_code == 409 and "only queued or scheduled" in again.text
+
+
+async def test_a_mail_page_shows_a_priority_other_than_normal(
+    client: httpx.AsyncClient, console_settings: Settings, catcher: MailCatcher
+) -> None:
+    with Producer(console_settings) as producer:
+        high = str(producer.submit(mail("anna@example.com", priority="high")))
+        normal = str(producer.submit(mail("bob@example.com")))
+    drain_sent(console_settings, catcher, 2)
+    archive(console_settings)
+    await logged_in(client, "operator")
+    assert "<dt>Priority</dt><dd>high</dd>" in (await client.get(f"/mails/{high}")).text
+    assert "<dt>Priority</dt>" not in (await client.get(f"/mails/{normal}")).text
 
 
 def drain_sent(settings: Settings, catcher: MailCatcher, count: int) -> None:

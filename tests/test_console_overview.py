@@ -174,6 +174,19 @@ async def test_the_overview_shows_what_rohrpost_status_json_shows(
     assert shown["broker"] is None and shown["history"] is None
 
 
+async def test_the_overview_counts_every_priority_lane_and_names_them_on_hover(
+    client: httpx.AsyncClient, installation: Settings
+) -> None:
+    with Producer(installation) as producer:
+        for priority, count in (("high", 1), ("normal", 2), ("bulk", 3)):
+            for n in range(count):
+                producer.submit(mail(f"{priority}{n}@example.com", priority=priority))
+    await logged_in(client, "viewer")
+    page = (await client.get("/overview")).text
+    assert row(page, "acme-billing")["ready"] == "6"
+    assert 'title="high 1 · normal 2 · bulk 3"' in page
+
+
 async def test_the_overview_page_shows_each_route_with_links_into_its_mails(
     client: httpx.AsyncClient, installation: Settings
 ) -> None:

@@ -153,6 +153,15 @@ def test_delays_round_up_to_whole_seconds_and_cap_at_one_pass() -> None:
         levels.routing_key(64, "acme", "billing")
 
 
+def test_a_scheduled_mail_waits_whole_seconds_rounded_down_and_capped_at_one_pass() -> None:
+    levels = DelayLevels("ns", 2)
+    assert levels.release_seconds(timedelta(seconds=2.99)) == 2
+    assert levels.release_seconds(timedelta(seconds=3)) == 3
+    assert levels.release_seconds(0.4) == 0
+    assert levels.release_seconds(timedelta(seconds=-5)) == 0
+    assert levels.release_seconds(timedelta(days=1)) == 63
+
+
 def test_just_enough_levels_cover_the_maximum_delay() -> None:
     assert DelayLevels.covering("ns", 63).count == 2
     assert DelayLevels.covering("ns", 64).count == 3

@@ -780,10 +780,10 @@ def configured(rendered: list[dict[str, Any]]) -> Settings:
 @needs_kubectl
 def test_the_scaled_object_counts_exactly_the_send_queues(rendered: list[dict[str, Any]]) -> None:
     topology = Topology.from_settings(configured(rendered))
-    send = {topology.send_queue(t, a) for t, a in topology.routes}
+    send = {queue for t, a in topology.routes for queue in topology.send_queues(t, a)}
     others = {topology.dead_queue(t, a) for t, a in topology.routes}
     others |= {*topology.delay_queues(), topology.history_queue, topology.history_rejected_queue}
-    assert len(send) == 2 and len(others) > 50
+    assert len(send) == 6 and len(others) > 50  # two routes, three priority lanes each
     scaled = one(rendered, "ScaledObject", "rohrpost-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "rohrpost-worker"
     (trigger,) = scaled["spec"]["triggers"]

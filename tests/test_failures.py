@@ -62,7 +62,7 @@ def test_421_twice_then_250_is_sent_on_the_third_attempt_with_backoff_between(
 def test_always_421_is_dead_lettered_after_max_attempts_with_reason_and_last_error(
     settings: Settings, catcher: MailCatcher, event_log: EventLog
 ) -> None:
-    catcher.always(RECIPIENT, "421 4.7.0 try again later, attempt refused", stage="data")
+    catcher.always(RECIPIENT, "421 4.3.2 try again later, attempt refused", stage="data")
     with Producer(settings) as producer:
         mail_id = producer.submit(mail())
     drain(settings)
@@ -72,7 +72,7 @@ def test_always_421_is_dead_lettered_after_max_attempts_with_reason_and_last_err
     headers = properties.headers
     assert headers[REASON_HEADER] == "max_attempts"
     assert headers[ATTEMPTS_HEADER] == 3
-    assert "421 4.7.0 try again later" in headers[ERROR_HEADER]
+    assert "421 4.3.2 try again later" in headers[ERROR_HEADER]
     assert "x-death" not in headers
     assert str(mail_id).encode() in body
     assert [e.kind for e in event_log.read()] == [

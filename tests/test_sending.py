@@ -10,9 +10,18 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import pika
+import pytest
+
 from rohrpost.catcher import MailCatcher
+from rohrpost.consumer.outcome import Redelay, Sent
+from rohrpost.consumer.processor import HOLD_SECONDS, MailProcessor
+from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.producer.client import Producer
+from rohrpost.shared.broker import Delivery
+from rohrpost.shared.container import encode_container, parse_container
 from rohrpost.shared.settings import Settings
+from rohrpost.shared.topology import Topology
 from tests.conftest import EventLog, WorkerThread, drain, write_template
 
 # A minimal valid PDF with a binary comment line (bytes >= 0x80 must survive).
@@ -217,11 +226,71 @@ def test_the_producer_refuses_a_mail_already_expired(settings: Settings) -> None
 def test_an_early_arrival_is_delayed_again_never_sent_early(
     settings: Settings, catcher: MailCatcher, event_log: EventLog
 ) -> None:
-    # A worker whose clock runs 2 s behind sees a due mail as early, and delays it.
+    # A worker whose clock runs 5 s behind sees a due mail as early, and delays it.
     with Producer(settings) as producer:
         producer.submit(finished(not_before=datetime.now(UTC).isoformat()))
     started = time.time()
-    drain(settings, clock=lambda: time.time() - 2)
+    drain(settings, clock=lambda: time.time() - 5)
     assert len(catcher.mails) == 1
-    assert catcher.mails[0].received_at - started >= 1
+    assert catcher.mails[0].received_at - started >= 4
     assert [e.kind for e in event_log.read()] == ["sent"]
+
+
+class _RecordingTransport:
+    """Takes every mail at once and notes when."""
+
+    def __init__(self) -> None:
+        self.sent_at: list[float] = []
+
+    def send(self, server: str, envelope_from: str, recipients: Any, message: bytes) -> str:
+        self.sent_at.append(time.time())
+        return "250 OK"
+
+    def close(self) -> None:
+        pass
+
+
+def _delivery(settings: Settings, **fields: Any) -> Delivery:
+    topology = Topology.from_settings(settings)
+    container = parse_container(finished(**fields))
+    return Delivery(
+        tag=1,
+        generation=1,
+        queue=topology.send_queue("acme", "billing"),
+        routing_key=topology.route_key("acme", "billing"),
+        properties=pika.BasicProperties(message_id=str(container.id), headers={}),
+        body=encode_container(container),
+        redelivered=False,
+    )
+
+
+@pytest.mark.parametrize("early", [0.3, 1.0, HOLD_SECONDS - 0.2])
+def test_a_mail_arriving_up_to_hold_seconds_early_is_held_and_sent_once_due(
+    settings: Settings, early: float
+) -> None:
+    # Producers release a scheduled mail up to a second before it is due.
+    due = datetime.now(UTC) + timedelta(seconds=early)
+    transport = _RecordingTransport()
+    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
+    processor = MailProcessor(settings, Topology.from_settings(settings), renderer)
+    try:
+        outcome = processor.process(_delivery(settings, not_before=due.isoformat()), transport)
+    finally:
+        renderer.close()
+    assert isinstance(outcome.outcome, Sent)
+    assert len(transport.sent_at) == 1
+    assert transport.sent_at[0] >= due.timestamp(), "sent before it was due"
+
+
+def test_a_mail_arriving_more_than_hold_seconds_early_is_delayed_again(settings: Settings) -> None:
+    due = datetime.now(UTC) + timedelta(seconds=HOLD_SECONDS + 3)
+    transport = _RecordingTransport()
+    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
+    processor = MailProcessor(settings, Topology.from_settings(settings), renderer)
+    try:
+        outcome = processor.process(_delivery(settings, not_before=due.isoformat()), transport)
+    finally:
+        renderer.close()
+    assert isinstance(outcome.outcome, Redelay)
+    assert outcome.outcome.delay_seconds >= HOLD_SECONDS + 2
+    assert transport.sent_at == []

@@ -16,6 +16,7 @@ from rohrpost.shared.errors import StoreError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.store import HistoryRecord, HistoryStore, MailFilter
 from rohrpost.shared.store.database import create_store_engine, head_revision, migrate
+from rohrpost.shared.store.history import PurgeBatches
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, metadata
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -421,7 +422,8 @@ def test_a_purge_deletes_in_batches_and_reports_its_progress(store: HistoryStore
         ]
     store.write(records)
     progress: list[int] = []
-    purged = store.purge(now - timedelta(days=30), batch_size=3, on_progress=progress.append)
+    batches = PurgeBatches(size=3, most=3)
+    purged = store.purge(now - timedelta(days=30), batches=batches, on_progress=progress.append)
     assert (purged, progress) == (7, [3, 6, 7])
     assert {m.id for m in store.list_mails()} == {fresh.id}
     assert count(store, events) == 2, "only the fresh mail's events are left"
@@ -510,3 +512,19 @@ def test_upgrading_counts_the_last_days_outcomes_already_stored(store_url: str) 
         assert counts == {("acme", "billing"): {"submitted": 1, "sent": 1}}
     finally:
         engine.dispose()
+
+
+def test_purge_batches_shrink_after_a_slow_batch_and_grow_after_quick_ones() -> None:
+    batches = PurgeBatches(size=1000, most=5000, least=50)
+    batches.took(2.0)
+    assert batches.size == 500
+    for _ in range(20):
+        batches.took(3.0)
+    assert batches.size == 50
+    batches.took(0.1)
+    assert batches.size == 62
+    batches.took(0.4)  # between a quarter and a half second: kept
+    assert batches.size == 62
+    for _ in range(50):
+        batches.took(0.01)
+    assert batches.size == 5000

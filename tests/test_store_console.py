@@ -75,7 +75,7 @@ def test_an_edit_makes_the_corrected_container_the_mails_content(store: HistoryS
     store.write([HistoryRecord(edit, fixed, "billing@acme.example")])
     found = store.mail(mail_id)
     assert found is not None and found.mail.status == "dead_lettered"
-    assert found.mail.recipients == "anna@example.com, bob@example.com"
+    assert found.mail.recipients == ["anna@example.com", "bob@example.com"]
     assert store.dead_letters(DeadLetterQuery(text="anna@"))[1] == 1
     assert store.list_mails(MailFilter(to="anna@example.com"))[0].id == mail_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -207,8 +208,20 @@ def purge(ctx: CliContext, older_than: str, tenant: str | None, app: str | None,
             f"this deletes every finished mail{scope} last changed before "
             f"{short_time(cutoff)} UTC from the history",
         )
-        count = store.purge(cutoff, tenant=tenant, app=app)
+        count = store.purge(cutoff, tenant=tenant, app=app, on_progress=_PurgeProgress())
     click.echo(f"purged {plural(count, 'mail')} last changed before {short_time(cutoff)} UTC")
+
+
+class _PurgeProgress:
+    """Tells on stderr, at most once a second, how far a purge has come (it runs in batches)."""
+
+    def __init__(self) -> None:
+        self._next = time.monotonic() + 1
+
+    def __call__(self, purged: int) -> None:
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + 1
+            click.echo(f"purging: {plural(purged, 'mail')} so far", err=True)
 
 
 @click.group()

@@ -14,7 +14,7 @@ import click
 
 from rohrpost.commands.context import CliContext, pass_context, when_option
 from rohrpost.commands.mailfile import MailFile, read_mail_file
-from rohrpost.shared.container import MAX_DATA_DEPTH
+from rohrpost.shared.container import DEFAULT_PRIORITY, MAX_DATA_DEPTH, PRIORITIES
 
 if TYPE_CHECKING:
     from rohrpost.producer.client import Producer
@@ -89,6 +89,7 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
         "reply_to": list(flags["reply_to"]),
         "tags": list(flags["tag"]),
         "history": flags["history"],
+        "priority": flags["priority"],
         "attachments": [_attachment(p) for p in flags["attach"]],
     }
     for key, flag in (
@@ -148,6 +149,13 @@ def _from_flags(flags: dict[str, Any]) -> dict[str, Any]:
     default="keep",
     show_default=True,
     help="delete: once sent, the history keeps only the outcome, not the content.",
+)
+@click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default=DEFAULT_PRIORITY,
+    show_default=True,
+    help="high: credentials, resets, one-time codes (sent first); bulk: newsletters.",
 )
 @click.option(
     "--file",

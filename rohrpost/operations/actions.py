@@ -15,7 +15,7 @@ from rohrpost.consumer.outcome import cancelled_event_id
 from rohrpost.operations.browse import browse
 from rohrpost.operations.session import OperatorSession
 from rohrpost.shared.broker import Publication
-from rohrpost.shared.container import encode_container, parse_container
+from rohrpost.shared.container import encode_container, parse_container, priority_of
 from rohrpost.shared.control import ControlMessage
 from rohrpost.shared.errors import OperatorError
 from rohrpost.shared.events import EventKind
@@ -182,7 +182,7 @@ def send_now(session: OperatorSession, mail_id: uuid.UUID, store: HistoryStore |
         round=mail_round,
         headers={SEND_NOW_HEADER: message.mark},
     )
-    queue = session.topology.send_queue(mail.tenant, mail.app)
+    queue = session.topology.send_queue(mail.tenant, mail.app, container.priority)
     session.confirm(
         session.publish(Publication("", queue, encode_container(container), properties)),
         f"queueing {mail_id} for sending now",
@@ -287,10 +287,9 @@ def _move_back(session: OperatorSession, found: MailHistory, mail_id: uuid.UUID,
                 round=round_of(message.properties),
                 headers={**carried_headers(message.properties), RELEASED_HEADER: mark},
             )
+            lane = topology.send_queue(tenant, app, priority_of(message.body))
             session.confirm(
-                session.publish(
-                    Publication("", topology.send_queue(tenant, app), message.body, properties)
-                ),
+                session.publish(Publication("", lane, message.body, properties)),
                 f"moving {mail_id} back to its send queue",
             )
             held.remove(message)

@@ -22,9 +22,9 @@ from rohrpost.shared.topology import Topology
 
 
 def send_queues(topology: Topology, tenant: str, app: str) -> list[str]:
-    """The queues a route's due mails wait in, the first its main one; every figure of a
-    route's send queue is read through this (one today: a second lane is one more name)."""
-    return [topology.send_queue(tenant, app)]
+    """The queues a route's due mails wait in: its lanes, high first; every figure of a
+    route's send queues is read through this."""
+    return topology.send_queues(tenant, app)
 
 
 class QueueReading:
@@ -78,21 +78,26 @@ class QueueReading:
         found = self.found.get(name)
         return None if found is None else found[0]
 
+    def total(self, names: list[str]) -> int | None:
+        """Messages ready in all of ``names`` together; None when one could not be read.
+
+        A queue the broker does not have holds nothing (a lane an older version did
+        not declare); ``notes`` names it.
+        """
+        if self.problem is not None or not any(name in self.found for name in names):
+            return None
+        return sum(self.found[name][0] for name in names if name in self.found)
+
     def consumers(self, name: str) -> int | None:
         """Consumers of ``name``; None when it could not be read."""
         found = self.found.get(name)
         return None if found is None else found[1]
 
-    def total_messages(self, names: list[str]) -> int | None:
-        """Messages ready in all of ``names``; None when one could not be read."""
-        counts = [self.messages(name) for name in names]
-        return None if None in counts else sum(c or 0 for c in counts)
-
     def most_consumers(self, names: list[str]) -> int | None:
         """The most consumers any of ``names`` has (a worker consumes each queue of its
-        route, so summing would count it once per queue); None when one could not be read."""
-        counts = [self.consumers(name) for name in names]
-        return None if None in counts else max(c or 0 for c in counts)
+        route, so summing would count it once per queue); None when none could be read."""
+        counts = [count for name in names if (count := self.consumers(name)) is not None]
+        return max(counts) if counts else None
 
 
 def _declare_each(

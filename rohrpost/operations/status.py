@@ -13,7 +13,9 @@ first (Postfix's ``postqueue -p`` and ``qshape``), per tenant/app and in total::
 Where each figure comes from, and what ``None`` (shown as ``-``) means:
 
 * the broker, by passive ``queue.declare`` (exact, at the moment of the call):
-  ``ready`` (due mails in the send queue), ``consumers`` (of the send queue),
+  ``ready`` (due mails in the route's send queues, every priority lane together;
+  ``ready_by_priority`` per lane), ``consumers`` (of the send queue of normal
+  mails; every worker consumes each lane of a route),
   ``held`` (the route's held queue), ``dead_lettered`` (its dead-letter queue), the
   delay levels' total and the history queue. None when the broker or the queue is
   missing (``broker`` / ``notes`` say why), or the app is disabled (no queues).
@@ -42,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rohrpost.operations.management import QueueCounts
 from rohrpost.operations.queues import QueueReading, in_flight_counts, send_queues
+from rohrpost.shared.container import PRIORITIES
 from rohrpost.shared.errors import OperatorError, StoreError
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.store import HistoryStore
@@ -88,6 +91,8 @@ class RouteStatus(Figures):
     enabled: bool
     paused: bool | None  # None: unknown (no history store)
     smtp: str
+    #: ``ready`` per priority lane (high, normal, bulk)
+    ready_by_priority: dict[str, int | None] | None = None
 
 
 class QueueFigure(BaseModel):
@@ -241,7 +246,11 @@ def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> Rout
     figures: dict[str, Any] = {}
     if config.enabled:
         figures = {
-            "ready": reading.total_messages(send),
+            "ready": reading.total(send),
+            "ready_by_priority": {
+                priority: reading.messages(queue)
+                for priority, queue in zip(PRIORITIES, send, strict=True)
+            },
             "consumers": reading.most_consumers(send),
             "held": reading.messages(topology.held_queue(tenant, app)),
             "dead_lettered": reading.messages(topology.dead_queue(tenant, app)),
@@ -261,11 +270,12 @@ def _route(settings: Settings, sources: _Sources, tenant: str, app: str) -> Rout
     )
 
 
-def _unacked(in_flight: dict[str, QueueCounts] | None, names: list[str]) -> int | None:
-    """Mails workers hold unacked from ``names``; None when one of them is not known."""
-    if in_flight is None or any(name not in in_flight for name in names):
+def _unacked(in_flight: dict[str, QueueCounts] | None, queues: list[str]) -> int | None:
+    """Unacked messages of ``queues`` together; None unless the management API told."""
+    if in_flight is None:
         return None
-    return sum(in_flight[name].unacked for name in names)
+    found = [counts.unacked for queue in queues if (counts := in_flight.get(queue)) is not None]
+    return sum(found) if found else None
 
 
 def _history_figures(route: RouteHistory, now: datetime) -> dict[str, Any]:

@@ -6,6 +6,7 @@ The Python API behind ``rohrpost history …`` and, later, a web console.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -42,6 +43,29 @@ from rohrpost.shared.store.writer import TERMINAL, HistoryRecord, HistoryWriter
 #: Mails deleted per transaction by a purge: one batch must stay well under a second,
 #: since the history consumer purges between its batches of ingest.
 PURGE_BATCH = 5000
+#: Seconds one purge transaction should take at most: the history consumer purges
+#: between batches of ingest, so this is how long a purge holds archiving up.
+PURGE_SECONDS = 0.5
+
+
+class PurgeBatches:
+    """Purge batch sizes that keep each transaction near PURGE_SECONDS.
+
+    A batch of 5,000 mails took 0.5 to 5.3 s over 10,000,000 mails on a busy
+    machine (the deletes cascade to events, recipients and tags); the size halves
+    after a slow batch and grows again by a quarter after a quick one.
+    """
+
+    def __init__(self, size: int = 1000, most: int = PURGE_BATCH, least: int = 50) -> None:
+        self.size = size
+        self._most, self._least = most, least
+
+    def took(self, seconds: float) -> None:
+        """Adapt the next size to how long the last batch took."""
+        if seconds > PURGE_SECONDS:
+            self.size = max(self._least, self.size // 2)
+        elif seconds < PURGE_SECONDS / 2:
+            self.size = min(self._most, self.size + max(1, self.size // 4))
 
 
 def split_recipients(value: object) -> list[str]:
@@ -222,6 +246,13 @@ class HistoryStore:
         criteria = criteria or MailFilter()
         with translate_errors(), self.engine.connect() as conn:
             candidates = _candidates(conn, criteria)
+            frequent = candidates is None and (criteria.to or criteria.tag) is not None
+            if frequent and conn.dialect.name == "postgresql":
+                # A frequent recipient or tag: the newest mails are walked through the
+                # time index and each checked. Split over parallel workers, that walk
+                # took 8 times as long (595 ms against 78 ms for 50 of 200,000 mails of
+                # a tag among 10,000,000, EXPLAIN ANALYZE) for the workers' start-up.
+                conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
             query = _filtered(select(*_SUMMARY_COLUMNS), criteria)
             if candidates is not None:
                 query = query.where(mails.c.id.in_(candidates))
@@ -326,23 +357,26 @@ class HistoryStore:
         *,
         tenant: str | None = None,
         app: str | None = None,
-        batch_size: int = PURGE_BATCH,
+        batches: PurgeBatches | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> int:
         """Delete finished mails (and their events) last changed before ``older_than``.
 
-        In transactions of ``batch_size`` mails, so a purge of millions never holds
+        In short transactions (``PurgeBatches``), so a purge of millions never holds
         locks or the history consumer for long; ``on_progress(purged_so_far)`` after
         each. Returns how many were deleted.
         """
+        batches = batches or PurgeBatches()
         purged = 0
-        while deleted := self.purge_batch(
-            older_than, tenant=tenant, app=app, batch_size=batch_size
-        ):
+        while True:
+            started = time.monotonic()
+            deleted = self.purge_batch(older_than, tenant=tenant, app=app, batch_size=batches.size)
+            batches.took(time.monotonic() - started)
+            if not deleted:
+                return purged
             purged += deleted
             if on_progress is not None:
                 on_progress(purged)
-        return purged
 
     def purge_batch(
         self,

@@ -146,14 +146,34 @@ def matching(query: DeadLetterQuery) -> Any:
 
 
 def page_query(query: DeadLetterQuery) -> Select[Any]:
-    """One page of matching dead letters, newest first."""
-    letters = matching(query)
+    """One page of matching dead letters, newest first.
+
+    Each kind is cut to its newest ``offset + limit`` before the two are joined: so
+    PostgreSQL walks ``ix_mails_tenant_status_updated_at`` backwards and stops, instead
+    of reading a tenant's every dead letter to sort them (p95 531 ms against 10,000
+    dead letters of a tenant among 10,000,000 mails, ``python -m bench queries``).
+    """
+    wanted = query.offset + query.limit
+    sides = [
+        _newest(side, wanted)
+        for side in (_mail_side(query), _invalid_side(query))
+        if side is not None
+    ]
+    letters = (union_all(*sides) if len(sides) > 1 else sides[0]).subquery("letters")
     return (
         select(letters)
         .order_by(letters.c.dead_at.desc(), letters.c.mail_id.desc(), letters.c.letter_id.desc())
         .limit(query.limit)
         .offset(query.offset)
     )
+
+
+def _newest(side: Select[Any], count: int) -> Select[Any]:
+    columns = side.selected_columns
+    newest = side.order_by(
+        columns.dead_at.desc(), columns.mail_id.desc(), columns.letter_id.desc()
+    ).limit(count)
+    return select(newest.subquery())
 
 
 def count_query(query: DeadLetterQuery) -> Select[Any]:

@@ -117,7 +117,8 @@ class CopySink:
     def load_mails(self, conn: Connection, ids: list[uuid.UUID]) -> list[dict[str, Any]]:
         cursor = _cursor(conn)
         cursor.execute(
-            f"SELECT {', '.join(MAIL_COLUMNS)} FROM mails WHERE id = ANY(%s) FOR UPDATE",
+            f"SELECT {', '.join(MAIL_COLUMNS)} FROM mails WHERE id = ANY(%s) "
+            "ORDER BY id FOR UPDATE",
             (ids,),
         )
         return [dict(zip(MAIL_COLUMNS, row, strict=True)) for row in cursor.fetchall()]

@@ -97,6 +97,7 @@ mails = Table(
     Index("ix_mails_tenant_app_status", "tenant", "app", "status"),
     Index("ix_mails_created_at", "created_at"),
     Index("ix_mails_status_updated_at", "status", "updated_at"),
+    Index("ix_mails_tenant_status_updated_at", "tenant", "status", "updated_at"),
     # History searches without a status filter list newest first (the console's pages).
     Index("ix_mails_updated_at", "updated_at"),
 )
