@@ -21,6 +21,7 @@ import pytest
 
 from rohrpost.catcher import MailCatcher
 from rohrpost.console.app import create_app
+from rohrpost.operations.passive import declare_passively
 from rohrpost.operations.queues import QueueReading
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
@@ -301,7 +302,7 @@ async def test_a_store_that_cannot_be_reached_is_a_banner_and_the_queues_still_s
 # Reading the queues
 
 
-def test_queues_read_over_several_connections_give_what_one_channel_gives(
+def test_queues_read_on_many_channels_at_once_give_what_one_channel_gives(
     installation: Settings,
 ) -> None:
     known_state(installation)
@@ -312,7 +313,7 @@ def test_queues_read_over_several_connections_give_what_one_channel_gives(
         one = QueueReading(topology)
         one.read(channel)
     several = QueueReading(topology)
-    several.read_from(url, connections=3)
+    several.read_from(url)
     assert several.found == one.found and several.problem is None
     assert several.messages(topology.send_queue("acme", "billing")) == 3
     assert several.messages(topology.held_queue("acme", "billing")) == 1
@@ -324,6 +325,18 @@ def test_queues_read_over_several_connections_give_what_one_channel_gives(
             f"{topology.held_queue('globex', 'shop')}); run `rohrpost topology declare`"
         ]
     )
+
+
+def test_queues_are_read_from_the_first_node_that_answers(installation: Settings) -> None:
+    topology = Topology.from_settings(installation)
+    names = [topology.send_queue("acme", "billing"), topology.dead_queue("globex", "shop")]
+    real = installation.broker_url.get_secret_value()
+    answers = declare_passively(f"amqp://guest:hunter2@127.0.0.1:1/%2F,{real}", names)
+    assert (answers.found.keys(), answers.problem) == (set(names), None)
+    nowhere = declare_passively("amqp://guest:hunter2@127.0.0.1:1/%2F,amqp://127.0.0.1:9/", names)
+    assert nowhere.found == {} and nowhere.problem is not None
+    assert nowhere.problem.startswith("cannot reach any RabbitMQ node: amqp://guest:***@")
+    assert "hunter2" not in nowhere.problem
 
 
 def test_an_overview_of_one_tenant_reads_only_its_queues(installation: Settings) -> None:

@@ -5,7 +5,6 @@ be read is None, with the reason.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pika.exceptions
@@ -17,8 +16,7 @@ from rohrpost.operations.management import (
     broker_vhost,
     management_url,
 )
-from rohrpost.shared.broker import admin_channel
-from rohrpost.shared.errors import BrokerError
+from rohrpost.operations.passive import declare_passively
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
 
@@ -27,15 +25,6 @@ def send_queues(topology: Topology, tenant: str, app: str) -> list[str]:
     """The queues a route's due mails wait in: its lanes, high first; every figure of a
     route's send queues is read through this."""
     return topology.send_queues(tenant, app)
-
-
-#: Passive declares a connection of ``QueueReading.read_from`` makes at least: each is a
-#: round trip (~0.4 ms here, with pika's own ~0.2 ms of CPU), so the 360 queues of 100
-#: routes take ~130 ms on one connection and are read on several at once.
-_QUEUES_PER_CONNECTION = 60
-_CONNECTIONS = 4
-#: What reading some queues gave: (ready, consumers) by name, the missing, a problem.
-_Share = tuple[dict[str, tuple[int, int]], list[str], str | None]
 
 
 class QueueReading:
@@ -66,37 +55,14 @@ class QueueReading:
 
     def read(self, channel: Any) -> None:
         """Read the queues on ``channel`` (a blocking pika channel)."""
-        found, missing, self.problem = _declare_passively(channel, self.names)
+        found, missing, self.problem = _declare_each(channel, self.names)
         self._take(found, missing)
 
-    def read_from(self, url: str, *, timeout: float = 5, connections: int | None = None) -> None:
-        """Read the queues over a few connections to ``url`` at once (each its share;
-        ``connections``: how many, default one per 60 queues, at most 4)."""
-        count = connections or min(_CONNECTIONS, len(self.names) // _QUEUES_PER_CONNECTION)
-        count = max(1, min(count, len(self.names)))
-        shares = [self.names[i::count] for i in range(count)]
-
-        def read_share(
-            names: list[str],
-        ) -> tuple[dict[str, tuple[int, int]], list[str], str | None]:
-            try:
-                with admin_channel(url, timeout=timeout) as channel:
-                    return _declare_passively(channel, names)
-            except BrokerError as exc:
-                return {}, [], str(exc)
-
-        if count == 1:
-            answers = [read_share(shares[0])]
-        else:
-            with ThreadPoolExecutor(count, thread_name_prefix="queue-reading") as pool:
-                answers = list(pool.map(read_share, shares))
-        found: dict[str, tuple[int, int]] = {}
-        missing: list[str] = []
-        for share_found, share_missing, problem in answers:
-            found |= share_found
-            missing += share_missing
-            self.problem = self.problem or problem
-        self._take(found, missing)
+    def read_from(self, url: str, *, timeout: float = 5) -> None:
+        """Read the queues over one connection to ``url``, many at once."""
+        answers = declare_passively(url, self.names, timeout=timeout)
+        self.problem = answers.problem
+        self._take(answers.found, answers.missing)
 
     def _take(self, found: dict[str, tuple[int, int]], missing: list[str]) -> None:
         self.found = found
@@ -134,7 +100,9 @@ class QueueReading:
         return max(counts) if counts else None
 
 
-def _declare_passively(channel: Any, names: list[str]) -> _Share:
+def _declare_each(
+    channel: Any, names: list[str]
+) -> tuple[dict[str, tuple[int, int]], list[str], str | None]:
     """(ready messages, consumers) of each of ``names`` that exists, those that do not,
     and why the reading stopped (None: it did not)."""
     found: dict[str, tuple[int, int]] = {}
