@@ -33,6 +33,7 @@ from rohrpost.console.inputs import Inputs
 from rohrpost.console.jobs import JobBoard
 from rohrpost.console.pages import API, NAVIGATION, Problem, endpoint
 from rohrpost.console.site import PAGES
+from rohrpost.console.snapshots import MAX_AGE, RENEW_AFTER, OverviewSnapshots
 from rohrpost.console.templating import configure
 from rohrpost.operations.service import OperatorService
 from rohrpost.shared.logs import get_logger
@@ -50,6 +51,9 @@ class Console:
         self.settings = settings
         self.service = service or OperatorService(settings)
         self.jobs = JobBoard()
+        self.overviews = OverviewSnapshots(
+            self.service.overview, renew_after=RENEW_AFTER, max_age=MAX_AGE
+        )
         key = settings.console.secret_key()
         if key is None and settings.console.users:
             log.warning(
@@ -172,6 +176,7 @@ def create_app(settings: Settings, service: OperatorService | None = None) -> St
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
+        console.overviews.close()
         console.service.close()
 
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -2,7 +2,8 @@
 
 The page and its figures (``/overview/figures``, which the page fetches again every
 few seconds with htmx) are built from ``OperatorService.overview``: the same code,
-and the same JSON object (``overview``), as ``rohrpost status --json``. A source that
+and the same JSON object (``overview``), as ``rohrpost status --json``, read at most
+a few seconds before (``rohrpost.console.snapshots``). A source that
 cannot be asked (the broker, the store, the management API) leaves its figures
 unknown and says why; the page is shown all the same.
 """
@@ -106,7 +107,7 @@ async def overview_page(ctx: ViewContext) -> dict[str, Any]:
     """Per tenant/app: state, SMTP server, queues, consumers, activity, oldest waiting mail."""
     filters = _scope(ctx)
     shown = await ctx.call(
-        ctx.console.service.overview, filters["tenant"] or None, filters["app"] or None
+        ctx.console.overviews.get, filters["tenant"] or None, filters["app"] or None
     )
     return {
         "overview": shown.model_dump(mode="json"),
