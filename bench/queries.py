@@ -43,7 +43,7 @@ _MAILS = """
 INSERT INTO mails (id, tenant, app, status, round, status_rank, status_at, created_at,
                    updated_at, not_before, sent_at, sender, recipients, subject, template,
                    attempts, last_error, reason, message_id, smtp_reply, history, container,
-                   content_deleted)
+                   content_deleted, tags)
 SELECT md5('m' || i)::uuid, 't' || (i % 100 / 10), 'a' || (i % 10),
        s.status, 0, s.rank, c.at + interval '2 seconds', c.at, c.at + interval '2 seconds',
        CASE WHEN s.status = 'scheduled' THEN c.at + interval '1 day' END,
@@ -58,7 +58,7 @@ SELECT md5('m' || i)::uuid, 't' || (i % 100 / 10), 'a' || (i % 10),
        '","template":"invoice","to":["customer' || i || '@example' || (i % 1000) ||
        '.com"],"data":{"customer":"Customer ' || i || '","number":' || i ||
        ',"lines":[{"name":"Article","items": 2,"price": 4.5}],"total": 9.0}}',
-       false
+       false, ARRAY['campaign-' || (i % :tags)]
 FROM generate_series(:start, :stop) AS i,
      LATERAL (SELECT now() - :span * (1 - i::float8 / :count) AS at) AS c,
      LATERAL (SELECT CASE i % 100 WHEN 0 THEN 'dead_lettered' WHEN 1 THEN 'retrying'

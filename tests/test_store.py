@@ -215,6 +215,40 @@ def test_list_filters_by_every_criterion(store: HistoryStore) -> None:
     assert store.list_mails()[0].id == dead.id, "newest change first"
 
 
+@pytest.mark.parametrize("frequent", [False, True], ids=["rare tag", "frequent tag"])
+def test_a_tag_search_finds_every_tagged_mail_archived_before_or_after_migration_0007(
+    store: HistoryStore, frequent: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if frequent:  # the walk through the newest mails, each checked by its row's tags
+        monkeypatch.setattr("rohrpost.shared.store.history._CANDIDATES", 0)
+    old = container(tags=["promo"])
+    new = container(tags=["promo", "june"])
+    untagged = container(tags=[])
+    retagged = container(tags=["promo"])
+    store.write([submitted(old), submitted(new), submitted(untagged), submitted(retagged)])
+    with store.engine.begin() as conn:  # archived before the column: its tags are NULL
+        conn.execute(mails.update().where(mails.c.id == old.id).values(tags=None))
+    corrected = container(id=str(retagged.id), tags=["autumn"])
+    resubmitted = MailEvent(
+        event_id=uuid.uuid5(retagged.id, "submitted.1"),
+        kind=EventKind.RESUBMITTED,
+        mail_id=retagged.id,
+        tenant=retagged.tenant,
+        app=retagged.app,
+        at=T0 + timedelta(minutes=1),
+        round=1,
+    )
+    store.write([HistoryRecord(resubmitted, corrected, "billing@acme.example")])
+
+    def ids(tag: str) -> set[uuid.UUID]:
+        return {m.id for m in store.list_mails(MailFilter(tag=tag))}
+
+    assert ids("promo") == {old.id, new.id}
+    assert ids("june") == {new.id}
+    assert ids("autumn") == {retagged.id}
+    assert ids("none") == set()
+
+
 def test_a_delete_mail_leaves_no_content_after_it_was_sent(store: HistoryStore) -> None:
     mail = container(history="delete")
     records = retried_then_sent(mail)

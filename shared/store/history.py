@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
-from sqlalchemy import Connection, Engine, Select, and_, delete, exists, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    and_,
+    cast,
+    delete,
+    exists,
+    or_,
+    select,
+)
 
 from rohrpost.shared.container import bare_address
 from rohrpost.shared.errors import StoreError
@@ -31,6 +42,7 @@ from rohrpost.shared.store.database import (
 )
 from rohrpost.shared.store.letters import DeadLetterQuery, DeadLetterRow
 from rohrpost.shared.store.tables import (
+    TAGS,
     events,
     invalid_letters,
     mail_recipients,
@@ -253,7 +265,7 @@ class HistoryStore:
                 # took 8 times as long (595 ms against 78 ms for 50 of 200,000 mails of
                 # a tag among 10,000,000, EXPLAIN ANALYZE) for the workers' start-up.
                 conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
-            query = _filtered(select(*_SUMMARY_COLUMNS), criteria)
+            query = _filtered(select(*_SUMMARY_COLUMNS), criteria, conn.dialect.name)
             if candidates is not None:
                 query = query.where(mails.c.id.in_(candidates))
             rows = conn.execute(query).mappings().all() if candidates != [] else []
@@ -426,7 +438,7 @@ def _require_sqlite_file(url: str) -> None:
         )
 
 
-def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
+def _filtered(query: Select[Any], criteria: MailFilter, dialect: str) -> Select[Any]:
     for column, value in (
         (mails.c.tenant, criteria.tenant),
         (mails.c.app, criteria.app),
@@ -446,9 +458,15 @@ def _filtered(query: Select[Any], criteria: MailFilter) -> Select[Any]:
             )
         )
     if criteria.tag is not None:
-        query = query.where(
-            exists().where(mail_tags.c.mail_id == mails.c.id, mail_tags.c.tag == criteria.tag)
+        tagged: ColumnElement[bool] = exists().where(
+            mail_tags.c.mail_id == mails.c.id, mail_tags.c.tag == criteria.tag
         )
+        if dialect == "postgresql":
+            # The row's own tags (migration 0007): a walk through the newest mails checks
+            # each where it stands; only mails archived before the column probe mail_tags.
+            inline = mails.c.tags.contains(cast([criteria.tag], TAGS))
+            tagged = or_(inline, and_(mails.c.tags.is_(None), tagged))
+        query = query.where(tagged)
     if criteria.id_prefix is not None:
         low, high = prefix_range(criteria.id_prefix)
         query = query.where(mails.c.id >= low, mails.c.id <= high)

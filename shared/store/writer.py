@@ -88,7 +88,7 @@ class _Mail:
 
     @classmethod
     def create(cls, event: MailEvent) -> _Mail:
-        row = {
+        row: dict[str, Any] = {
             "id": event.mail_id,
             "tenant": event.tenant,
             "app": event.app,
@@ -114,6 +114,7 @@ class _Mail:
             "container": None,
             "content_deleted": False,
             "resend_of": None,
+            "tags": [],
         }
         return cls(row, is_new=True)
 
@@ -193,6 +194,7 @@ class _Mail:
         )
         self.new_content = True
         self.tags = tuple(dict.fromkeys(storable_text(t) for t in mail.tags))
+        self.set(tags=list(self.tags))
         self.addresses = tuple(
             dict.fromkeys(storable_text(bare_address(a).lower()) for a in mail.recipients)
         )
@@ -270,6 +272,7 @@ class HistoryWriter:
                 last_error=None,
                 smtp_reply=None,
                 content_deleted=True,
+                tags=[],
             )
         )
         conn.execute(delete(mail_recipients).where(mail_recipients.c.mail_id.in_(ids)))
