@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument(
         "--consumers", type=int, default=1, help="history consumers (part history; default 1)"
     )
+    parser.add_argument(
+        "--drop", action="store_true", help="part queries: only drop its kept database"
+    )
     cluster = parser.add_argument_group("cluster (needs root and a local RabbitMQ installation)")
     cluster.add_argument("--rate", type=float, default=120, help="mails submitted per second")
     cluster.add_argument("--down", type=float, default=5, help="seconds a killed node stays down")
@@ -89,6 +92,12 @@ def main() -> None:
     cluster.add_argument("--teardown", action="store_true", help="only remove a cluster left over")
     args = parser.parse_args()
     configure_logging("warning")
+    if args.drop:
+        from bench import queries
+
+        queries.drop()
+        print(f"dropped the database {queries.DATABASE}")
+        return
     if args.part == "cluster":
         from bench import cluster as scenario
 

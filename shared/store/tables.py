@@ -117,7 +117,8 @@ mail_recipients = Table(
     metadata,
     Column("mail_id", Uuid, ForeignKey("mails.id", ondelete="CASCADE"), primary_key=True),
     Column("address", String(320), primary_key=True),
-    Index("ix_mail_recipients_address", "address"),
+    # mail_id too: a recipient's mails are listed from the index alone (index-only scan).
+    Index("ix_mail_recipients_address_mail", "address", "mail_id"),
 )
 
 #: Every tag of a mail, for ``--tag`` searches.
@@ -126,7 +127,7 @@ mail_tags = Table(
     metadata,
     Column("mail_id", Uuid, ForeignKey("mails.id", ondelete="CASCADE"), primary_key=True),
     Column("tag", String(64), primary_key=True),
-    Index("ix_mail_tags_tag", "tag"),
+    Index("ix_mail_tags_tag_mail", "tag", "mail_id"),
 )
 
 #: Every event of every mail, once (event_id is the idempotency key).
