@@ -20,7 +20,7 @@ from typing import Any
 
 import pika
 import psutil
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from bench.environment import Environment, environment
 from bench.workload import APP, TENANT, mails
@@ -159,14 +159,15 @@ def _round(count: int, store: str, consumers: int) -> dict[str, float]:
             handle.wait(120)
         events = _preload(env, count)
         started = time.perf_counter()
-        services_at_start = _services_cpu(store)
+        database = make_url(env.settings.store_url.get_secret_value()).database or ""
+        services_at_start = _services_cpu(store, database)
         processes = [env.rohrpost("history-consumer") for _ in range(consumers)]
         cpu_at_start = sum(_cpu(p) for p in processes)
         finished = _drained(env, count, timeout=max(300, count / 200))
         cpu = sum(_cpu(p) for p in processes) - cpu_at_start
         services = {
             name: used - services_at_start.get(name, 0.0)
-            for name, used in _services_cpu(store).items()
+            for name, used in _services_cpu(store, database).items()
         }
         for process in processes:
             env.stop(process)
@@ -182,21 +183,26 @@ def _cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def _services_cpu(store: str) -> dict[str, float]:
-    """CPU seconds used so far by the local broker (and PostgreSQL) processes.
+def _services_cpu(store: str, database: str) -> dict[str, float]:
+    """CPU seconds used so far by the local broker and the run's database backends.
 
     They share the machine's cores with the consumers; what they spend per 1,000
-    mails bounds the ingest rate whatever the consumer does. Backends that closed
-    during the run are missed (the consumer's own stay connected throughout).
+    mails bounds the ingest rate whatever the consumer does. The broker's figure is
+    all of its work (whatever else uses it meanwhile counts too); PostgreSQL's is
+    the backends connected to the run's database (their WAL writing included, the
+    server's shared background processes not). Backends that closed during the run
+    are missed (the consumers' own stay connected throughout).
     """
-    names = {"broker_cpu": ("beam.smp",), "database_cpu": ("postgres",)}
-    if store != "postgresql":
-        del names["database_cpu"]
-    used = dict.fromkeys(names, 0.0)
-    for process in psutil.process_iter(["name"]):
-        for key, wanted in names.items():
-            if process.info["name"] in wanted:
-                used[key] += _cpu(process)
+    used = {"broker_cpu": 0.0}
+    if store == "postgresql":
+        used["database_cpu"] = 0.0
+    backend = f" {database} "
+    for process in psutil.process_iter(["name", "cmdline"]):
+        name, command = process.info["name"], " ".join(process.info["cmdline"] or ())
+        if name == "beam.smp":
+            used["broker_cpu"] += _cpu(process)
+        elif "database_cpu" in used and name == "postgres" and backend in command:
+            used["database_cpu"] += _cpu(process)
     return used
 
 
