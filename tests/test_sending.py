@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -14,12 +15,13 @@ import pika
 import pytest
 
 from rohrpost.catcher import MailCatcher
-from rohrpost.consumer.outcome import Redelay, Sent
+from rohrpost.consumer.outcome import Cancelled, Redelay, Sent
 from rohrpost.consumer.processor import HOLD_SECONDS, MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import Delivery
 from rohrpost.shared.container import encode_container, parse_container
+from rohrpost.shared.control import ControlMessage, ControlState
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
 from tests.conftest import EventLog, WorkerThread, drain, write_template
@@ -280,6 +282,41 @@ def test_a_mail_arriving_up_to_hold_seconds_early_is_held_and_sent_once_due(
     assert isinstance(outcome.outcome, Sent)
     assert len(transport.sent_at) == 1
     assert transport.sent_at[0] >= due.timestamp(), "sent before it was due"
+
+
+class _CancelledAfterFirstLook(ControlState):
+    """Learns of a mail's cancel right after the worker first looked for one."""
+
+    def __init__(self, mail_id: uuid.UUID) -> None:
+        super().__init__()
+        self.looks = 0
+        self._mail_id = mail_id
+
+    def is_cancelled(self, mail_id: uuid.UUID) -> bool:
+        cancelled = super().is_cancelled(mail_id)
+        self.looks += 1
+        if self.looks == 1:
+            self.apply(ControlMessage(action="cancel", mail_id=self._mail_id, actor="test"))
+        return cancelled
+
+
+def test_a_mail_cancelled_while_it_is_held_until_due_is_not_sent(settings: Settings) -> None:
+    # A scheduled mail reaches its send queue up to a second early and waits it out on
+    # a sender thread; a cancel the worker reads meanwhile must still stop it.
+    due = datetime.now(UTC) + timedelta(seconds=0.5)
+    delivery = _delivery(settings, not_before=due.isoformat())
+    control = _CancelledAfterFirstLook(uuid.UUID(delivery.properties.message_id))
+    transport = _RecordingTransport()
+    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
+    topology = Topology.from_settings(settings)
+    processor = MailProcessor(settings, topology, renderer, control=control)
+    try:
+        outcome = processor.process(delivery, transport)
+    finally:
+        renderer.close()
+    assert control.looks == 2, "looked for a cancel on arrival and again once due"
+    assert isinstance(outcome.outcome, Cancelled)
+    assert transport.sent_at == []
 
 
 def test_a_mail_arriving_more_than_hold_seconds_early_is_delayed_again(settings: Settings) -> None:
