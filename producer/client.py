@@ -89,6 +89,7 @@ class Producer:
         self._topology = Topology.from_settings(settings)
         self._timeout = settings.publish_timeout.total_seconds()
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._keeps: dict[tuple[str, str], int] = {}  # per route, see _keep_seconds
         self._broker: Broker | None = broker
         self._owns_broker = broker is None
 
@@ -131,26 +132,52 @@ class Producer:
 
         Raises ContainerError or UnknownRoute naming the cause; publishes nothing.
         """
+        mail, publication, _ = self._prepare(container, headers=headers, round=round)
+        return mail, publication
+
+    def _prepare(
+        self,
+        container: ContainerLike,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        round: int = 0,
+    ) -> tuple[MailContainer, Publication, Submission]:
+        """``prepare``, and what the id registry keeps of the mail: until its history is purged."""
         mail = parse_container(container)
-        app = self._settings.app(mail.tenant, mail.app)
-        if app is None:
-            raise UnknownRoute(f"tenant/app {mail.tenant}/{mail.app} is not configured")
-        if not app.enabled:
-            raise UnknownRoute(f"tenant/app {mail.tenant}/{mail.app} is disabled")
-        now = self._clock()
-        if mail.expires_at is not None and mail.expires_at <= now:
+        keep_seconds = self._keep_seconds(mail.tenant, mail.app)
+        # Most bulk mails are due at once and never expire: no clock read for them.
+        now = self._clock() if mail.not_before or mail.expires_at else None
+        if mail.expires_at is not None and now is not None and mail.expires_at <= now:
             raise ContainerError(f"expires_at: {mail.expires_at.isoformat()} is already past")
         body = encode_container(mail)
         properties = mail_properties(str(mail.id), round=round, headers=headers)
-        delay = self._topology.delay
-        seconds = delay.release_seconds(mail.not_before - now) if mail.not_before else 0
+        waits = (mail.not_before - now).total_seconds() if mail.not_before and now else 0.0
+        seconds = self._topology.delay.release_seconds(waits) if waits > 0 else 0
         if seconds > 0:
             exchange = self._topology.schedule_exchange
             routing_key = self._topology.delayed_key(seconds, mail.tenant, mail.app, mail.priority)
         else:
             exchange = self._topology.submit_exchange
             routing_key = self._topology.route_key(mail.tenant, mail.app, mail.priority)
-        return mail, Publication(exchange, routing_key, body, properties)
+        ttl = int(max(0.0, waits)) + keep_seconds
+        return (
+            mail,
+            Publication(exchange, routing_key, body, properties),
+            Submission(mail.id, fingerprint(body), ttl),
+        )
+
+    def _keep_seconds(self, tenant: str, app: str) -> int:
+        """How long tenant/app's history keeps a mail (a day more, to be sure); UnknownRoute
+        when the route is not configured or disabled. Kept per route: asked for every mail."""
+        keep = self._keeps.get((tenant, app))
+        if keep is None:
+            config = self._settings.app(tenant, app)
+            if config is None:
+                raise UnknownRoute(f"tenant/app {tenant}/{app} is not configured")
+            if not config.enabled:
+                raise UnknownRoute(f"tenant/app {tenant}/{app} is disabled")
+            keep = self._keeps[(tenant, app)] = (config.retention_days + 1) * 86400
+        return keep
 
     def submit(
         self, container: ContainerLike, *, headers: Mapping[str, Any] | None = None
@@ -163,8 +190,7 @@ class Producer:
         (then the id may be submitted again). ``headers`` travel with the message
         (operator tools record who submitted).
         """
-        mail, publication = self.prepare(container, headers=headers)
-        submission = self._submission(mail, publication)
+        mail, publication, submission = self._prepare(container, headers=headers)
         verdict = self._ids.claim([submission])[0]
         if verdict in (Verdict.SAME, Verdict.DIFFERENT):
             raise DuplicateMail(mail.id, same_content=verdict is Verdict.SAME)
@@ -175,14 +201,6 @@ class Producer:
             raise
         log.debug("mail submitted", mail_id=str(mail.id), tenant=mail.tenant, app=mail.app)
         return mail.id
-
-    def _submission(self, mail: MailContainer, publication: Publication) -> Submission:
-        """What the id registry keeps of ``mail``: until its history is purged."""
-        app = self._settings.app(mail.tenant, mail.app)
-        keep_days = (app.retention_days if app else 30) + 1
-        waits = (mail.not_before - self._clock()).total_seconds() if mail.not_before else 0
-        ttl = int(max(0.0, waits)) + keep_days * 86400
-        return Submission(mail.id, fingerprint(publication.body), ttl)
 
     def submit_many(
         self,
@@ -238,9 +256,9 @@ class Producer:
         try:
             with _collector_paused():
                 for container in chunk:
-                    mail, publication = self.prepare(container)
+                    _, publication, submission = self._prepare(container)
                     publications.append(publication)
-                    submissions.append(self._submission(mail, publication))
+                    submissions.append(submission)
         except (ContainerError, UnknownRoute) as exc:
             return publications, submissions, exc
         return publications, submissions, None

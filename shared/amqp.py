@@ -14,7 +14,6 @@ from typing import Any
 
 import pika
 import pika.exceptions
-from pika import frame, spec
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
@@ -190,38 +189,6 @@ class Pending:
                 self.future.set_exception(error)
         elif self.batch is not None:
             self.batch.settle(self.index, error)
-
-
-class PublishFramer:
-    """The wire bytes of a ``basic.publish``: method, content header and body frames.
-
-    pika's ``basic_publish`` builds these anew per message through several objects
-    (~20 µs here); the method frame depends only on exchange, routing key and
-    ``mandatory``, so it is built once per route and reused. Every frame is pika's own
-    encoding.
-    """
-
-    def __init__(self, channel_number: int, frame_max: int) -> None:
-        self._channel = channel_number
-        self._body_max = frame_max - spec.FRAME_HEADER_SIZE - spec.FRAME_END_SIZE
-        self._methods: dict[tuple[str, str, bool], bytes] = {}
-
-    def frames(self, publication: Publication) -> bytes:
-        """All frames of one publish, concatenated."""
-        key = (publication.exchange, publication.routing_key, publication.mandatory)
-        method = self._methods.get(key)
-        if method is None:
-            publish = spec.Basic.Publish(
-                exchange=key[0], routing_key=key[1], mandatory=publication.mandatory
-            )
-            method = self._methods[key] = frame.Method(self._channel, publish).marshal()
-        body = publication.body
-        parts = [method, frame.Header(self._channel, len(body), publication.properties).marshal()]
-        parts += (
-            frame.Body(self._channel, body[start : start + self._body_max]).marshal()
-            for start in range(0, len(body), self._body_max)
-        )
-        return b"".join(parts)
 
 
 class ConfirmTracker:

@@ -40,13 +40,13 @@ from rohrpost.shared.amqp import (
     Delivery,
     Pending,
     Publication,
-    PublishFramer,
     admin_channel,
     connection_parameters,
     unavailable,
     unreachable,
 )
 from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
+from rohrpost.shared.framing import PublishFramer
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.nodes import redact_url, split_nodes
 

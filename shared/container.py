@@ -380,10 +380,14 @@ def parse_container(data: Any) -> MailContainer:
         raise ContainerError(describe_validation_error(exc)) from exc
 
 
+_SERIALIZER = MailContainer.__pydantic_serializer__
+
+
 def encode_container(container: MailContainer) -> bytes:
     """Serialize to wire JSON; raise ContainerError when it exceeds the size cap."""
     try:
-        body = container.model_dump_json(by_alias=True, exclude_none=True).encode()
+        # The serializer itself: model_dump_json adds a call and a str to bytes copy.
+        body = _SERIALIZER.to_json(container, by_alias=True, exclude_none=True)
     except PydanticSerializationError as exc:  # only a container built without validation
         raise ContainerError(f"container: cannot be written as JSON: {exc}") from exc
     if len(body) > MAX_CONTAINER_BYTES:

@@ -19,10 +19,11 @@ from pydantic import SecretStr
 
 from rohrpost.catcher import MailCatcher
 from rohrpost.producer.client import Producer
-from rohrpost.shared.amqp import ConfirmTracker, Pending, PublishFramer
+from rohrpost.shared.amqp import ConfirmTracker, Pending
 from rohrpost.shared.broker import Broker, Publication, admin_channel
 from rohrpost.shared.errors import NotConfirmed, TopologyConflict, TopologyMissing
 from rohrpost.shared.events import EventKind
+from rohrpost.shared.framing import PublishFramer
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology, queue_depths
 from tests.conftest import EventLog, WorkerThread, declare, wait_until
@@ -110,6 +111,47 @@ def test_the_publish_framer_writes_what_pika_decodes() -> None:
     consumed_header, header_frame = frame.decode_frame(empty[consumed:])
     assert header_frame.body_size == 0
     assert consumed + consumed_header == len(empty)
+
+
+def _pika_frames(publication: Publication, channel: int, frame_max: int) -> bytes:
+    """A publish as pika's own ``basic_publish`` frames it."""
+    publish = spec.Basic.Publish(
+        exchange=publication.exchange,
+        routing_key=publication.routing_key,
+        mandatory=publication.mandatory,
+    )
+    body, most = publication.body, frame_max - spec.FRAME_HEADER_SIZE - spec.FRAME_END_SIZE
+    parts = [
+        frame.Method(channel, publish).marshal(),
+        frame.Header(channel, len(body), publication.properties).marshal(),
+    ]
+    parts += [frame.Body(channel, body[i : i + most]).marshal() for i in range(0, len(body), most)]
+    return b"".join(parts)
+
+
+def test_the_publish_framer_writes_pikas_bytes_for_every_shape_of_properties() -> None:
+    """Headers made from a template are pika's, whatever the id, timestamp and body size."""
+    framer = PublishFramer(channel_number=2, frame_max=4096)
+    mail_id = str(uuid.uuid4())
+
+    def mail(message_id: str | None, **extra: object) -> pika.BasicProperties:
+        return pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, message_id=message_id, **extra
+        )
+
+    shapes = [
+        *(mail(str(uuid.uuid4()), timestamp=1_700_000_000 + i, type="m") for i in range(3)),
+        mail(str(uuid.uuid4())),  # no timestamp
+        mail("short", timestamp=2**40),  # another id length
+        mail(mail_id, correlation_id=mail_id, timestamp=5),  # the id twice in the header
+        mail("grüße", timestamp=7),  # not ASCII: never templated
+        mail(str(uuid.uuid4()), headers={"x-rohrpost-attempt": 2}, timestamp=9),  # a table
+        mail(None, timestamp=3),
+    ]
+    for size in (0, 1, 637, 4088, 10_000):
+        for properties in [*shapes, *shapes]:  # the second time from the templates
+            publication = Publication("ex", "acme.billing", b"b" * size, properties)
+            assert framer.frames(publication) == _pika_frames(publication, 2, 4096)
 
 
 def test_batched_publishes_arrive_intact_and_in_order(broker_url: str, settings: Settings) -> None:

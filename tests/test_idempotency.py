@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import uuid
 from collections import Counter
@@ -17,6 +19,7 @@ from rohrpost.catcher import MailCatcher
 from rohrpost.producer.client import Producer, SubmitManyError
 from rohrpost.shared.errors import BrokerError, DuplicateMail
 from rohrpost.shared.events import EventKind, MailEvent
+from rohrpost.shared.idempotency import FINGERPRINT_CHARS, fingerprint
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
 from rohrpost.shared.wire import mail_properties
@@ -56,6 +59,36 @@ def queued_ids(settings: Settings) -> list[str]:
 
 def message_ids(catcher: MailCatcher) -> Counter[str]:
     return Counter(str(m.parsed()["Message-ID"]).split("@")[0].lstrip("<") for m in catcher.mails)
+
+
+def _earlier_fingerprint(body: bytes) -> str:
+    """How earlier versions fingerprinted a body (their records live for months in Redis)."""
+    stripped = re.sub(rb'"created_at":"[^"]*",?', b"", body)
+    return hashlib.blake2b(stripped, digest_size=FINGERPRINT_CHARS // 2).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"1","created_at":"2026-11-28T08:00:00Z","resend_of":"2"}',
+        b'{"id":"1","created_at":"2026-11-28T08:00:00Z"}',
+        b'{"data":{"created_at":"x","b":1},"created_at":"y","z":0}',  # also inside data
+        b'{"created_at":"a\\"b","c":1}',  # an escaped quote ends the value early, as before
+        b'{"created_at":"unterminated',
+        b'{"created_at":"","created_at":""}',
+        b'{"text":"no such field"}',
+        b"",
+    ],
+)
+def test_fingerprints_match_those_earlier_versions_recorded(body: bytes) -> None:
+    assert fingerprint(body) == _earlier_fingerprint(body)
+
+
+def test_a_fingerprint_ignores_when_the_mail_was_created_only() -> None:
+    first = b'{"id":"1","created_at":"2026-11-28T08:00:00Z","subject":"a"}'
+    again = b'{"id":"1","created_at":"2026-11-29T09:30:00Z","subject":"a"}'
+    other = b'{"id":"1","created_at":"2026-11-28T08:00:00Z","subject":"b"}'
+    assert fingerprint(first) == fingerprint(again) != fingerprint(other)
 
 
 def test_a_second_submit_of_an_id_is_a_duplicate_and_publishes_nothing(settings: Settings) -> None:
