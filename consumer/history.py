@@ -66,6 +66,8 @@ class HistoryConsumer:
         self._next_purge = 0.0
         self._purging: list[_Purge] = []
         self._batches = PurgeBatches()
+        self._empty_polls = 0
+        self._leaving = False
         self.written = 0
 
     def stop(self) -> None:
@@ -136,34 +138,43 @@ class HistoryConsumer:
         the database) take about equal time per mail; with one write in flight on
         a writer thread, the database's work overlaps the reading of the next
         batch. Writes stay in order, one at a time, so acks (``multiple``) do too.
+
+        Retention on PostgreSQL purges on a thread of its own, beside ingest: a purge
+        batch is one transaction of its own connection on old, finished mails (rows
+        the writer holds are skipped), so ingest never waits for one. SQLite has one
+        writer at a time: there a purge batch runs between two batches of ingest.
         """
-        empty_polls = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="history-writer") as writer:
+        beside = store.engine.dialect.name == "postgresql"
+        self._leaving = False
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="history-writer") as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="history-purge") as purger,
+        ):
             writing: Future[bool] | None = None
+            purging: Future[None] | None = None
             try:
                 while not self._stopping:
                     batch = self._collect()
+                    purging = self._purge_beside(store, purger, purging) if beside else None
                     if batch:
-                        empty_polls = 0
+                        self._empty_polls = 0
                         decoded = self._decode(batch)
                         if writing is not None and not writing.result():
                             return  # stopping while the store was down: the broker redelivers
                         writing = writer.submit(self._archive, broker, store, batch, *decoded)
-                        if not self._purge_due():
+                        if beside or not self._purge_due():
                             continue
                     # Idle, or a purge batch is due: the store is this thread's for now.
                     if writing is not None:
                         if not writing.result():
                             return
                         writing = None
-                    if not batch and (
-                        self._drain or (self._drain_when is not None and self._drain_when())
-                    ):
-                        empty_polls = empty_polls + 1 if self._queue_empty(probe) else 0
-                        if empty_polls >= _EMPTY_POLLS_TO_DRAIN:
-                            return
-                    self._purge_if_due(store)
+                    if not batch and self._drained(probe):
+                        return
+                    if not beside:
+                        self._purge_if_due(store)
             finally:
+                self._leaving = True  # the purge thread ends after its current batch
                 if writing is not None:
                     writing.result()
 
@@ -313,6 +324,27 @@ class HistoryConsumer:
 
     def _purge_due(self) -> bool:
         return bool(self._purging) or time.monotonic() >= self._next_purge
+
+    def _drained(self, probe: QueueProbe) -> bool:
+        """In drain mode: True once the history queue was empty a few polls in a row."""
+        if not (self._drain or (self._drain_when is not None and self._drain_when())):
+            return False
+        self._empty_polls = self._empty_polls + 1 if self._queue_empty(probe) else 0
+        return self._empty_polls >= _EMPTY_POLLS_TO_DRAIN
+
+    def _purge_beside(
+        self, store: HistoryStore, purger: ThreadPoolExecutor, purging: Future[None] | None
+    ) -> Future[None]:
+        """The purge thread's next round (it purges if one is due), once the last ended."""
+        if purging is None or purging.done():
+            return purger.submit(self._purge_round, store)
+        return purging
+
+    def _purge_round(self, store: HistoryStore) -> None:
+        """A whole purge, batch after batch, if one is due (on the purge thread)."""
+        self._purge_if_due(store)
+        while self._purging and not (self._stopping or self._leaving):
+            self._purge_if_due(store)
 
     def _purge_if_due(self, store: HistoryStore) -> None:
         """Delete one batch of expired mails, if a purge is due or under way.

@@ -378,6 +378,43 @@ def test_the_consumer_purges_by_each_apps_retention(
     store.close()
 
 
+def test_ingest_goes_on_while_a_purge_batch_takes_long(
+    history_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = history_settings
+    store = HistoryStore.open(settings.store_url.get_secret_value(), migrate_schema=True)
+    purging, release = threading.Event(), threading.Event()
+    purge_batch = store.purge_batch
+
+    def slow_purge_batch(*args: Any, **kwargs: Any) -> int:
+        purging.set()
+        release.wait(60)  # a purge batch that takes a minute
+        return purge_batch(*args, **kwargs)
+
+    monkeypatch.setattr(store, "purge_batch", slow_purge_batch)
+    consumer = HistoryConsumer(settings, store)
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        assert purging.wait(30), "the consumer purges at start"
+        with Producer(settings) as producer:
+            producer.submit_many([mail(f"r{i}@example.com") for i in range(50)])
+        postgresql = store.engine.dialect.name == "postgresql"
+        if postgresql:  # the purge runs beside ingest: the mails are archived meanwhile
+            wait_until(lambda: consumer.written >= 50, timeout=30)
+            assert not release.is_set()
+        else:  # SQLite has one writer: ingest waits for the purge batch
+            time.sleep(2)
+            assert consumer.written == 0
+        release.set()
+        wait_until(lambda: consumer.written >= 50, timeout=30)
+    finally:
+        release.set()
+        consumer.stop()
+        thread.join(30)
+        store.close()
+
+
 def test_run_drain_sends_and_archives_everything_with_two_worker_processes(
     history_settings: Settings, catcher: MailCatcher, tmp_path: Path
 ) -> None:

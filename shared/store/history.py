@@ -409,10 +409,14 @@ class HistoryStore:
         batch_size: int = PURGE_BATCH,
     ) -> int:
         """Delete at most ``batch_size`` of the mails ``purge`` deletes; how many it did."""
+        # SKIP LOCKED (PostgreSQL): a mail the history consumer is writing now is left
+        # for the next purge, so the purge never waits for ingest, and never deadlocks
+        # with it while the two run side by side.
         chosen = (
             select(mails.c.id)
             .where(mails.c.status.in_(TERMINAL), mails.c.updated_at < older_than)
             .limit(batch_size)
+            .with_for_update(skip_locked=True)
         )
         if tenant is not None:
             chosen = chosen.where(mails.c.tenant == tenant)
