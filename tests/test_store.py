@@ -247,6 +247,14 @@ def test_a_tag_search_finds_every_tagged_mail_archived_before_or_after_migration
     assert ids("june") == {new.id}
     assert ids("autumn") == {retagged.id}
     assert ids("none") == set()
+    odd = ['say "hi"', "back\\slash", "NULL", "{a,b}", "comma, space", "ünï €"]
+    oddly = container(tags=odd)
+    store.write([submitted(oddly)])
+    for tag in odd:
+        assert ids(tag) == {oddly.id}, tag
+    with store.engine.connect() as conn:
+        row = conn.execute(select(mails.c.tags).where(mails.c.id == oddly.id)).scalar_one()
+    assert list(row) == odd
 
 
 def test_a_delete_mail_leaves_no_content_after_it_was_sent(store: HistoryStore) -> None:
