@@ -172,7 +172,7 @@ class HistoryConsumer:
                     if not batch and self._drained(probe):
                         return
                     if not beside:
-                        self._purge_if_due(store)
+                        self._purge_step(store)
             finally:
                 self._leaving = True  # the purge thread ends after its current batch
                 if writing is not None:
@@ -336,15 +336,23 @@ class HistoryConsumer:
         self, store: HistoryStore, purger: ThreadPoolExecutor, purging: Future[None] | None
     ) -> Future[None]:
         """The purge thread's next round (it purges if one is due), once the last ended."""
-        if purging is None or purging.done():
-            return purger.submit(self._purge_round, store)
-        return purging
+        if purging is not None and not purging.done():
+            return purging
+        return purger.submit(self._purge_round, store)
 
     def _purge_round(self, store: HistoryStore) -> None:
         """A whole purge, batch after batch, if one is due (on the purge thread)."""
-        self._purge_if_due(store)
+        self._purge_step(store)
         while self._purging and not (self._stopping or self._leaving):
+            self._purge_step(store)
+
+    def _purge_step(self, store: HistoryStore) -> None:
+        """One purge batch, if due; whatever goes wrong in it never stops the archiving."""
+        try:
             self._purge_if_due(store)
+        except Exception as exc:  # store errors are handled inside: this is a bug
+            self._purging = []  # tried again at the next purge interval
+            log.error("history purge failed", error=f"{type(exc).__name__}: {exc}")
 
     def _purge_if_due(self, store: HistoryStore) -> None:
         """Delete one batch of expired mails, if a purge is due or under way.

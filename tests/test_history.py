@@ -415,6 +415,29 @@ def test_ingest_goes_on_while_a_purge_batch_takes_long(
         store.close()
 
 
+def test_a_purge_that_breaks_is_logged_and_archiving_goes_on(
+    history_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = history_settings
+    caplog.set_level(logging.WARNING, logger="rohrpost")
+    store = HistoryStore.open(settings.store_url.get_secret_value(), migrate_schema=True)
+    calls = []
+
+    def broken_purge_batch(*args: Any, **kwargs: Any) -> int:
+        calls.append(args)
+        raise RuntimeError("a bug in the purge")
+
+    monkeypatch.setattr(store, "purge_batch", broken_purge_batch)
+    with Producer(settings) as producer:
+        producer.submit_many([mail(f"r{i}@example.com") for i in range(20)])
+    consumer = HistoryConsumer(settings, store)
+    consumer.run(drain=True)
+    store.close()
+    assert consumer.written == 20
+    assert len(calls) == 1, "tried again only at the next purge interval"
+    assert any("history purge failed" in r.getMessage() for r in caplog.records)
+
+
 def test_run_drain_sends_and_archives_everything_with_two_worker_processes(
     history_settings: Settings, catcher: MailCatcher, tmp_path: Path
 ) -> None:
