@@ -172,6 +172,9 @@ class MailProcessor:
             return Duplicate()
         if claim.state is ClaimState.BUSY:
             return Redelay(BUSY_RETRY_SECONDS, "being sent by another worker")
+        if self._control.is_cancelled(mail.id):  # read while the claim was being taken
+            self._claims.release(claim)
+            return Cancelled()
         try:
             outcome = self._attempt(job, config, transport)
         except BaseException:

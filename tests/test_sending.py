@@ -319,6 +319,22 @@ def test_a_mail_cancelled_while_it_is_held_until_due_is_not_sent(settings: Setti
     assert transport.sent_at == []
 
 
+def test_a_mail_cancelled_while_its_send_claim_is_taken_is_not_sent(settings: Settings) -> None:
+    # Taking the send claim is a round trip to Redis; a cancel read meanwhile still counts.
+    delivery = _delivery(settings)
+    control = _CancelledAfterFirstLook(uuid.UUID(delivery.properties.message_id))
+    transport = _RecordingTransport()
+    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
+    processor = MailProcessor(settings, Topology.from_settings(settings), renderer, control=control)
+    try:
+        outcome = processor.process(delivery, transport)
+    finally:
+        renderer.close()
+    assert control.looks == 2, "looked for a cancel when it was due and again before sending"
+    assert isinstance(outcome.outcome, Cancelled)
+    assert transport.sent_at == []
+
+
 def test_a_mail_arriving_more_than_hold_seconds_early_is_delayed_again(settings: Settings) -> None:
     due = datetime.now(UTC) + timedelta(seconds=HOLD_SECONDS + 3)
     transport = _RecordingTransport()
