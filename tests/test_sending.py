@@ -15,7 +15,7 @@ import pika
 import pytest
 
 from rohrpost.catcher import MailCatcher
-from rohrpost.consumer.outcome import Cancelled, Redelay, Sent
+from rohrpost.consumer.outcome import Cancelled, Processed, Redelay, Sent
 from rohrpost.consumer.processor import HOLD_SECONDS, MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.producer.client import Producer
@@ -266,19 +266,27 @@ def _delivery(settings: Settings, **fields: Any) -> Delivery:
     )
 
 
+def _process_once(
+    settings: Settings, delivery: Delivery, control: ControlState | None = None
+) -> tuple[Processed, _RecordingTransport]:
+    """``delivery`` processed by a worker's MailProcessor; its outcome and the transport."""
+    transport = _RecordingTransport()
+    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
+    topology = Topology.from_settings(settings)
+    processor = MailProcessor(settings, topology, renderer, control=control)
+    try:
+        return processor.process(delivery, transport), transport
+    finally:
+        renderer.close()
+
+
 @pytest.mark.parametrize("early", [0.3, 1.0, HOLD_SECONDS - 0.2])
 def test_a_mail_arriving_up_to_hold_seconds_early_is_held_and_sent_once_due(
     settings: Settings, early: float
 ) -> None:
     # Producers release a scheduled mail up to a second before it is due.
     due = datetime.now(UTC) + timedelta(seconds=early)
-    transport = _RecordingTransport()
-    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
-    processor = MailProcessor(settings, Topology.from_settings(settings), renderer)
-    try:
-        outcome = processor.process(_delivery(settings, not_before=due.isoformat()), transport)
-    finally:
-        renderer.close()
+    outcome, transport = _process_once(settings, _delivery(settings, not_before=due.isoformat()))
     assert isinstance(outcome.outcome, Sent)
     assert len(transport.sent_at) == 1
     assert transport.sent_at[0] >= due.timestamp(), "sent before it was due"
@@ -306,14 +314,7 @@ def test_a_mail_cancelled_while_it_is_held_until_due_is_not_sent(settings: Setti
     due = datetime.now(UTC) + timedelta(seconds=0.5)
     delivery = _delivery(settings, not_before=due.isoformat())
     control = _CancelledAfterFirstLook(uuid.UUID(delivery.properties.message_id))
-    transport = _RecordingTransport()
-    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
-    topology = Topology.from_settings(settings)
-    processor = MailProcessor(settings, topology, renderer, control=control)
-    try:
-        outcome = processor.process(delivery, transport)
-    finally:
-        renderer.close()
+    outcome, transport = _process_once(settings, delivery, control)
     assert control.looks == 2, "looked for a cancel on arrival and again once due"
     assert isinstance(outcome.outcome, Cancelled)
     assert transport.sent_at == []
@@ -323,13 +324,7 @@ def test_a_mail_cancelled_while_its_send_claim_is_taken_is_not_sent(settings: Se
     # Taking the send claim is a round trip to Redis; a cancel read meanwhile still counts.
     delivery = _delivery(settings)
     control = _CancelledAfterFirstLook(uuid.UUID(delivery.properties.message_id))
-    transport = _RecordingTransport()
-    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
-    processor = MailProcessor(settings, Topology.from_settings(settings), renderer, control=control)
-    try:
-        outcome = processor.process(delivery, transport)
-    finally:
-        renderer.close()
+    outcome, transport = _process_once(settings, delivery, control)
     assert control.looks == 2, "looked for a cancel when it was due and again before sending"
     assert isinstance(outcome.outcome, Cancelled)
     assert transport.sent_at == []
@@ -337,13 +332,7 @@ def test_a_mail_cancelled_while_its_send_claim_is_taken_is_not_sent(settings: Se
 
 def test_a_mail_arriving_more_than_hold_seconds_early_is_delayed_again(settings: Settings) -> None:
     due = datetime.now(UTC) + timedelta(seconds=HOLD_SECONDS + 3)
-    transport = _RecordingTransport()
-    renderer = TemplateRenderer(settings.templates_dir, RenderLimits.of(settings))
-    processor = MailProcessor(settings, Topology.from_settings(settings), renderer)
-    try:
-        outcome = processor.process(_delivery(settings, not_before=due.isoformat()), transport)
-    finally:
-        renderer.close()
+    outcome, transport = _process_once(settings, _delivery(settings, not_before=due.isoformat()))
     assert isinstance(outcome.outcome, Redelay)
     assert outcome.outcome.delay_seconds >= HOLD_SECONDS + 2
     assert transport.sent_at == []
