@@ -50,6 +50,21 @@ def submitted(mail: MailContainer, at: datetime = T0) -> HistoryRecord:
     return HistoryRecord(event, mail, "billing@acme.example")
 
 
+def resubmitted(corrected: MailContainer, at: datetime, **fields: Any) -> HistoryRecord:
+    """An operator's re-submission (round 1) of a mail, with its corrected container."""
+    event = MailEvent(
+        event_id=uuid.uuid5(corrected.id, "submitted.1"),
+        kind=EventKind.RESUBMITTED,
+        mail_id=corrected.id,
+        tenant=corrected.tenant,
+        app=corrected.app,
+        at=at,
+        round=1,
+        **fields,
+    )
+    return HistoryRecord(event, corrected, "billing@acme.example")
+
+
 def event(mail: MailContainer, kind: EventKind, at: datetime, **fields: Any) -> HistoryRecord:
     return HistoryRecord(
         MailEvent(kind=kind, mail_id=mail.id, tenant=mail.tenant, app=mail.app, at=at, **fields)
@@ -229,16 +244,7 @@ def test_a_tag_search_finds_every_tagged_mail_archived_before_or_after_migration
     with store.engine.begin() as conn:  # archived before the column: its tags are NULL
         conn.execute(mails.update().where(mails.c.id == old.id).values(tags=None))
     corrected = container(id=str(retagged.id), tags=["autumn"])
-    resubmitted = MailEvent(
-        event_id=uuid.uuid5(retagged.id, "submitted.1"),
-        kind=EventKind.RESUBMITTED,
-        mail_id=retagged.id,
-        tenant=retagged.tenant,
-        app=retagged.app,
-        at=T0 + timedelta(minutes=1),
-        round=1,
-    )
-    store.write([HistoryRecord(resubmitted, corrected, "billing@acme.example")])
+    store.write([resubmitted(corrected, T0 + timedelta(minutes=1))])
 
     def ids(tag: str) -> set[uuid.UUID]:
         return {m.id for m in store.list_mails(MailFilter(tag=tag))}
@@ -327,16 +333,6 @@ def edited_retried_and_sent(mail: MailContainer) -> list[HistoryRecord]:
     corrected = container(
         id=str(mail.id), subject="Invoice 7 (corrected)", to=["anna@example.org"], cc=[]
     )
-    resubmitted = MailEvent(
-        event_id=uuid.uuid5(mail.id, "submitted.1"),
-        kind=EventKind.RESUBMITTED,
-        mail_id=mail.id,
-        tenant=mail.tenant,
-        app=mail.app,
-        at=T0 + timedelta(minutes=11),
-        round=1,
-        actor="carol",
-    )
     return [
         submitted(mail),
         event(
@@ -354,7 +350,7 @@ def edited_retried_and_sent(mail: MailContainer) -> list[HistoryRecord]:
             actor="carol",
             detail={"changes": {"subject": ["Invoice 7", "Invoice 7 (corrected)"]}},
         ),
-        HistoryRecord(resubmitted, corrected, "billing@acme.example"),
+        resubmitted(corrected, T0 + timedelta(minutes=11), actor="carol"),
         event(
             mail,
             EventKind.SENT,
