@@ -164,15 +164,30 @@ def build(count: int) -> dict[str, Any]:
 
 
 def _fill(engine: Engine, count: int) -> None:
-    arguments = {"count": count, "span": SPAN, "tags": TAGS}
     for start in range(1, count + 1, _CHUNK):
-        chunk = {**arguments, "start": start, "stop": min(count, start + _CHUNK - 1)}
-        with engine.begin() as conn:
-            for statement in (_MAILS, _EVENTS, _RECIPIENTS, _TAGS):
-                conn.execute(text(statement), chunk)
-        print(f"  filled {chunk['stop']:,} of {count:,} mails", flush=True)
+        stop = _make_mails(engine, count, start, _CHUNK)[1]
+        print(f"  filled {stop:,} of {count:,} mails", flush=True)
     with engine.begin() as conn:
-        conn.execute(text(_COUNTS), arguments)
+        conn.execute(text(_COUNTS), _arguments(count))
+    _vacuum(engine)
+
+
+def _arguments(count: int) -> dict[str, Any]:
+    return {"count": count, "span": SPAN, "tags": TAGS}
+
+
+def _make_mails(engine: Engine, count: int, start: int, size: int) -> tuple[int, int]:
+    """Mails ``start`` .. (at most ``size``) with their rows, those not there yet, in
+    one transaction; how many mails it made, and the last one's number."""
+    chunk = {**_arguments(count), "start": start, "stop": min(count, start + size - 1)}
+    with engine.begin() as conn:
+        made = conn.execute(text(_MAILS), chunk).rowcount
+        for statement in (_EVENTS, _RECIPIENTS, _TAGS):
+            conn.execute(text(statement), chunk)
+    return made, chunk["stop"]
+
+
+def _vacuum(engine: Engine) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
 
@@ -256,18 +271,11 @@ def _restore(engine: Engine, count: int) -> float:
     again chunk by chunk from ``i = 1`` until a chunk finds every mail still there.
     """
     started = time.perf_counter()
-    arguments = {"count": count, "span": SPAN, "tags": TAGS}
     chunk_size = 100_000
     for start in range(1, count + 1, chunk_size):
-        chunk = {**arguments, "start": start, "stop": min(count, start + chunk_size - 1)}
-        with engine.begin() as conn:
-            restored = conn.execute(text(_MAILS), chunk).rowcount
-            for statement in (_EVENTS, _RECIPIENTS, _TAGS):
-                conn.execute(text(statement), chunk)
-        if not restored:
+        if not _make_mails(engine, count, start, chunk_size)[0]:
             break
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE"))
+    _vacuum(engine)
     return round(time.perf_counter() - started, 1)
 
 
