@@ -60,7 +60,7 @@ SELECT md5('m' || i)::uuid, 't' || (i % 100 / 10), 'a' || (i % 10),
        '.com"],"data":{"customer":"Customer ' || i || '","number":' || i ||
        ',"lines":[{"name":"Article","items": 2,"price": 4.5}],"total": 9.0}}',
        false, ARRAY['campaign-' || (i % :tags)]
-FROM generate_series(:start, :stop) AS i,
+FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i,
      LATERAL (SELECT now() - :span * (1 - i::float8 / :count) AS at) AS c,
      LATERAL (SELECT CASE i % 100 WHEN 0 THEN 'dead_lettered' WHEN 1 THEN 'retrying'
                      WHEN 2 THEN 'scheduled' WHEN 3 THEN 'queued' ELSE 'sent' END AS status,
@@ -73,7 +73,7 @@ INSERT INTO events (event_id, mail_id, kind, at, round, attempt, error, smtp_rep
 SELECT md5('e' || e.n || '.' || i)::uuid, md5('m' || i)::uuid, e.kind,
        now() - :span * (1 - i::float8 / :count) + e.after, 0, e.attempt, e.error, e.reply,
        e.message_id
-FROM generate_series(:start, :stop) AS i,
+FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i,
      LATERAL (VALUES
         (1, 'submitted', interval '0', NULL::int, NULL::text, NULL::text, NULL::text),
         (2, CASE WHEN i % 100 = 0 THEN 'dead_lettered' WHEN i % 100 = 1 THEN 'attempt_failed'
@@ -90,12 +90,12 @@ ON CONFLICT DO NOTHING
 _RECIPIENTS = """
 INSERT INTO mail_recipients (mail_id, address)
 SELECT md5('m' || i)::uuid, 'customer' || i || '@example' || (i % 1000) || '.com'
-FROM generate_series(:start, :stop) AS i
+FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i
 ON CONFLICT DO NOTHING
 """
 _TAGS = """
 INSERT INTO mail_tags (mail_id, tag)
-SELECT md5('m' || i)::uuid, 'campaign-' || (i % :tags) FROM generate_series(:start, :stop) AS i
+SELECT md5('m' || i)::uuid, 'campaign-' || (i % :tags) FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i
 ON CONFLICT DO NOTHING
 """
 _COUNTS = """
