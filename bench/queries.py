@@ -95,7 +95,8 @@ ON CONFLICT DO NOTHING
 """
 _TAGS = """
 INSERT INTO mail_tags (mail_id, tag)
-SELECT md5('m' || i)::uuid, 'campaign-' || (i % :tags) FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i
+SELECT md5('m' || i)::uuid, 'campaign-' || (i % :tags)
+FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i
 ON CONFLICT DO NOTHING
 """
 _COUNTS = """
