@@ -446,6 +446,10 @@ def test_text_a_column_cannot_hold_is_stored_as_a_replacement_character(
     assert found is not None and found.mail.subject == "In\ufffdvoice"
     assert found.container is not None and found.container["subject"] == "In\x00voice"
     assert count(store, mail_tags, mail_id=mail.id) == 1
+    # A search holding such text (a NUL, invalid UTF-8 on a command line) asks for it as
+    # the store keeps it: found, not an error from the database or the encoder.
+    assert [m.id for m in store.list_mails(MailFilter(tag="t\x00ag"))] == [mail.id]
+    assert store.list_mails(MailFilter(tag="\udcff", to="\x00@x", tenant="a\x00")) == []
 
 
 def test_a_purge_deletes_in_batches_and_reports_its_progress(store: HistoryStore) -> None:

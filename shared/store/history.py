@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from rohrpost.shared.container import bare_address
 from rohrpost.shared.errors import StoreError
 from rohrpost.shared.events import MailEvent
+from rohrpost.shared.storable import storable_text
 from rohrpost.shared.store import letters
 from rohrpost.shared.store.audit import AuditEntry, audit_entries, paused_scopes
 from rohrpost.shared.store.counts import forget_old_counts, recent_counts
@@ -132,6 +133,12 @@ class MailFilter(BaseModel):
     #: Keyset paging: only mails listed after this one (its updated_at and id).
     after: tuple[datetime, uuid.UUID] | None = None
     limit: int = 100
+
+    @field_validator("tenant", "app", "status", "to", "tag")
+    @classmethod
+    def _as_stored(cls, value: str | None) -> str | None:
+        """NUL and lone surrogates (invalid UTF-8 on a command line) as the store keeps them."""
+        return None if value is None else storable_text(value)
 
     @field_validator("to")
     @classmethod
