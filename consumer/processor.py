@@ -63,8 +63,9 @@ THROTTLED_RETRY_SECONDS = 1
 #: counts, so a server that throttles forever still ends in a dead letter.
 THROTTLE_BUDGET = 20
 #: A mail that arrives at most this early is held until it is due, on the sender thread;
-#: one that arrives earlier is delayed again. Producers release a scheduled mail up to a
-#: second early (``DelayLevels.release_seconds``); the rest allows for clocks that differ.
+#: one that arrives earlier is delayed again. Scheduled mails that say when they are due
+#: wait on the worker's timer instead (``rohrpost.consumer.due``); this is for the rest:
+#: mails published without the mark, clocks that differ.
 HOLD_SECONDS = 2.0
 
 

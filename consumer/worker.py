@@ -29,6 +29,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.control import ControlFollower
+from rohrpost.consumer.due import LONGEST_HOLD_SECONDS, DueHold
 from rohrpost.consumer.events import EventBatcher
 from rohrpost.consumer.inbox import Inbox
 from rohrpost.consumer.limits import FlowControl, Item
@@ -56,7 +57,7 @@ from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.state import SharedState
 from rohrpost.shared.topology import Topology
-from rohrpost.shared.wire import attempt_of
+from rohrpost.shared.wire import attempt_of, due_of
 
 log = get_logger(__name__)
 
@@ -82,6 +83,7 @@ class SendWorker:
     ) -> None:
         """``metrics``: where to record (default: a private registry nobody serves)."""
         self._settings = settings
+        self._clock = clock
         self._topology = Topology.from_settings(settings)
         self._renderer = renderer = TemplateRenderer(
             settings.templates_dir, RenderLimits.of(settings)
@@ -106,6 +108,8 @@ class SendWorker:
         self._consuming_started = False
         # deliveries as they arrive, and then with their send claims (taken in batches)
         self._arrivals: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        # scheduled mails that arrived before they are due, until they are
+        self._due = DueHold(self._due_now, clock)
         self._inbox: Inbox[tuple[Delivery, Claim | None]] = Inbox()
         # rate and connection limits, between the claimer and the sender threads
         self._flow = FlowControl(
@@ -156,6 +160,7 @@ class SendWorker:
         ]
         threads.append(threading.Thread(target=self._claim_loop, name="claimer", daemon=True))
         self._flow.start()
+        self._due.start()
         for thread in threads:
             thread.start()
         self._consuming_started = True
@@ -254,6 +259,9 @@ class SendWorker:
             broker.cancel_consumers().result(timeout=10)
         except Exception as exc:
             log.warning("could not cancel consumers cleanly", error=str(exc))
+        for delivery in self._due.close():  # not due yet: back to the queue, for another worker
+            self.metrics.held_until_due.dec()
+            self._put_back(delivery)
         self._arrivals.put(None)  # the claimer hands on what arrived, then the end
         for thread in threads:
             thread.join()
@@ -293,6 +301,18 @@ class SendWorker:
             self._in_flight += 1
             self._received += 1
         self.metrics.in_flight.inc()
+        due = due_of(delivery.properties)
+        if due is not None and 0 < due - self._clock() <= LONGEST_HOLD_SECONDS:
+            self.metrics.held_until_due.inc()
+            if self._due.hold(delivery, due):
+                return
+            self.metrics.held_until_due.dec()  # stopping: the claimer has it at once
+        self._arrivals.put(delivery)
+
+    # -- due-hold thread -----------------------------------------------------------------
+
+    def _due_now(self, delivery: Delivery) -> None:
+        self.metrics.held_until_due.dec()
         self._arrivals.put(delivery)
 
     # -- claimer thread ----------------------------------------------------------------

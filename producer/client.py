@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,7 +34,7 @@ from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.state import SharedState
 from rohrpost.shared.topology import Topology
-from rohrpost.shared.wire import mail_properties
+from rohrpost.shared.wire import DUE_HEADER, mail_properties
 
 log = get_logger(__name__)
 
@@ -150,8 +151,12 @@ class Producer:
         if mail.expires_at is not None and now is not None and mail.expires_at <= now:
             raise ContainerError(f"expires_at: {mail.expires_at.isoformat()} is already past")
         body = encode_container(mail)
-        properties = mail_properties(str(mail.id), round=round, headers=headers)
         waits = (mail.not_before - now).total_seconds() if mail.not_before and now else 0.0
+        if waits > 0 and mail.not_before is not None:
+            # the worker that receives it early holds it on a timer until then
+            due = math.ceil(mail.not_before.timestamp() * 1000)
+            headers = {**(headers or {}), DUE_HEADER: due}
+        properties = mail_properties(str(mail.id), round=round, headers=headers)
         seconds = self._topology.delay.release_seconds(waits) if waits > 0 else 0
         if seconds > 0:
             exchange = self._topology.schedule_exchange

@@ -28,6 +28,14 @@ from datetime import timedelta
 
 BASE = 8
 DIGITS = range(1, BASE)
+#: A scheduled mail leaves the delay levels this many seconds (and up to one more: whole
+#: seconds round down) before it is due; the worker that receives it holds it on a timer,
+#: without a sender thread, until it is due (``rohrpost.consumer.due``). The hops take
+#: their time for a burst: the last hop lets 20,000 mails due in one second into their
+#: send queue at 4,000-8,500 a second here (bounded by RabbitMQ's dead-letter workers),
+#: so with a lead of one second the last of them arrived 3-5 s late; released this early,
+#: they wait in the send queue when they are due.
+RELEASE_LEAD_SECONDS = 5
 
 
 def _power(level: int) -> int:
@@ -81,15 +89,16 @@ class DelayLevels:
         return min(self.max_seconds, max(0, math.ceil(raw)))
 
     def release_seconds(self, until_due: timedelta | float) -> int:
-        """Whole seconds a mail due in ``until_due`` waits: rounded down, capped at one pass.
+        """Whole seconds a mail due in ``until_due`` waits in the levels; capped at one pass.
 
-        Rounded down, a mail reaches its send queue up to a second before it is due and
-        the worker holds it until then: it is never sent early, and the hops' own time
-        (a burst of 20,000 due in one second takes 1-3 s to pass the last hop here) is
-        not added to a second of rounding.
+        ``RELEASE_LEAD_SECONDS`` less than its whole seconds rounded down: it reaches its
+        send queue that much (up to a second more) before it is due, and the worker holds
+        it until then — it is never sent early, and a burst's passage through the last hop
+        happens before it is due instead of after. A mail due sooner goes straight to its
+        send queue.
         """
         raw = until_due.total_seconds() if isinstance(until_due, timedelta) else until_due
-        return min(self.max_seconds, max(0, math.floor(raw)))
+        return min(self.max_seconds, max(0, math.floor(raw) - RELEASE_LEAD_SECONDS))
 
     def digits(self, seconds: int) -> list[int]:
         """``seconds`` as ``count`` base-8 digits, most significant first."""

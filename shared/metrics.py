@@ -101,6 +101,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.held_until_due = Gauge(
+            "rohrpost_mails_held_until_due",
+            "Scheduled mails a worker received early and holds until they are due.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.route_paused = Gauge(
             "rohrpost_route_paused",
             "1 while an operator paused the tenant/app.",

@@ -38,11 +38,16 @@ RELEASED_HEADER = "x-rohrpost-released"
 LIMITED_HEADER = "x-rohrpost-limited"
 #: How often the SMTP server throttled this mail (not counted as attempts, up to a budget).
 THROTTLED_HEADER = "x-rohrpost-throttled"
+#: A scheduled mail: when it is due (Unix ms, rounded up). A worker that receives it
+#: early holds it on a timer until then, without reading its body.
+DUE_HEADER = "x-rohrpost-due"
 #: Headers a mail keeps when a worker moves it on (retry, delayed again, held).
 _CARRIED = (SEND_NOW_HEADER, RELEASED_HEADER, THROTTLED_HEADER)
 
 MAIL_CONTENT_TYPE = "application/json"
 _MAX_HEADER_TEXT = 2000
+#: 9999-12-31T23:59:59.999Z, the last moment a container's datetime can name.
+_LAST_MS = 253_402_300_799_999
 
 
 def mail_properties(
@@ -94,6 +99,12 @@ def mark_of(properties: Any, name: str) -> int | None:
     headers = properties.headers if isinstance(properties.headers, dict) else {}
     value = headers.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def due_of(properties: Any) -> float | None:
+    """When a delivered mail says it is due (Unix seconds); None when absent or absurd."""
+    mark = mark_of(properties, DUE_HEADER)
+    return mark / 1000 if mark is not None and 0 < mark <= _LAST_MS else None
 
 
 def carried_headers(properties: Any) -> dict[str, int]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
-from rohrpost.shared.delay import DelayLevels
+from rohrpost.shared.delay import RELEASE_LEAD_SECONDS, DelayLevels
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology, queue_depths
 from tests.conftest import declare
@@ -153,11 +153,13 @@ def test_delays_round_up_to_whole_seconds_and_cap_at_one_pass() -> None:
         levels.routing_key(64, "acme", "billing")
 
 
-def test_a_scheduled_mail_waits_whole_seconds_rounded_down_and_capped_at_one_pass() -> None:
+def test_a_scheduled_mail_leaves_the_lead_early_rounded_down_and_capped_at_one_pass() -> None:
     levels = DelayLevels("ns", 2)
-    assert levels.release_seconds(timedelta(seconds=2.99)) == 2
-    assert levels.release_seconds(timedelta(seconds=3)) == 3
-    assert levels.release_seconds(0.4) == 0
+    lead = RELEASE_LEAD_SECONDS
+    assert levels.release_seconds(timedelta(seconds=lead + 2.99)) == 2
+    assert levels.release_seconds(timedelta(seconds=lead + 3)) == 3
+    assert levels.release_seconds(lead + 0.4) == 0
+    assert levels.release_seconds(lead - 1) == 0  # due within the lead: straight to its queue
     assert levels.release_seconds(timedelta(seconds=-5)) == 0
     assert levels.release_seconds(timedelta(days=1)) == 63
 

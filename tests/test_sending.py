@@ -13,18 +13,28 @@ from typing import Any
 
 import pika
 import pytest
+from prometheus_client import CollectorRegistry
 
 from rohrpost.catcher import MailCatcher
 from rohrpost.consumer.outcome import Cancelled, Processed, Redelay, Sent
 from rohrpost.consumer.processor import HOLD_SECONDS, MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.producer.client import Producer
-from rohrpost.shared.broker import Delivery
+from rohrpost.shared.broker import Delivery, admin_channel
 from rohrpost.shared.container import encode_container, parse_container
 from rohrpost.shared.control import ControlMessage, ControlState
+from rohrpost.shared.delay import RELEASE_LEAD_SECONDS
+from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.settings import Settings
-from rohrpost.shared.topology import Topology
-from tests.conftest import EventLog, WorkerThread, drain, write_template
+from rohrpost.shared.topology import Topology, queue_depths
+from tests.conftest import (
+    EventLog,
+    WorkerThread,
+    declare,
+    drain,
+    wait_until,
+    write_template,
+)
 
 # A minimal valid PDF with a binary comment line (bytes >= 0x80 must survive).
 PDF = (
@@ -336,3 +346,53 @@ def test_a_mail_arriving_more_than_hold_seconds_early_is_delayed_again(settings:
     assert isinstance(outcome.outcome, Redelay)
     assert outcome.outcome.delay_seconds >= HOLD_SECONDS + 2
     assert transport.sent_at == []
+
+
+def _held(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("rohrpost_mails_held_until_due") or 0.0
+
+
+def test_a_mail_due_soon_waits_in_the_worker_without_a_sender_thread(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    worker_thread: Callable[..., WorkerThread],
+) -> None:
+    # Within the lead a scheduled mail goes straight to its send queue; the worker holds
+    # it on its timer. One sender thread: a due mail must not wait behind the held ones.
+    settings = make_settings(threads=1)
+    declare(settings)
+    registry = CollectorRegistry()
+    worker_thread(settings, metrics=Metrics(registry))
+    due = datetime.now(UTC) + timedelta(seconds=RELEASE_LEAD_SECONDS + 0.9)
+    with Producer(settings) as producer:
+        for _ in range(3):
+            producer.submit(finished(not_before=due.isoformat()))
+        wait_until(lambda: _held(registry) == 3, timeout=RELEASE_LEAD_SECONDS)  # before due
+        producer.submit(finished(subject="due now"))
+    mails = catcher.wait_for(lambda mails: len(mails) == 4, timeout=60)
+    assert mails[0].parsed()["Subject"] == "due now"
+    assert mails[0].received_at < due.timestamp(), "the due mail waited for the held ones"
+    for caught in mails[1:]:
+        assert caught.received_at >= due.timestamp(), "a held mail was sent early"
+    assert _held(registry) == 0
+
+
+def test_a_stopping_worker_gives_back_the_mails_it_holds_until_due(
+    settings: Settings, catcher: MailCatcher, worker_thread: Callable[..., WorkerThread]
+) -> None:
+    registry = CollectorRegistry()
+    first = worker_thread(settings, metrics=Metrics(registry))
+    due = datetime.now(UTC) + timedelta(seconds=RELEASE_LEAD_SECONDS + 0.5)
+    with Producer(settings) as producer:
+        producer.submit(finished(not_before=due.isoformat()))
+    wait_until(lambda: _held(registry) == 1, timeout=30)
+    first.stop()
+    send_queue = Topology.from_settings(settings).send_queue("acme", "billing")
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        assert queue_depths(channel, [send_queue]) == {send_queue: 1}, "not given back"
+    assert catcher.mails == []
+    worker_thread(settings)
+    mails = catcher.wait_for(lambda mails: len(mails) == 1, timeout=60)
+    assert mails[0].received_at >= due.timestamp()
+    time.sleep(1)  # a second copy would come at once
+    assert len(catcher.mails) == 1
