@@ -48,13 +48,19 @@ def table(name: str, figures: dict[str, Any]) -> str:
 
 
 def run_part(
-    name: str, mails: int | None, processes: int, store: str, consumers: int = 1
+    name: str,
+    mails: int | None,
+    processes: int,
+    store: str,
+    *,
+    consumers: int = 1,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     count = mails or DEFAULTS[name]
     simple: dict[str, Callable[[], dict[str, Any]]] = {
-        "history": lambda: ingest.ingest(count, store, consumers),
-        "submit": lambda: parts.submit(count, store),
-        "e2e": lambda: parts.e2e(count, processes, store),
+        "history": lambda: ingest.ingest(count, store, consumers, rounds),
+        "submit": lambda: parts.submit(count, store, rounds),
+        "e2e": lambda: parts.e2e(count, processes, store, rounds),
         "punctuality": lambda: parts.punctuality(count, processes, store),
         "scale": lambda: parts.scale(count, store),
     }
@@ -81,6 +87,12 @@ def main() -> None:
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument(
         "--consumers", type=int, default=1, help="history consumers (part history; default 1)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds, alternating with the reference (parts history, submit, e2e; default 3)",
     )
     parser.add_argument(
         "--drop", action="store_true", help="part queries: only drop its kept database"
@@ -113,7 +125,14 @@ def main() -> None:
     names = list(DEFAULTS) if args.part == "all" else [args.part]
     results: dict[str, Any] = {}
     for name in names:
-        figures = run_part(name, args.mails, args.processes, args.store, args.consumers)
+        figures = run_part(
+            name,
+            args.mails,
+            args.processes,
+            args.store,
+            consumers=args.consumers,
+            rounds=args.rounds,
+        )
         print(table(name, figures), flush=True)
         results[name] = figures
     if args.part == "all":
