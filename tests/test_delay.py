@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.delay import RELEASE_LEAD_SECONDS, DelayLevels
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology, queue_depths
+from rohrpost.shared.wire import DUE_HEADER
 from tests.conftest import declare
 
 NAMES = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,10}\Z")
@@ -198,3 +200,42 @@ def test_a_mail_delayed_30_days_waits_first_in_level_7(
             channel, [*topology.delay_queues(), topology.send_queue("acme", "billing")]
         )
     assert {name: n for name, n in depths.items() if n} == {f"{settings.namespace}.delay.7.1": 1}
+
+
+@pytest.mark.parametrize(
+    ("ahead", "key_delay"), [(30.4, 25), (RELEASE_LEAD_SECONDS + 0.9, 0), (1, 0)]
+)
+def test_a_scheduled_mail_is_marked_with_when_it_is_due_and_leaves_the_lead_early(
+    make_settings: Callable[..., Settings], ahead: float, key_delay: int
+) -> None:
+    config = make_settings()
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    due = now + timedelta(seconds=ahead, microseconds=123)
+    topology = Topology.from_settings(config)
+    with Producer(config, clock=lambda: now) as producer:
+        _, scheduled = producer.prepare(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["a@example.com"],
+                "subject": "s",
+                "text": "t",
+                "not_before": due.isoformat(),
+            }
+        )
+        _, due_now = producer.prepare(
+            {
+                "tenant": "acme",
+                "app": "billing",
+                "to": ["a@example.com"],
+                "subject": "s",
+                "text": "t",
+            }
+        )
+    # rounded up to the millisecond: a worker never holds it short of its not_before
+    assert scheduled.properties.headers[DUE_HEADER] == math.ceil(due.timestamp() * 1000)
+    assert due_now.properties.headers is None
+    if key_delay:
+        assert scheduled.routing_key == topology.delayed_key(key_delay, "acme", "billing")
+    else:  # due within the lead: straight into its send queue, the worker holds it
+        assert scheduled.routing_key == topology.route_key("acme", "billing")

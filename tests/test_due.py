@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
+
+import pytest
 
 from rohrpost.consumer.due import DueHold
+from rohrpost.shared.wire import DUE_HEADER, due_of
 
 
 def test_held_items_are_released_in_due_order_none_before_it_is_due() -> None:
@@ -53,3 +57,24 @@ def test_closing_gives_back_what_is_not_due_soonest_first_and_takes_nothing_more
     assert hold.close() == ["x", "y", "z"]
     assert not hold.hold("w", now), "held after it was closed"
     assert released == [] and len(hold) == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "due"),
+    [
+        ({DUE_HEADER: 1_800_000_000_500}, 1_800_000_000.5),
+        (None, None),
+        ({}, None),
+        ({DUE_HEADER: "1800000000500"}, None),  # text, as a hostile publisher may send
+        ({DUE_HEADER: True}, None),
+        ({DUE_HEADER: 1.8e12}, None),  # a float is not a mark
+        ({DUE_HEADER: 0}, None),
+        ({DUE_HEADER: -5}, None),
+        ({DUE_HEADER: 10**20}, None),  # past year 9999
+        ("not a table", None),
+    ],
+)
+def test_a_due_mark_is_read_only_when_it_is_a_sane_whole_number_of_milliseconds(
+    headers: object, due: float | None
+) -> None:
+    assert due_of(SimpleNamespace(headers=headers)) == due
