@@ -121,12 +121,28 @@ def log_in(page: Any, pipeline: Pipeline, role: str = "operator") -> None:
     page.wait_for_url(re.compile(r"/dead-letters"))
 
 
+#: Tries at a screenshot before a browser hiccup counts as a failure.
+_SCREENSHOT_ATTEMPTS = 3
+
+
 def shoot(page: Any, name: str, at: str | None = None) -> None:
     """A screenshot (one viewport); into docs/ for the README with ROHRPOST_TEST_SCREENSHOTS=1."""
     if at is not None:
         page.locator(at).evaluate("element => element.scrollIntoView()")
     folder = DOCS if os.environ.get("ROHRPOST_TEST_SCREENSHOTS") else Path(page.context.tmp_dir)
-    page.screenshot(path=str(folder / f"console-{name}.png"))
+    for attempt in range(_SCREENSHOT_ATTEMPTS):
+        try:
+            page.screenshot(path=str(folder / f"console-{name}.png"))
+            break
+        except playwright.Error as exc:
+            # Headless Chromium on a loaded machine now and then answers "Unable to
+            # capture screenshot" (its compositor missed a frame); the page is fine.
+            if (
+                "Unable to capture screenshot" not in str(exc)
+                or attempt + 1 == _SCREENSHOT_ATTEMPTS
+            ):
+                raise
+            page.wait_for_timeout(500)
     if at is not None:
         page.evaluate("window.scrollTo(0, 0)")
 
