@@ -14,6 +14,7 @@ from sqlalchemy import select
 from rohrpost.shared.container import MailContainer, parse_container
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.store import HistoryRecord, HistoryStore
+from rohrpost.shared.store.sinks import EVENT_COLUMNS
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails
 from tests.conftest import postgres_database
 
@@ -128,3 +129,10 @@ def test_a_batch_stores_awkward_text_storable_and_whole(both_stores: tuple[str, 
         first = next(row for row in rows["mails"] if row[0] == uuid.UUID(int=1))
         assert first[2:5] == ("billing", "queued", 1)
         assert first[-1] == ["new"]
+
+
+def test_the_event_rows_name_every_column_of_the_events_table_once() -> None:
+    # Listed by hand for the rows built without a dict; a column added to the table
+    # and not here would be left empty by both sinks alike.
+    assert sorted(EVENT_COLUMNS) == sorted(column.name for column in events.columns)
+    assert len(set(EVENT_COLUMNS)) == len(EVENT_COLUMNS)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import operator
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
@@ -119,7 +119,8 @@ class CoreSink:
 
     def insert_events(self, conn: Connection, new: Sequence[MailEvent]) -> None:
         if new:
-            conn.execute(insert(events), [_event_row(event) for event in new])
+            rows = [dict(zip(EVENT_COLUMNS, _event_values(e, _same), strict=True)) for e in new]
+            conn.execute(insert(events), rows)
 
 
 class CopySink:
@@ -166,7 +167,9 @@ class CopySink:
         _copy(cursor, "mail_tags", ["mail_id", "tag"], _tag_rows(content))
 
     def insert_events(self, conn: Connection, new: Sequence[MailEvent]) -> None:
-        _copy(_cursor(conn), "events", EVENT_COLUMNS, (_event_values(event) for event in new))
+        _copy(
+            _cursor(conn), "events", EVENT_COLUMNS, (_event_values(event, _json) for event in new)
+        )
 
 
 def _cursor(conn: Connection) -> Any:
@@ -222,25 +225,15 @@ def _json(value: dict[str, Any] | None) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
-def _event_row(event: MailEvent) -> dict[str, Any]:
-    return {
-        "event_id": event.event_id,
-        "mail_id": event.mail_id,
-        "kind": event.kind.value,
-        "at": event.at,
-        "round": event.round,
-        "attempt": event.attempt,
-        "reason": event.reason,
-        "error": event.error,
-        "smtp_reply": event.smtp_reply,
-        "message_id": event.message_id,
-        "actor": event.actor,
-        "detail": event.detail,
-    }
+def _same(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    return value
 
 
-def _event_values(event: MailEvent) -> tuple[Any, ...]:
-    """An event's row for COPY, in ``EVENT_COLUMNS`` order, built without a dict per event."""
+def _event_values(
+    event: MailEvent, detail: Callable[[dict[str, Any] | None], Any]
+) -> tuple[Any, ...]:
+    """An event's values in ``EVENT_COLUMNS`` order, its detail as ``detail`` makes it
+    (a dict for SQLAlchemy, JSON text for COPY); no dict per event on the COPY path."""
     return (
         event.event_id,
         event.mail_id,
@@ -253,5 +246,5 @@ def _event_values(event: MailEvent) -> tuple[Any, ...]:
         event.smtp_reply,
         event.message_id,
         event.actor,
-        _json(event.detail),
+        detail(event.detail),
     )
