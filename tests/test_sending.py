@@ -294,7 +294,8 @@ def _process_once(
 def test_a_mail_arriving_up_to_hold_seconds_early_is_held_and_sent_once_due(
     settings: Settings, early: float
 ) -> None:
-    # Producers release a scheduled mail up to a second before it is due.
+    # A mail without the producer's due mark (or seen by a worker whose clock runs behind)
+    # that arrives shortly before it is due waits on the sender thread.
     due = datetime.now(UTC) + timedelta(seconds=early)
     outcome, transport = _process_once(settings, _delivery(settings, not_before=due.isoformat()))
     assert isinstance(outcome.outcome, Sent)
@@ -319,8 +320,8 @@ class _CancelledAfterFirstLook(ControlState):
 
 
 def test_a_mail_cancelled_while_it_is_held_until_due_is_not_sent(settings: Settings) -> None:
-    # A scheduled mail reaches its send queue up to a second early and waits it out on
-    # a sender thread; a cancel the worker reads meanwhile must still stop it.
+    # An unmarked mail that arrives shortly before it is due waits it out on a sender
+    # thread; a cancel the worker reads meanwhile must still stop it.
     due = datetime.now(UTC) + timedelta(seconds=0.5)
     delivery = _delivery(settings, not_before=due.isoformat())
     control = _CancelledAfterFirstLook(uuid.UUID(delivery.properties.message_id))

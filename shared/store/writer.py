@@ -144,7 +144,7 @@ class _Mail:
         status = STATUS_OF.get(kind)
         if status is None:
             return  # not a state change
-        key = (event.round, status[1], event.at)
+        key = record.order()
         if key <= (row["round"], row["status_rank"], row["status_at"]):
             return  # an earlier one arriving late
         values: dict[str, Any] = {}
