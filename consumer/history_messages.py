@@ -17,9 +17,10 @@ import pika
 from pydantic import TypeAdapter, ValidationError
 
 from rohrpost.consumer.events import BATCH_TYPE, batch_body
-from rohrpost.shared.archive import read_archived
+from rohrpost.shared.archive import ArchivedMail, read_archived
 from rohrpost.shared.broker import Delivery
 from rohrpost.shared.container import describe_validation_error, parse_container
+from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import ContainerError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import Settings
@@ -136,6 +137,7 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
     if kind.startswith("rohrpost.event."):
         return [_event_record(MailEvent.model_validate_json(delivery.body), settings)]
     mail, text = read_archived(delivery.body)
+    _require_own_route(delivery, mail, settings)
     if mail.created_at is None:
         mail = mail.model_copy(update={"created_at": _published_at(delivery)})
     assert mail.created_at is not None
@@ -160,6 +162,27 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         )
         records.append(HistoryRecord(scheduled))
     return records
+
+
+def _require_own_route(delivery: Delivery, mail: ArchivedMail, settings: Settings) -> None:
+    """ContainerError unless a submitted container came by its own route's routing key.
+
+    Through the submit exchange the key is ``tenant.app[.lane]``, through the schedule
+    exchange the delay's digits come first. A worker dead-letters such a mail
+    ``misrouted``; archived under the tenant it names, it would be another tenant's
+    mail in the history. One put on the queue by hand (its name as key) is not checked.
+    """
+    key = delivery.routing_key
+    if key == f"{settings.namespace}.history":
+        return
+    words = key.split(".")
+    digits = DelayLevels.covering(settings.namespace, settings.max_delay.total_seconds()).count
+    for route in (words, words[digits:]):
+        if route[:2] == [mail.tenant, mail.app] and route[2:] in ([], ["high"], ["bulk"]):
+            return
+    raise ContainerError(
+        f"tenant/app: a mail for {mail.tenant}/{mail.app} published with routing key {key!r}"
+    )
 
 
 def _event_record(event: MailEvent, settings: Settings) -> HistoryRecord:
