@@ -20,7 +20,6 @@ from rohrpost.consumer.events import BATCH_TYPE, batch_body
 from rohrpost.shared.archive import ArchivedMail, read_archived
 from rohrpost.shared.broker import Delivery
 from rohrpost.shared.container import describe_validation_error, parse_container
-from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import ContainerError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import Settings
@@ -39,6 +38,7 @@ UNREADABLE = "unreadable"
 UNSTORABLE = "unstorable"
 
 _EVENT_BATCH = TypeAdapter(list[MailEvent])
+_OCTAL_DIGITS = frozenset("01234567")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +176,11 @@ def _require_own_route(delivery: Delivery, mail: ArchivedMail, settings: Setting
     if key == f"{settings.namespace}.history":
         return
     words = key.split(".")
-    digits = DelayLevels.covering(settings.namespace, settings.max_delay.total_seconds()).count
-    for route in (words, words[digits:]):
-        if route[:2] == [mail.tenant, mail.app] and route[2:] in ([], ["high"], ["bulk"]):
+    for lane in ([], ["high"], ["bulk"]):
+        route = [mail.tenant, mail.app, *lane]
+        delay = words[: len(words) - len(route)]
+        # the delay's digits are not counted: they depend on max_delay, read elsewhere
+        if words[len(delay) :] == route and all(d in _OCTAL_DIGITS for d in delay):
             return
     raise ContainerError(
         f"tenant/app: a mail for {mail.tenant}/{mail.app} published with routing key {key!r}"
