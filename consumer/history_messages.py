@@ -17,7 +17,7 @@ import pika
 from pydantic import TypeAdapter, ValidationError
 
 from rohrpost.consumer.events import BATCH_TYPE, batch_body
-from rohrpost.shared.archive import read_archived
+from rohrpost.shared.archive import ArchivedMail, read_archived
 from rohrpost.shared.broker import Delivery
 from rohrpost.shared.container import describe_validation_error, parse_container
 from rohrpost.shared.errors import ContainerError
@@ -38,6 +38,7 @@ UNREADABLE = "unreadable"
 UNSTORABLE = "unstorable"
 
 _EVENT_BATCH = TypeAdapter(list[MailEvent])
+_OCTAL_DIGITS = frozenset("01234567")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
     if kind.startswith("rohrpost.event."):
         return [_event_record(MailEvent.model_validate_json(delivery.body), settings)]
     mail, text = read_archived(delivery.body)
+    _require_own_route(delivery, mail, settings)
     if mail.created_at is None:
         mail = mail.model_copy(update={"created_at": _published_at(delivery)})
     assert mail.created_at is not None
@@ -160,6 +162,29 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         )
         records.append(HistoryRecord(scheduled))
     return records
+
+
+def _require_own_route(delivery: Delivery, mail: ArchivedMail, settings: Settings) -> None:
+    """ContainerError unless a submitted container came by its own route's routing key.
+
+    Through the submit exchange the key is ``tenant.app[.lane]``, through the schedule
+    exchange the delay's digits come first. A worker dead-letters such a mail
+    ``misrouted``; archived under the tenant it names, it would be another tenant's
+    mail in the history. One put on the queue by hand (its name as key) is not checked.
+    """
+    key = delivery.routing_key
+    if key == f"{settings.namespace}.history":
+        return
+    words = key.split(".")
+    for lane in ([], ["high"], ["bulk"]):
+        route = [mail.tenant, mail.app, *lane]
+        delay = words[: len(words) - len(route)]
+        # the delay's digits are not counted: they depend on max_delay, read elsewhere
+        if words[len(delay) :] == route and all(d in _OCTAL_DIGITS for d in delay):
+            return
+    raise ContainerError(
+        f"tenant/app: a mail for {mail.tenant}/{mail.app} published with routing key {key!r}"
+    )
 
 
 def _event_record(event: MailEvent, settings: Settings) -> HistoryRecord:

@@ -105,7 +105,8 @@ class MailProcessor:
         mail_id = delivery.properties.message_id
         if not isinstance(mail_id, str) or not mail_id:
             return None
-        return self._claims.key(mail_id, round_of(delivery.properties))
+        route = self._queue_routes[delivery.queue]
+        return self._claims.key(route, mail_id, round_of(delivery.properties))
 
     def process(
         self, delivery: Delivery, transport: Transport, claim: Claim | None = None
@@ -165,10 +166,10 @@ class MailProcessor:
         if stop is not None or (stop := self._not_now(job)) is not None:
             self._claims.release(claim)
             return stop
-        if claim is None or not claim.is_for(self._claims.key(mail.id, job.round)):
+        if claim is None or not claim.is_for(self._claims.key((tenant, app), mail.id, job.round)):
             # none taken on arrival, or the properties named another id than the mail
             self._claims.release(claim)
-            claim = self._claims.claim(mail.id, job.round)
+            claim = self._claims.claim((tenant, app), mail.id, job.round)
         if claim.state is ClaimState.SENT:
             return Duplicate()
         if claim.state is ClaimState.BUSY:

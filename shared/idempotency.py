@@ -7,12 +7,14 @@ Two records per mail in the shared state (Redis, ``rohrpost.shared.state``):
   refused as a duplicate (same or different content, the caller is told which).
   A publish the broker did not confirm releases it, so the caller may try again.
   Kept as long as the history keeps the mail (its delay plus ``retention_days``).
-* ``{ns}:send:{mail_id}:{round}`` — written by the worker that sends: ``sending:…``
+* ``{ns}:send:{tenant}/{app}:{mail_id}:{round}`` — written by the worker that sends: ``sending:…``
   with a lease (15 s, renewed while its SMTP transaction runs), ``sent`` once the server took the
   mail. Another copy of the mail in the same round (a redelivery after a crash or a
   lost connection, a producer's republish, two copies consumed at the same moment)
   finds it: ``sent`` → dropped as a duplicate; ``sending`` → delayed a few seconds
-  and looked at again. A failed attempt releases the claim.
+  and looked at again. A failed attempt releases the claim. The route is part of the
+  key: ids are chosen by clients and shown in Message-ID, and another tenant's mail
+  published under the same id must not take this mail's claim (it would be dropped).
 
 What remains possible, and documented: a duplicate send when a worker dies (or
 Redis fails) in the ~20 ms between the server's 250 and the ``sent`` mark reaching
@@ -277,13 +279,14 @@ class SendClaims:
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
-    def key(self, mail_id: uuid.UUID | str, round: int) -> str:
-        """The shared-state key of ``mail_id``'s sending in ``round``."""
-        return f"{self._prefix}{mail_id}:{round}"
+    def key(self, route: tuple[str, str], mail_id: uuid.UUID | str, round: int) -> str:
+        """The shared-state key of ``mail_id``'s sending in ``round`` on ``route`` (tenant, app)."""
+        tenant, app = route
+        return f"{self._prefix}{tenant}/{app}:{mail_id}:{round}"
 
-    def claim(self, mail_id: uuid.UUID, round: int) -> Claim:
-        """Claim the sending of ``mail_id`` in ``round``."""
-        return self.claim_many([self.key(mail_id, round)])[0]
+    def claim(self, route: tuple[str, str], mail_id: uuid.UUID, round: int) -> Claim:
+        """Claim the sending of ``mail_id`` in ``round`` on ``route``."""
+        return self.claim_many([self.key(route, mail_id, round)])[0]
 
     def claim_many(self, keys: Sequence[str]) -> list[Claim]:
         """Claim the sendings of ``keys`` (see ``key``) in one round trip."""

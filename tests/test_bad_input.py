@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from rohrpost.shared.container import MAX_CONTAINER_BYTES
 from rohrpost.shared.errors import ContainerError, NotConfirmed, UnknownRoute
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology, queue_depths
-from rohrpost.shared.wire import REASON_HEADER
+from rohrpost.shared.wire import REASON_HEADER, mail_properties
 from tests.conftest import WorkerThread, dead_letters, declare, publish_raw
 
 
@@ -150,3 +151,34 @@ def test_a_mail_in_another_tenants_queue_is_dead_lettered_as_misrouted(
     handle.stop()
     [(properties, _)] = dead_letters(settings)
     assert properties.headers[REASON_HEADER] == "misrouted"
+
+
+def test_another_tenant_using_a_mails_id_cannot_make_it_a_duplicate(
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    worker_thread: Callable[..., WorkerThread],
+) -> None:
+    # Mail ids are chosen by clients (idempotency keys) and go out in Message-ID: a
+    # tenant that knows another's id and publishes its own mail under it must not use
+    # up the other mail's send claim (it would be dropped as a duplicate, unsent).
+    settings = make_settings(
+        tenants={"globex": {"apps": {"shop": {"smtp": "catcher", "sender": "shop@globex.example"}}}}
+    )
+    declare(settings)
+    topology = Topology.from_settings(settings)
+    handle = worker_thread(settings)
+    taken = str(uuid.uuid4())
+    foreign = mail(tenant="globex", app="shop", id=taken, subject="globex's own mail")
+    publish_raw(
+        settings,
+        "globex.shop",
+        json.dumps(foreign).encode(),
+        exchange=topology.submit_exchange,
+        properties=mail_properties(taken),
+    )
+    catcher.wait_for(lambda mails: len(mails) == 1)
+    with Producer(settings) as producer:
+        producer.submit(mail(id=taken, subject="acme's mail"))
+    mails = catcher.wait_for(lambda mails: len(mails) == 2, timeout=15)
+    handle.stop()
+    assert mails[1].parsed()["Subject"] == "acme's mail"

@@ -554,3 +554,38 @@ def test_a_container_refuses_dates_outside_1970_to_9999_naming_the_field(
 ) -> None:
     with pytest.raises(ContainerError, match=f"^{field}: must lie between the years 1970 and 9999"):
         parse_container(container(**{field: value}))
+
+
+def test_another_tenant_naming_a_mails_id_does_not_change_its_history(
+    history_settings: Settings, store: HistoryStore
+) -> None:
+    # Mail ids are chosen by clients and go out in Message-ID. Whatever globex
+    # publishes under acme's id leaves acme's mail as it was; what would have changed
+    # it is set aside with the reason.
+    due = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    acme = parse_container(container(not_before=due, subject="acme's"))
+    run_with_poison(
+        history_settings,
+        store,
+        [mail_message(acme.model_dump_json(by_alias=True, exclude_none=True).encode())],
+        rejected=0,
+    )
+    taken = str(acme.id)
+    globex = {"tenant": "globex", "app": "shop"}
+    invalid = {"body_sha256": "0" * 64, "body_size": 2, "body": "{}", "message_id": taken}
+    poison = [
+        batch_message([event(mail_id=taken, subject="globex's", **globex)]),
+        event_message(event(kind="dead_lettered", mail_id=None, detail=invalid, **globex)),
+    ]
+    settings = history_settings
+    topology = Topology.from_settings(settings)
+    # acme's container with another subject, published for globex's route
+    forged = container(id=taken, subject="forged", not_before=due)
+    publish_raw(settings, "globex.shop", json.dumps(forged).encode(), topology.submit_exchange)
+    _, found = run_with_poison(settings, store, poison, rejected=2)
+    reasons = sorted((reason_of(p)[0], p.type) for p, _ in found)
+    assert reasons == [("unreadable", None), ("unstorable", BATCH_TYPE)]
+    mail = store.mail(acme.id)
+    assert mail is not None
+    assert (mail.mail.status, mail.mail.subject) == ("scheduled", "acme's")
+    assert [e.kind for e in mail.events] == ["submitted", "scheduled"]

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from rohrpost.shared.archive import ArchivedMail
 from rohrpost.shared.container import MailContainer, bare_address
+from rohrpost.shared.errors import StoreError
 from rohrpost.shared.events import INVALID_BODY, REPLACED_BODY, EventKind, MailEvent
 from rohrpost.shared.storable import storable_text
 from rohrpost.shared.store.counts import add_counts, tally
@@ -259,6 +260,7 @@ class HistoryWriter:
                 state = states.get(mail_id.int)
                 if state is None:
                     state = states[mail_id.int] = _Mail.create(record.event)
+                _require_same_route(state, record.event)
                 state.apply(record)
             sink.save_mails(conn, list(states.values()))
             sink.insert_events(conn, new_events)
@@ -308,6 +310,21 @@ class HistoryWriter:
 _BODY_KEYS = frozenset({INVALID_BODY, REPLACED_BODY})
 
 
+def _require_same_route(state: _Mail, event: MailEvent) -> None:
+    """StoreError when ``event`` comes from another tenant/app than its mail's.
+
+    Mail ids are chosen by clients and shown in Message-ID: a tenant publishing under
+    another's id must not change that mail's history. The store refuses the event,
+    so the history consumer sets it aside with this reason.
+    """
+    row = state.row
+    if event.tenant != row["tenant"] or (event.app is not None and event.app != row["app"]):
+        raise StoreError(
+            f"event {event.kind.value} for {event.tenant}/{event.app} names mail "
+            f"{event.mail_id} of {row['tenant']}/{row['app']}"
+        )
+
+
 def _save_invalid(conn: Connection, found: list[MailEvent]) -> list[MailEvent]:
     """Keep (dead_lettered) or forget (purged, replaced by an edit) invalid dead letters."""
     new = []
@@ -345,7 +362,12 @@ def _end_named_mail(conn: Connection, event: MailEvent) -> None:
         return
     conn.execute(
         update(mails)
-        .where(mails.c.id == mail_id, mails.c.status.in_(("queued", "scheduled", "retrying")))
+        .where(
+            mails.c.id == mail_id,
+            mails.c.tenant == event.tenant,
+            mails.c.app == event.app,
+            mails.c.status.in_(("queued", "scheduled", "retrying")),
+        )
         .values(
             status="dead_lettered",
             reason=event.reason,
