@@ -19,7 +19,12 @@ from pydantic import TypeAdapter, ValidationError
 from rohrpost.consumer.events import BATCH_TYPE, batch_body
 from rohrpost.shared.archive import ArchivedMail, read_archived
 from rohrpost.shared.broker import Delivery
-from rohrpost.shared.container import describe_validation_error, parse_container
+from rohrpost.shared.container import (
+    DEFAULT_PRIORITY,
+    PRIORITIES,
+    describe_validation_error,
+    parse_container,
+)
 from rohrpost.shared.errors import ContainerError
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.settings import Settings
@@ -39,6 +44,8 @@ UNSTORABLE = "unstorable"
 
 _EVENT_BATCH = TypeAdapter(list[MailEvent])
 _OCTAL_DIGITS = frozenset("01234567")
+#: What follows tenant.app in a routing key, per lane (see Topology.route_key).
+_LANE_WORDS = tuple([] if p == DEFAULT_PRIORITY else [p] for p in PRIORITIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +183,7 @@ def _require_own_route(delivery: Delivery, mail: ArchivedMail, settings: Setting
     if key == f"{settings.namespace}.history":
         return
     words = key.split(".")
-    for lane in ([], ["high"], ["bulk"]):
+    for lane in _LANE_WORDS:
         route = [mail.tenant, mail.app, *lane]
         delay = words[: len(words) - len(route)]
         # the delay's digits are not counted: they depend on max_delay, read elsewhere
