@@ -12,13 +12,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to ``target``; use as a context manager."""
 
-    def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, port: int = 0, *, chunk_pause: float = 0.0
+    ) -> None:
+        """``chunk_pause``: seconds to wait after passing each chunk (up to 64 KiB) — a
+        slow link, or a busy broker streaming a big message."""
         self._target = (target_host, target_port)
+        self._chunk_pause = chunk_pause
         self._listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self._listener.getsockname()[1]
         self._flowing = threading.Event()
@@ -78,6 +84,8 @@ class TcpProxy:
             while data := source.recv(65536):
                 self._flowing.wait()
                 sink.sendall(data)
+                if self._chunk_pause:
+                    time.sleep(self._chunk_pause)
         # One side ended: end the proxied connection on both.
         with self._lock:
             self._sockets = [s for s in self._sockets if s not in (source, sink)]

@@ -309,6 +309,10 @@ def test_the_shipped_prometheus_config_finds_a_healthy_run_and_no_alert_fires(
     targets = json.loads(get(f"{api}/targets")[1])["data"]["activeTargets"]
     ours = [t for t in targets if t["labels"]["job"] == "rohrpost"]
     assert [(t["labels"]["instance"], t["health"]) for t in ours] == [(f"127.0.0.1:{port}", "up")]
+    # the queue figures are read every few seconds: on a busy machine the first reading
+    # can predate the worker's consumers (with `for: 0s` that alone would fire)
+    consumers = f'rohrpost_queue_consumers{{rohrpost_namespace="{namespace}",kind="send"}}'
+    wait_until(lambda: [r for r in query(f"min({consumers}) > 0")])
     seen = time.time()
 
     def evaluated_since_seen() -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
@@ -25,6 +26,7 @@ from pika import spec
 
 from rohrpost.catcher import MailCatcher
 from rohrpost.consumer.history import HistoryConsumer
+from rohrpost.operations.browse import browse
 from rohrpost.producer.client import Producer, SubmitManyError
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.container import (
@@ -46,6 +48,7 @@ from tests.conftest import (
     rohrpost_command,
     write_config,
 )
+from tests.tcpproxy import TcpProxy
 
 #: What must never reach an operator's terminal: C0 controls but tab and newline, DEL,
 #: C1 controls, bidirectional overrides.
@@ -247,6 +250,20 @@ def queue_ids(settings: Settings, queue: str) -> list[str]:
         while (got := channel.basic_get(queue, auto_ack=False))[0] is not None:
             ids.append(got[1].message_id)
         return ids
+
+
+def test_a_browse_waits_for_a_big_dead_letter_that_arrives_slowly(settings: Settings) -> None:
+    """A browse takes a queue as read after a quiet spell; a 1 MB dead letter that takes
+    seconds to arrive (a busy broker, a slow link) is not quiet: its bytes keep coming."""
+    mail_id, body = _container_body(subject="big", text="x" * 1_000_000)
+    put_dead(settings, body, _props(mail_id, **{REASON_HEADER: "max_attempts"}))
+    queue = Topology.from_settings(settings).dead_queue("acme", "billing")
+    url = urlsplit(settings.broker_url.get_secret_value())
+    # ~16 chunks of 64 KiB, 0.15 s apart: over 2 s without a whole message
+    with TcpProxy(url.hostname or "127.0.0.1", url.port or 5672, chunk_pause=0.15) as proxy:
+        slow = url._replace(netloc=f"{url.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}")
+        with browse(urlunsplit(slow), [queue]) as session:
+            assert [m.properties.message_id for m in session.messages] == [mail_id]
 
 
 # --- point 6: every operator command shows what it can of any dead letter ----------------

@@ -522,7 +522,7 @@ def test_with_the_limit_store_stopped_workers_keep_their_shares_and_then_the_glo
     )
     assert len(times) == 500
     assert 17 <= outage_rate <= 23
-    assert 18 <= after_rate <= 22
+    assert 17 <= after_rate <= 23  # 20/s either way; the rate over ~10 s scatters by ±10 %
     shares = [line for line in lines if "keeps to its share" in line["event"]]
     again = [line for line in lines if "global again" in line["event"]]
     assert len(shares) == 2 and len(again) == 2, "each process said it, once each way"

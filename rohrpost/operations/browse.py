@@ -81,8 +81,10 @@ class Browse:
         self.removed.update(m.identity for m in messages)
 
 
-#: How long a browse waits for the next message before it takes the queue as read.
-_QUIET_SECONDS = 1.0
+#: How long a browse waits while nothing at all arrives before it takes the queue as
+#: read (messages another reader holds unacked never come). Counted from the last byte,
+#: not the last whole message: a 15 MB dead letter on a busy broker takes seconds.
+_QUIET_SECONDS = 3.0
 
 
 def _take_all(channel: Any, queues: list[str]) -> list[Message]:
@@ -120,12 +122,17 @@ def _consume_all(channel: Any, queue: str) -> list[Message]:
     tag = channel.basic_consume(queue, take, auto_ack=False)
     quiet_since = time.monotonic()
     while len(taken) < expected and time.monotonic() - quiet_since < _QUIET_SECONDS:
-        before = len(taken)
+        before = _bytes_received(channel)
         channel.connection.process_data_events(time_limit=0.05)
-        if len(taken) != before:
+        if _bytes_received(channel) != before:
             quiet_since = time.monotonic()
     channel.basic_cancel(tag)  # what arrives meanwhile stays unacked and goes back at close
     return taken
+
+
+def _bytes_received(channel: Any) -> int:
+    """What the channel's connection has read so far (pika counts it on its inner connection)."""
+    return int(getattr(getattr(channel.connection, "_impl", None), "bytes_received", 0))
 
 
 @contextmanager
