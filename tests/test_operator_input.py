@@ -266,6 +266,19 @@ def test_a_browse_waits_for_a_big_dead_letter_that_arrives_slowly(settings: Sett
             assert [m.properties.message_id for m in session.messages] == [mail_id]
 
 
+def test_dlq_list_says_when_another_reader_holds_dead_letters(
+    settings: Settings, config: Path
+) -> None:
+    good_dead_letter(settings)
+    queue = Topology.from_settings(settings).dead_queue("acme", "billing")
+    with browse(settings.broker_url.get_secret_value(), [queue]) as other:
+        assert len(other.messages) == 1
+        result = cli(config, "dlq", "list")
+    assert_clean(result, 0)
+    assert "(0 dead letters)" in result.stderr
+    assert "another reader holds messages of the queue; they are not shown" in result.stderr
+
+
 # --- point 6: every operator command shows what it can of any dead letter ----------------
 
 

@@ -110,7 +110,15 @@ def _take_all(channel: Any, queues: list[str]) -> list[Message]:
 
 
 def _consume_all(channel: Any, queue: str) -> list[Message]:
-    expected = channel.queue_declare(queue, passive=True).method.message_count
+    counts = channel.queue_declare(queue, passive=True).method
+    if counts.consumer_count:
+        # a dead-letter or held queue has no consumer but a browse: what it holds is not ready
+        log.warning(
+            "another reader holds messages of the queue; they are not shown",
+            queue=queue,
+            readers=counts.consumer_count,
+        )
+    expected = counts.message_count
     if not expected:
         return []
     taken: list[Message] = []
