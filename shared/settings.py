@@ -438,8 +438,30 @@ def load_settings(explicit: str | os.PathLike[str] | None = None, **overrides: A
     try:
         return Settings(**data)
     except ValidationError as exc:
-        where = f"config file {path}" if path else "configuration"
-        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from exc
+        raise ConfigError(
+            f"{_origin(exc, path)}: {describe_validation_error(exc, whole=None)}"
+        ) from exc
+
+
+def _origin(exc: ValidationError, path: Path | None) -> str:
+    """Where the refused values came from: the file, ``ROHRPOST_*`` variables, or both."""
+    variables: list[str] = []
+    from_file = False
+    set_names = {name.upper() for name in os.environ}  # pydantic-settings ignores case
+    for error in exc.errors(include_url=False):
+        parts = [str(part).upper() for part in error["loc"] if part != "[key]"]
+        # ROHRPOST_SMTP__LOCAL__PORT sets smtp.local.port, as does ROHRPOST_SMTP (JSON)
+        names = ["ROHRPOST_" + "__".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        name = next((name for name in names if name in set_names), None)
+        if name is None:
+            from_file = True
+        elif name not in variables:
+            variables.append(name)
+    where = [f"config file {path}" if path else "configuration"] if from_file else []
+    if variables:
+        noun = "environment variable" if len(variables) == 1 else "environment variables"
+        where.append(f"{noun} {', '.join(variables)}")
+    return " and ".join(where)
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
@@ -447,4 +469,4 @@ def settings_from_mapping(data: dict[str, Any]) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"configuration: {describe_validation_error(exc)}") from exc
+        raise ConfigError(f"configuration: {describe_validation_error(exc, whole=None)}") from exc
