@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -70,10 +71,23 @@ def url_of(server_: uvicorn.Server) -> str:
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the console in this process until SIGTERM or Ctrl-C."""
+    """Run the console in this process until SIGTERM or Ctrl-C.
+
+    ConfigError when it cannot listen (a port in use, an address not of this machine):
+    bound here, since uvicorn would only log that and exit with status 3.
+    """
     running = server(settings, host=host, port=port)
-    log.info("console starting", host=running.config.host, port=running.config.port)
-    running.run()
+    config = running.config
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        listening = socket.create_server((config.host.strip("[]"), config.port), family=family)
+    except OSError as exc:
+        raise ConfigError(
+            f"the console cannot listen on {config.host}:{config.port}: "
+            f"{exc.strerror or exc}; choose another with --host/--port or [console] host/port"
+        ) from exc
+    log.info("console starting", host=config.host, port=config.port)
+    running.run(sockets=[listening])
 
 
 class ConsoleThread:
