@@ -72,6 +72,7 @@ class HistoryConsumer:
     ) -> None:
         self._settings = settings
         self.metrics = metrics or Metrics(CollectorRegistry())
+        self.metrics.keeps_no_limits()
         self._broker: Broker | None = None
         self._store_error: str | None = "not started"
         self._topology = Topology.from_settings(settings)

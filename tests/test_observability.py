@@ -244,6 +244,8 @@ def test_counters_match_outcomes_exactly_with_two_worker_processes(
     text = get(f"{base}/metrics")[1]
     assert value(text, "rohrpost_process_ready", kind="worker") == 2
     assert value(text, "rohrpost_process_ready", kind="history") == 1
+    # Redis answers: the limits are global (the history child, which keeps none, says nothing)
+    assert value(text, "rohrpost_rate_limits_global") == 1
     assert (
         value(
             text,

@@ -125,7 +125,9 @@ def console_main(settings: Settings, drain: bool, workers_done: Any) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     running = server(settings)
     running.config.install_signal_handlers = False  # type: ignore[attr-defined]
-    ready = Metrics().ready.labels("console")  # multiprocess mode: the supervisor sums
+    metrics = Metrics()  # multiprocess mode: the supervisor sums
+    metrics.keeps_no_limits()
+    ready = metrics.ready.labels("console")
 
     def stop(*_args: object) -> None:
         running.should_exit = True
