@@ -62,6 +62,11 @@ Duration = Annotated[
     PlainSerializer(_duration_text, return_type=str),
 ]
 DEFAULT_CONFIG_FILE = Path("rohrpost.toml")
+#: Per store_url backend: the driver rohrpost's server extra installs, and a URL with it.
+_STORE_DRIVERS = {
+    "sqlite": ("pysqlite", "sqlite:///path/to/file.db"),
+    "postgresql": ("psycopg", "postgresql+psycopg://user:password@host:5432/database"),
+}
 #: A rate limit as written: ``20/s``, ``600/m``, ``1000/h``, ``50000/d``.
 MaxRate = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
 
@@ -352,6 +357,10 @@ class Settings(BaseSettings):
             )
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"{backend} is not supported; use sqlite or postgresql")
+        driver = scheme.partition("+")[2]
+        known, example = _STORE_DRIVERS[backend]
+        if driver not in ("", known):  # the server extra installs no other
+            raise ValueError(f"the driver {driver} is not supported; use {example}")
         return value
 
     @field_validator("render_timeout")

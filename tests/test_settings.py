@@ -266,6 +266,35 @@ def test_a_store_url_that_is_no_database_url_is_named(config: Path) -> None:
         load_settings(config)
 
 
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("postgresql+asyncpg://u:secret@db/rohrpost", "asyncpg"),
+        ("postgresql+psycopg2://u:secret@db/rohrpost", "psycopg2"),
+        ("sqlite+aiosqlite:///rohrpost.db", "aiosqlite"),
+    ],
+)
+def test_a_store_url_with_a_driver_rohrpost_does_not_bring_is_named(
+    config: Path, url: str, driver: str
+) -> None:
+    config.write_text(f'store_url = "{url}"\n' + EXAMPLE)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert f"store_url: the driver {driver} is not supported; use " in str(raised.value)
+    assert "secret" not in str(raised.value)
+
+
+def test_the_store_urls_rohrpost_documents_load(config: Path) -> None:
+    for url in (
+        "sqlite:///rohrpost.db",
+        "sqlite+pysqlite:///rohrpost.db",
+        "postgresql+psycopg://u:p@db:5432/rohrpost",
+        "postgresql://u:p@db:5432/rohrpost",
+    ):
+        config.write_text(f'store_url = "{url}"\n' + EXAMPLE)
+        assert load_settings(config).store_url.get_secret_value() == url
+
+
 def test_durations_survive_a_round_trip_through_toml(config: Path) -> None:
     import tomli_w
 
