@@ -309,7 +309,7 @@ def dlq_purge(
     criteria = _filter(mail_ids, **given)
     chosen = [f"--{k} {v}" for k, v in given.items() if v is not None]
     which = (
-        f"the dead letters {', '.join(mail_ids)}"
+        f"the {'dead letter' if len(mail_ids) == 1 else 'dead letters'} {', '.join(mail_ids)}"
         if mail_ids
         else "every dead letter" + (f" matching {' '.join(chosen)}" if chosen else "")
     )
