@@ -485,6 +485,15 @@ def test_a_bad_id_argument_is_a_usage_error_naming_it(
     assert "Traceback" not in result.stderr and "\x1b[" not in result.stderr
 
 
+@pytest.mark.parametrize("assignment", ["subject", "=x"])
+def test_a_set_without_path_and_value_is_a_usage_error(config: Path, assignment: str) -> None:
+    result = cli(config, "dlq", "edit", "abcd", "--set", assignment)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        f"error: invalid value for --set: {assignment!r}: write PATH=VALUE"
+    )
+
+
 def test_history_commands_escape_what_the_history_holds(
     settings: Settings, config: Path, tmp_path: Path
 ) -> None:

@@ -190,6 +190,10 @@ def dlq_edit(
     """
     if not (assignments or removals or editor):
         raise click.UsageError("say what to change: --set, --unset or --editor")
+    for assignment in assignments:  # before any queue is read
+        path, sep, _ = assignment.partition("=")
+        if not (sep and path):
+            raise click.BadParameter(f"{assignment!r}: write PATH=VALUE", param_hint="--set")
     with session(ctx, actor) as opened:
         queue = _queue(opened)
         replacement = None
