@@ -276,6 +276,15 @@ def test_every_command_has_help() -> None:
         assert "Usage:" in result.stdout
 
 
+def test_the_metrics_port_help_says_each_process_s_real_default() -> None:
+    # a separate history consumer serves on the port after metrics_port (README, Monitoring)
+    shown = " ".join(run("history-consumer", "--help").stdout.split())
+    assert "[default: metrics_port + 1, 9751]" in shown
+    for command in ("worker", "run"):
+        shown = " ".join(run(command, "--help").stdout.split())
+        assert "[default: metrics_port, 9750]" in shown
+
+
 def test_history_commands_list_show_and_purge(
     config: Path, settings: Settings, catcher: MailCatcher
 ) -> None:
