@@ -86,7 +86,15 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
             f"the console cannot listen on {config.host}:{config.port}: "
             f"{exc.strerror or exc}; choose another with --host/--port or [console] host/port"
         ) from exc
-    log.info("console starting", host=config.host, port=config.port)
+    port = listening.getsockname()[1]
+    shown = config.host if ":" not in config.host else f"[{config.host.strip('[]')}]"
+    # (uvicorn, given the socket, no longer says where it listens)
+    log.info(
+        "console starting",
+        host=config.host,
+        port=port,
+        url=f"http://{shown}:{port}{config.root_path}/",
+    )
     running.run(sockets=[listening])
 
 
