@@ -22,6 +22,7 @@ from rohrpost.commands.context import (
 )
 from rohrpost.commands.operators import ACTOR, session
 from rohrpost.commands.terminal import cell, json_text, printable
+from rohrpost.operations.letter import REASONS
 from rohrpost.shared.preview import BRIEF, SHOW, as_text, preview
 
 if TYPE_CHECKING:
@@ -42,10 +43,8 @@ def _filters(command: Any) -> Any:
             click.option("--app", help="Only this app's dead letters."),
             click.option(
                 "--reason",
-                help=(
-                    "Only this reason: invalid, misrouted, template_error, rejected, "
-                    "unencodable, max_attempts, delivery_limit."
-                ),
+                type=click.Choice(REASONS),  # a misspelt one would match nothing, silently
+                help="Only this reason.",
             ),
             click.option("--since", help="Dead-lettered at or after: ISO 8601 or -2h, -7d."),
         )
