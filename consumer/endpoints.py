@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from rohrpost.shared.broker import admin_channel
+from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.topology import Topology
 
@@ -126,7 +127,14 @@ class Endpoints:
         self._readiness = readiness
         handler = self._handler()
         # All interfaces: Prometheus and Kubernetes probes come from elsewhere.
-        self._server = ThreadingHTTPServer(("0.0.0.0", port), handler)
+        try:
+            self._server = ThreadingHTTPServer(("0.0.0.0", port), handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /metrics, /healthz, /readyz on port {port}: "
+                f"{exc.strerror or exc} (another process listens there?); choose another "
+                "with metrics_port or --metrics-port (0 turns them off)"
+            ) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="endpoints", daemon=True

@@ -72,8 +72,10 @@ class HistoryConsumer:
     ) -> None:
         self._settings = settings
         self.metrics = metrics or Metrics(CollectorRegistry())
+        self.metrics.keeps_no_limits()
         self._broker: Broker | None = None
         self._store_error: str | None = "not started"
+        self._start_error: str | None = None
         self._topology = Topology.from_settings(settings)
         self._store = store
         self._inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
@@ -93,6 +95,8 @@ class HistoryConsumer:
 
     def readiness(self) -> str | None:
         """None when connected, consuming and able to write the store; else why not."""
+        if self._broker is None and self._start_error is not None:
+            return self._start_error  # the store or the broker: whichever failed the start
         if self._broker is None or not self._broker.connected:
             return "not connected to the broker"
         return self._store_error
@@ -107,7 +111,10 @@ class HistoryConsumer:
         self._drain_when = drain_when
         settings = self._settings
         started = start_with_retries(
-            self._connect, stopping=lambda: self._stopping, what="history consumer"
+            self._connect,
+            stopping=lambda: self._stopping,
+            what="history consumer",
+            failed=self._start_failed,
         )
         if started is None:
             return  # stopped before the broker and the store were ready
@@ -129,6 +136,9 @@ class HistoryConsumer:
             if self._store is None:
                 store.close()
             log.info("history consumer stopped", events_written=self.written)
+
+    def _start_failed(self, exc: Exception) -> None:
+        self._start_error = f"cannot start yet: {exc}"
 
     def _connect(self) -> tuple[HistoryStore, Broker]:
         """Open (and migrate) the store, declare the topology and connect."""

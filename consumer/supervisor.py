@@ -220,8 +220,9 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
-        endpoints = _serve(self._settings, self._metrics_port, registry, self.readiness)
-        try:
+        endpoints = None
+        try:  # a port in use ends the run here: the files' folder goes all the same
+            endpoints = _serve(self._settings, self._metrics_port, registry, self.readiness)
             return self._supervise()
         finally:
             if endpoints is not None:

@@ -37,11 +37,12 @@ FINAL = {"sent", "dead_lettered", "expired"}
 _TIMEOUT_SECONDS = 60
 
 _HOW_TO_START = """\
-No RabbitMQ answers at {url}.
+error: no RabbitMQ answers at {url}
 Start one, then run the demo again:
   * Debian/Ubuntu:  sudo apt-get install rabbitmq-server && sudo rabbitmq-server -detached
   * Docker:         docker run -d --name rabbitmq -p 5672:5672 rabbitmq:3.13
-  * elsewhere:      set ROHRPOST_BROKER_URL=amqp://user:password@host:5672/%2F
+  * elsewhere:      rohrpost demo --broker-url amqp://user:password@host:5672/%2F
+                    (or set ROHRPOST_BROKER_URL)
 """
 
 

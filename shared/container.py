@@ -353,15 +353,19 @@ def _shown(part: object) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """Render pydantic errors as ``field.path: message`` lines."""
+def describe_validation_error(exc: ValidationError, *, whole: str | None = "container") -> str:
+    """Render pydantic errors as ``field.path: message`` lines.
+
+    ``whole`` names an error of the model as a whole; None shows its message alone (it
+    names its fields itself).
+    """
     lines = []
     for error in exc.errors(include_url=False):
-        where = ".".join(_shown(p) for p in error["loc"] if p != "[key]") or "container"
+        where = ".".join(_shown(p) for p in error["loc"] if p != "[key]") or whole
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "plain_json" and error.get("ctx", {}).get("path"):
             where = f"{where}.{error['ctx']['path']}"  # where inside ``data``
-        lines.append(f"{where}: {message}")
+        lines.append(message if where is None else f"{where}: {message}")
     return "; ".join(lines)
 
 

@@ -165,3 +165,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+
+    def keeps_no_limits(self) -> None:
+        """Say that this process (the history consumer, the console) keeps no rate limits.
+
+        Its ``rohrpost_rate_limits_global`` is 1, which leaves the workers' minimum as it
+        is where a supervisor serves its children's values together; left at 0, it would
+        say that limits are kept in shares while every worker keeps them in Redis.
+        """
+        self.limits_global.set(1)

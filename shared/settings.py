@@ -62,6 +62,11 @@ Duration = Annotated[
     PlainSerializer(_duration_text, return_type=str),
 ]
 DEFAULT_CONFIG_FILE = Path("rohrpost.toml")
+#: Per store_url backend: the driver rohrpost's server extra installs, and a URL with it.
+_STORE_DRIVERS = {
+    "sqlite": ("pysqlite", "sqlite:///path/to/file.db"),
+    "postgresql": ("psycopg", "postgresql+psycopg://user:password@host:5432/database"),
+}
 #: A rate limit as written: ``20/s``, ``600/m``, ``1000/h``, ``50000/d``.
 MaxRate = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
 
@@ -352,6 +357,10 @@ class Settings(BaseSettings):
             )
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"{backend} is not supported; use sqlite or postgresql")
+        driver = scheme.partition("+")[2]
+        known, example = _STORE_DRIVERS[backend]
+        if driver not in ("", known):  # the server extra installs no other
+            raise ValueError(f"the driver {driver} is not supported; use {example}")
         return value
 
     @field_validator("render_timeout")
@@ -438,8 +447,30 @@ def load_settings(explicit: str | os.PathLike[str] | None = None, **overrides: A
     try:
         return Settings(**data)
     except ValidationError as exc:
-        where = f"config file {path}" if path else "configuration"
-        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from exc
+        raise ConfigError(
+            f"{_origin(exc, path)}: {describe_validation_error(exc, whole=None)}"
+        ) from exc
+
+
+def _origin(exc: ValidationError, path: Path | None) -> str:
+    """Where the refused values came from: the file, ``ROHRPOST_*`` variables, or both."""
+    variables: list[str] = []
+    from_file = False
+    set_names = {name.upper() for name in os.environ}  # pydantic-settings ignores case
+    for error in exc.errors(include_url=False):
+        parts = [str(part).upper() for part in error["loc"] if part != "[key]"]
+        # ROHRPOST_SMTP__LOCAL__PORT sets smtp.local.port, as does ROHRPOST_SMTP (JSON)
+        names = ["ROHRPOST_" + "__".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        name = next((name for name in names if name in set_names), None)
+        if name is None:
+            from_file = True
+        elif name not in variables:
+            variables.append(name)
+    where = [f"config file {path}" if path else "configuration"] if from_file else []
+    if variables:
+        noun = "environment variable" if len(variables) == 1 else "environment variables"
+        where.append(f"{noun} {', '.join(variables)}")
+    return " and ".join(where)
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
@@ -447,4 +478,4 @@ def settings_from_mapping(data: dict[str, Any]) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"configuration: {describe_validation_error(exc)}") from exc
+        raise ConfigError(f"configuration: {describe_validation_error(exc, whole=None)}") from exc

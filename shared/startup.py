@@ -32,11 +32,13 @@ def start_with_retries(
     stopping: Callable[[], bool],
     what: str,
     sleep: Callable[[float], None] = time.sleep,
+    failed: Callable[[Exception], None] | None = None,
 ) -> T | None:
     """``start()``'s result, retried while it fails for a reason that may pass.
 
     Returns None when ``stopping()`` became true first. TopologyConflict and errors
-    that are no broker or store outage propagate.
+    that are no broker or store outage propagate. ``failed`` hears of each failed
+    attempt (the reason ``/readyz`` gives meanwhile).
     """
     failures = 0
     while not stopping():
@@ -47,6 +49,8 @@ def start_with_retries(
         except (BrokerError, StoreUnavailable) as exc:
             delay = START_DELAYS[min(failures, len(START_DELAYS) - 1)]
             failures += 1
+            if failed is not None:
+                failed(exc)
             log.warning(
                 f"{what} cannot start yet; retrying",
                 error=str(exc),

@@ -239,8 +239,10 @@ def test_topology_declare_is_idempotent(config: Path, settings: Settings) -> Non
 def test_the_demo_without_a_broker_says_how_to_start_one() -> None:
     result = run("demo", "--broker-url", "amqp://guest:guest@127.0.0.1:1/%2F")
     assert result.returncode == 1
-    assert "No RabbitMQ answers" in result.stderr
+    # an error like every other: first line `error: `, the password hidden
+    assert result.stderr.startswith("error: no RabbitMQ answers at amqp://guest:***@127.0.0.1:1/")
     assert "rabbitmq-server" in result.stderr
+    assert "rohrpost demo --broker-url amqp://" in result.stderr
 
 
 def test_the_demo_runs_the_whole_pipeline(broker_url: str) -> None:
@@ -272,6 +274,15 @@ def test_every_command_has_help() -> None:
         result = run(*argv)
         assert result.returncode == 0, (argv, result.stderr)
         assert "Usage:" in result.stdout
+
+
+def test_the_metrics_port_help_says_each_process_s_real_default() -> None:
+    # a separate history consumer serves on the port after metrics_port (README, Monitoring)
+    shown = " ".join(run("history-consumer", "--help").stdout.split())
+    assert "[default: metrics_port + 1, 9751]" in shown
+    for command in ("worker", "run"):
+        shown = " ".join(run(command, "--help").stdout.split())
+        assert "[default: metrics_port, 9750]" in shown
 
 
 def test_history_commands_list_show_and_purge(

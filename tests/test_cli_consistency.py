@@ -72,6 +72,7 @@ def sent_mail(settings: Settings) -> str:
 DESTRUCTIVE = [
     (["history", "purge", "--older-than", "0s"], "this deletes every finished mail"),
     (["dlq", "purge", "--tenant", "acme"], "this deletes every dead letter matching --tenant acme"),
+    (["dlq", "purge", "abcd"], "this deletes the dead letter abcd for good"),
     (["topology", "delete"], "this deletes every queue and exchange of namespace"),
 ]
 

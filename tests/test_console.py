@@ -10,6 +10,7 @@ import html
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -695,6 +696,24 @@ def test_the_command_refuses_a_public_address_without_users(
     )
     assert result.returncode == 2
     assert "no user is configured" in result.stderr
+
+
+def test_a_console_port_in_use_is_one_error_line_that_names_it(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = write_config(make_settings(), tmp_path / "rohrpost.toml")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            rohrpost_command(config, "console", "--port", str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the console cannot listen on 127.0.0.1:{port}: ")
 
 
 def test_run_with_console_serves_it_as_a_supervised_child(

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.consumer.endpoints import Endpoints
 from rohrpost.producer.client import Producer
+from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.settings import Settings
 from tests.conftest import declare, get, rohrpost_command, wait_until, write_config
 
@@ -242,6 +244,8 @@ def test_counters_match_outcomes_exactly_with_two_worker_processes(
     text = get(f"{base}/metrics")[1]
     assert value(text, "rohrpost_process_ready", kind="worker") == 2
     assert value(text, "rohrpost_process_ready", kind="history") == 1
+    # Redis answers: the limits are global (the history child, which keeps none, says nothing)
+    assert value(text, "rohrpost_rate_limits_global") == 1
     assert (
         value(
             text,
@@ -329,3 +333,26 @@ def test_the_shipped_prometheus_config_finds_a_healthy_run_and_no_alert_fires(
     assert {s["metric"]["rohrpost_namespace"] for s in query("rohrpost_process_ready")} == {
         namespace
     }
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error_that_names_it(tmp_path: Path) -> None:
+    taken = socket.create_server(("0.0.0.0", 0))
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(ConfigError, match=rf"port {port}: .*in use.*metrics_port"):
+            Endpoints(port, CollectorRegistry(), lambda: None)
+        config = tmp_path / "rohrpost.toml"
+        config.write_text('namespace = "metrics-port-taken"\n')
+        done = subprocess.run(
+            rohrpost_command(config, "worker", "--metrics-port", str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot serve /metrics, /healthz, /readyz on port {port}: ")
+    assert "unexpected" not in done.stderr

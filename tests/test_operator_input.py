@@ -515,6 +515,26 @@ def test_a_bad_id_argument_is_a_usage_error_naming_it(
     assert "Traceback" not in result.stderr and "\x1b[" not in result.stderr
 
 
+@pytest.mark.parametrize("assignment", ["subject", "=x"])
+def test_a_set_without_path_and_value_is_a_usage_error(config: Path, assignment: str) -> None:
+    result = cli(config, "dlq", "edit", "abcd", "--set", assignment)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        f"error: invalid value for --set: {assignment!r}: write PATH=VALUE"
+    )
+
+
+@pytest.mark.parametrize("command", ["list", "retry", "purge"])
+def test_a_misspelt_dead_letter_reason_is_a_usage_error_not_an_empty_match(
+    config: Path, command: str
+) -> None:
+    extra = {"list": [], "retry": ["--all", "--dry-run"], "purge": ["--yes"]}[command]
+    result = cli(config, "dlq", command, "--reason", "max-attempts", *extra)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: invalid value for '--reason': 'max-attempts' is not")
+    assert "max_attempts" in result.stderr
+
+
 def test_history_commands_escape_what_the_history_holds(
     settings: Settings, config: Path, tmp_path: Path
 ) -> None:

@@ -91,8 +91,34 @@ def test_unknown_keys_are_errors_that_name_the_key(config: Path, extra: str, nam
 
 def test_an_app_must_name_a_configured_smtp_server(config: Path) -> None:
     config.write_text(EXAMPLE.replace('smtp = "local"', 'smtp = "nowhere"'))
-    with pytest.raises(ConfigError, match=r"tenants\.acme\.apps\.billing\.smtp.*'nowhere'"):
+    with pytest.raises(ConfigError) as raised:
         load_settings(config)
+    # the file, then the key: no word of a mail container in a configuration error
+    assert str(raised.value) == (
+        f"config file {config}: tenants.acme.apps.billing.smtp: no SMTP server named "
+        "'nowhere' (known: local)"
+    )
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROHRPOST_PREFETCH", "lots")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert str(raised.value).startswith(
+        "environment variable ROHRPOST_PREFETCH: prefetch: Input should be a valid integer"
+    )
+    monkeypatch.delenv("ROHRPOST_PREFETCH")
+    monkeypatch.setenv("rohrpost_smtp__local__port", "twenty-five")  # names are not case-sensitive
+    with pytest.raises(ConfigError, match=r"^environment variable ROHRPOST_SMTP__LOCAL__PORT: "):
+        load_settings(config)
+    config.write_text(EXAMPLE + 'threads = "many"\n')  # and one fault in the file
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert str(raised.value).startswith(
+        f"config file {config} and environment variable ROHRPOST_SMTP__LOCAL__PORT: "
+    )
 
 
 def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -238,6 +264,35 @@ def test_a_store_url_that_is_no_database_url_is_named(config: Path) -> None:
     config.write_text('store_url = "rohrpost.db"\n' + EXAMPLE)
     with pytest.raises(ConfigError, match="store_url: not a database URL"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("postgresql+asyncpg://u:secret@db/rohrpost", "asyncpg"),
+        ("postgresql+psycopg2://u:secret@db/rohrpost", "psycopg2"),
+        ("sqlite+aiosqlite:///rohrpost.db", "aiosqlite"),
+    ],
+)
+def test_a_store_url_with_a_driver_rohrpost_does_not_bring_is_named(
+    config: Path, url: str, driver: str
+) -> None:
+    config.write_text(f'store_url = "{url}"\n' + EXAMPLE)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert f"store_url: the driver {driver} is not supported; use " in str(raised.value)
+    assert "secret" not in str(raised.value)
+
+
+def test_the_store_urls_rohrpost_documents_load(config: Path) -> None:
+    for url in (
+        "sqlite:///rohrpost.db",
+        "sqlite+pysqlite:///rohrpost.db",
+        "postgresql+psycopg://u:p@db:5432/rohrpost",
+        "postgresql://u:p@db:5432/rohrpost",
+    ):
+        config.write_text(f'store_url = "{url}"\n' + EXAMPLE)
+        assert load_settings(config).store_url.get_secret_value() == url
 
 
 def test_durations_survive_a_round_trip_through_toml(config: Path) -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 import pytest
 
+from rohrpost.catcher import free_port
+from rohrpost.consumer.history import HistoryConsumer
 from rohrpost.consumer.supervisor import RestartBackoff
 from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyConflict
+from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import START_DELAYS, start_with_retries
+from tests.conftest import wait_until
 
 
 class Flaky:
@@ -71,3 +77,20 @@ def test_a_child_that_ran_healthy_restarts_as_if_for_the_first_time() -> None:
     assert [backoff.delay(ran_for=1) for _ in range(3)] == [1, 2, 4]
     assert backoff.delay(ran_for=3600) == 1
     assert backoff.delay(ran_for=2) == 2
+
+
+def test_a_history_consumer_that_cannot_start_says_why_when_asked_if_ready(
+    make_settings: Callable[..., Settings],
+) -> None:
+    nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+    consumer = HistoryConsumer(make_settings(store_url=nowhere))
+    thread = threading.Thread(target=consumer.run, name="test-history", daemon=True)
+    thread.start()
+    try:
+        # the store is what is missing, not the broker (which answers)
+        reason = wait_until(lambda: "history store" in (why := consumer.readiness() or "") and why)
+        assert reason.startswith("cannot start yet: history store unavailable: ")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()

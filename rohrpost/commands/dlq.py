@@ -22,6 +22,7 @@ from rohrpost.commands.context import (
 )
 from rohrpost.commands.operators import ACTOR, session
 from rohrpost.commands.terminal import cell, json_text, printable
+from rohrpost.operations.letter import REASONS
 from rohrpost.shared.preview import BRIEF, SHOW, as_text, preview
 
 if TYPE_CHECKING:
@@ -42,10 +43,8 @@ def _filters(command: Any) -> Any:
             click.option("--app", help="Only this app's dead letters."),
             click.option(
                 "--reason",
-                help=(
-                    "Only this reason: invalid, misrouted, template_error, rejected, "
-                    "unencodable, max_attempts, delivery_limit."
-                ),
+                type=click.Choice(REASONS),  # a misspelt one would match nothing, silently
+                help="Only this reason.",
             ),
             click.option("--since", help="Dead-lettered at or after: ISO 8601 or -2h, -7d."),
         )
@@ -190,6 +189,10 @@ def dlq_edit(
     """
     if not (assignments or removals or editor):
         raise click.UsageError("say what to change: --set, --unset or --editor")
+    for assignment in assignments:  # before any queue is read
+        path, sep, _ = assignment.partition("=")
+        if not (sep and path):
+            raise click.BadParameter(f"{assignment!r}: write PATH=VALUE", param_hint="--set")
     with session(ctx, actor) as opened:
         queue = _queue(opened)
         replacement = None
@@ -309,7 +312,7 @@ def dlq_purge(
     criteria = _filter(mail_ids, **given)
     chosen = [f"--{k} {v}" for k, v in given.items() if v is not None]
     which = (
-        f"the dead letters {', '.join(mail_ids)}"
+        f"the {'dead letter' if len(mail_ids) == 1 else 'dead letters'} {', '.join(mail_ids)}"
         if mail_ids
         else "every dead letter" + (f" matching {' '.join(chosen)}" if chosen else "")
     )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import click
 
 from rohrpost.commands.context import CliContext, pass_context
 from rohrpost.shared.settings import Settings
+
+FC = TypeVar("FC", bound=Callable[..., object])
 
 _PROCESSES = click.option(
     "--processes",
@@ -19,11 +23,15 @@ _PROCESSES = click.option(
 )
 
 
-_METRICS_PORT = click.option(
-    "--metrics-port",
-    type=click.IntRange(0, 65535),
-    help="Serve /metrics, /healthz, /readyz here; 0 = off  [default: metrics_port]",
-)
+def _metrics_port(default: str) -> Callable[[FC], FC]:
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        help=f"Serve /metrics, /healthz, /readyz here; 0 = off  [default: {default}]",
+    )
+
+
+_METRICS_PORT = _metrics_port("metrics_port, 9750")
 
 
 def _check_secrets(settings: Settings) -> None:
@@ -52,7 +60,7 @@ def worker(ctx: CliContext, processes: int, drain: bool, metrics_port: int | Non
 
 @click.command("history-consumer")
 @click.option("--drain", is_flag=True, help="Exit once the history queue is empty.")
-@_METRICS_PORT
+@_metrics_port("metrics_port + 1, 9751")
 @pass_context
 def history_consumer(ctx: CliContext, drain: bool, metrics_port: int | None) -> None:
     """Archive every event into the history store (migrates the store at start)."""

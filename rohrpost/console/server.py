@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -70,10 +71,31 @@ def url_of(server_: uvicorn.Server) -> str:
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the console in this process until SIGTERM or Ctrl-C."""
+    """Run the console in this process until SIGTERM or Ctrl-C.
+
+    ConfigError when it cannot listen (a port in use, an address not of this machine):
+    bound here, since uvicorn would only log that and exit with status 3.
+    """
     running = server(settings, host=host, port=port)
-    log.info("console starting", host=running.config.host, port=running.config.port)
-    running.run()
+    config = running.config
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        listening = socket.create_server((config.host.strip("[]"), config.port), family=family)
+    except OSError as exc:
+        raise ConfigError(
+            f"the console cannot listen on {config.host}:{config.port}: "
+            f"{exc.strerror or exc}; choose another with --host/--port or [console] host/port"
+        ) from exc
+    port = listening.getsockname()[1]
+    shown = config.host if ":" not in config.host else f"[{config.host.strip('[]')}]"
+    # (uvicorn, given the socket, no longer says where it listens)
+    log.info(
+        "console starting",
+        host=config.host,
+        port=port,
+        url=f"http://{shown}:{port}{config.root_path}/",
+    )
+    running.run(sockets=[listening])
 
 
 class ConsoleThread:
@@ -111,7 +133,9 @@ def console_main(settings: Settings, drain: bool, workers_done: Any) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     running = server(settings)
     running.config.install_signal_handlers = False  # type: ignore[attr-defined]
-    ready = Metrics().ready.labels("console")  # multiprocess mode: the supervisor sums
+    metrics = Metrics()  # multiprocess mode: the supervisor sums
+    metrics.keeps_no_limits()
+    ready = metrics.ready.labels("console")
 
     def stop(*_args: object) -> None:
         running.should_exit = True

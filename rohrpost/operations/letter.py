@@ -26,6 +26,18 @@ from rohrpost.shared.wire import (
     round_of,
 )
 
+#: Why a mail was dead-lettered: a worker's x-rohrpost-reason, or the broker's
+#: x-first-death-reason after x-delivery-limit deliveries.
+REASONS = (
+    "invalid",
+    "misrouted",
+    "template_error",
+    "rejected",
+    "unencodable",
+    "max_attempts",
+    "delivery_limit",
+)
+
 
 @dataclass(frozen=True)
 class DeadLetter:

@@ -9,17 +9,10 @@ from typing import Any
 
 from rohrpost.commands.terminal import printable
 from rohrpost.console.pages import Invalid, Problem, ViewContext
+from rohrpost.operations.letter import REASONS as DEAD_LETTER_REASONS
 from rohrpost.shared.timeparse import parse_when
 
-REASONS = [
-    "invalid",
-    "misrouted",
-    "template_error",
-    "rejected",
-    "unencodable",
-    "max_attempts",
-    "delivery_limit",
-]
+REASONS = list(DEAD_LETTER_REASONS)  # the same as `rohrpost dlq … --reason` takes
 STATUSES = [
     "queued",
     "scheduled",
