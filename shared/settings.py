@@ -361,6 +361,10 @@ class Settings(BaseSettings):
         known, example = _STORE_DRIVERS[backend]
         if driver not in ("", known):  # the server extra installs no other
             raise ValueError(f"the driver {driver} is not supported; use {example}")
+        if value.get_secret_value().partition("://")[2].partition("/")[0].count("@") > 1:
+            # SQLAlchemy splits at the first @, and the driver's error then shows the
+            # rest of the password as part of the host name
+            raise ValueError("an @ in the user name or password must be written %40")
         return value
 
     @field_validator("render_timeout")

@@ -284,12 +284,22 @@ def test_a_store_url_with_a_driver_rohrpost_does_not_bring_is_named(
     assert "secret" not in str(raised.value)
 
 
+def test_an_at_sign_in_a_store_password_must_be_encoded(config: Path) -> None:
+    # SQLAlchemy would split at the first @ and show "cr3t@db" as the host in errors
+    config.write_text('store_url = "postgresql://u:se@cr3t@db:5432/rohrpost"\n' + EXAMPLE)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert "store_url: an @ in the user name or password must be written %40" in str(raised.value)
+    assert "cr3t" not in str(raised.value)
+
+
 def test_the_store_urls_rohrpost_documents_load(config: Path) -> None:
     for url in (
         "sqlite:///rohrpost.db",
         "sqlite+pysqlite:///rohrpost.db",
         "postgresql+psycopg://u:p@db:5432/rohrpost",
         "postgresql://u:p@db:5432/rohrpost",
+        "postgresql+psycopg://u:se%40cr3t@db:5432/rohrpost",
     ):
         config.write_text(f'store_url = "{url}"\n' + EXAMPLE)
         assert load_settings(config).store_url.get_secret_value() == url
