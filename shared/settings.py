@@ -6,6 +6,7 @@ the environment at import time.
 
 from __future__ import annotations
 
+import difflib
 import os
 import random
 import re
@@ -431,6 +432,31 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     if env := os.environ.get("ROHRPOST_CONFIG"):
         return Path(env)
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+#: ``ROHRPOST_*`` variables that are no setting but are read all the same.
+_OTHER_VARIABLES = frozenset({"ROHRPOST_CONFIG"})
+_ENV_PREFIX = "ROHRPOST_"
+
+
+def stray_variables(settings: Settings) -> list[str]:
+    """``ROHRPOST_*`` variables that set nothing (a misspelt setting is ignored silently
+    otherwise), each with the setting it probably meant, if one is close."""
+    named = {settings.console.secret_key_env} | {
+        server.password_env for server in settings.smtp.values() if server.password_env
+    }
+    fields = {name.upper() for name in Settings.model_fields}
+    found = []
+    for variable in sorted(os.environ):
+        upper = variable.upper()
+        if not upper.startswith(_ENV_PREFIX) or upper.startswith(_ENV_PREFIX + "TEST_"):
+            continue
+        head = upper.removeprefix(_ENV_PREFIX).partition("__")[0]
+        if head in fields or variable in named or upper in _OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(head, fields, n=1)
+        found.append(f"{variable}" + (f" (did you mean {_ENV_PREFIX}{close[0]}?)" if close else ""))
+    return found
 
 
 def load_settings(explicit: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

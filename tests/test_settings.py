@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 
 from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.nodes import split_nodes
-from rohrpost.shared.settings import Backoff, load_settings, redact_url
+from rohrpost.shared.settings import Backoff, load_settings, redact_url, stray_variables
 
 EXAMPLE = """
 broker_url = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -314,3 +317,36 @@ def test_durations_survive_a_round_trip_through_toml(config: Path) -> None:
     )
     config.write_text(tomli_w.dumps(dumped))
     assert load_settings(config).model_dump() == settings.model_dump()
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_probably_meant(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config.write_text(
+        EXAMPLE.replace(
+            'host = "127.0.0.1"', 'host = "127.0.0.1"\npassword_env = "ROHRPOST_SMTP_PW"'
+        )
+    )
+    monkeypatch.setenv("ROHRPOST_PREFECH", "5")
+    monkeypatch.setenv("ROHRPOST_WOBBLE", "1")
+    monkeypatch.setenv("ROHRPOST_SMTP_PW", "secret")  # named by password_env: read
+    monkeypatch.setenv("ROHRPOST_SMTP__LOCAL__PORT", "2526")  # a setting, nested
+    monkeypatch.setenv("ROHRPOST_CONFIG", str(config))
+    settings = load_settings(config)
+    assert settings.smtp["local"].port == 2526
+    assert stray_variables(settings) == [
+        "ROHRPOST_PREFECH (did you mean ROHRPOST_PREFETCH?)",
+        "ROHRPOST_WOBBLE",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "rohrpost", "--config", str(config), "store", "migrate"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: ROHRPOST_PREFECH (did you mean ROHRPOST_PREFETCH?) is no setting; "
+        "it is ignored\n" in result.stderr
+    )

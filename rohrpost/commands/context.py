@@ -12,7 +12,7 @@ import click
 
 from rohrpost.operations.ids import normalize
 from rohrpost.shared.logs import configure_logging
-from rohrpost.shared.settings import Settings, config_path, load_settings
+from rohrpost.shared.settings import Settings, config_path, load_settings, stray_variables
 from rohrpost.shared.timeparse import parse_when
 
 
@@ -41,6 +41,8 @@ class CliContext:
             configure_logging(
                 self._settings.log_level, self._settings.log_format, self._settings.secrets()
             )
+            for variable in stray_variables(self._settings):
+                click.echo(f"warning: {variable} is no setting; it is ignored", err=True)
             if found is None and not self._settings.tenants:
                 click.echo(
                     "warning: no configuration file found (--config, $ROHRPOST_CONFIG or "
