@@ -434,8 +434,9 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
 
 
-#: ``ROHRPOST_*`` variables that are no setting but are read all the same.
-_OTHER_VARIABLES = frozenset({"ROHRPOST_CONFIG"})
+#: ``ROHRPOST_*`` variables that are no setting but are read all the same (the config
+#: file's path; the image tag deploy/compose.yaml takes from deploy/.env).
+_OTHER_VARIABLES = frozenset({"ROHRPOST_CONFIG", "ROHRPOST_TAG"})
 _ENV_PREFIX = "ROHRPOST_"
 
 
