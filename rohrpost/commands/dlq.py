@@ -43,7 +43,7 @@ def _filters(command: Any) -> Any:
             click.option(
                 "--reason",
                 help=(
-                    "Only this reason: invalid, misrouted, template_error, rejected, "
+                    "Only this reason: invalid, misrouted, forbidden, template_error, rejected, "
                     "unencodable, max_attempts, delivery_limit."
                 ),
             ),

@@ -14,6 +14,7 @@ from rohrpost.shared.timeparse import parse_when
 REASONS = [
     "invalid",
     "misrouted",
+    "forbidden",
     "template_error",
     "rejected",
     "unencodable",
