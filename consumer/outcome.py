@@ -128,8 +128,14 @@ class Processed:
         return round_of(self.delivery.properties)
 
 
-def mail_publication(topology: Topology, processed: Processed) -> Publication | None:
-    """The mail itself, moved on: into the delay levels, or to the dead-letter queue."""
+def mail_publication(
+    topology: Topology, processed: Processed, user_id: str | None = None
+) -> Publication | None:
+    """The mail itself, moved on: into the delay levels, or to the dead-letter queue.
+
+    ``user_id``: the worker's own broker user, which its publishes carry (validated by
+    the broker): a tenant that names its ``publishers`` accepts it back.
+    """
     outcome = processed.outcome
     delivery = processed.delivery
     mail_id = str(processed.mail.id) if processed.mail else delivery.properties.message_id
@@ -138,7 +144,11 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
         case Retry(delay, error):
             headers[ERROR_HEADER] = header_text(error)
             properties = mail_properties(
-                mail_id, attempt=processed.attempt + 1, round=processed.round, headers=headers
+                mail_id,
+                attempt=processed.attempt + 1,
+                round=processed.round,
+                headers=headers,
+                user_id=user_id,
             )
         case Redelay(delay, why):
             if why in (RATE_LIMITED, THROTTLED):
@@ -146,7 +156,11 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
             if why == THROTTLED:
                 headers[THROTTLED_HEADER] = throttled_of(delivery.properties) + 1
             properties = mail_properties(
-                mail_id, attempt=processed.attempt, round=processed.round, headers=headers
+                mail_id,
+                attempt=processed.attempt,
+                round=processed.round,
+                headers=headers,
+                user_id=user_id,
             )
         case Held():
             return Publication(
@@ -154,7 +168,11 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
                 topology.held_queue(processed.tenant, processed.app),
                 delivery.body,
                 mail_properties(
-                    mail_id, attempt=processed.attempt, round=processed.round, headers=headers
+                    mail_id,
+                    attempt=processed.attempt,
+                    round=processed.round,
+                    headers=headers,
+                    user_id=user_id,
                 ),
             )
         case DeadLetter(reason, error):
@@ -170,7 +188,11 @@ def mail_publication(topology: Topology, processed: Processed) -> Publication | 
                 topology.route_key(processed.tenant, processed.app),
                 delivery.body,
                 mail_properties(
-                    mail_id, attempt=processed.attempt, round=processed.round, headers=headers
+                    mail_id,
+                    attempt=processed.attempt,
+                    round=processed.round,
+                    headers=headers,
+                    user_id=user_id,
                 ),
             )
         case _:

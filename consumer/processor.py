@@ -50,6 +50,7 @@ from rohrpost.shared.wire import (
     mark_of,
     round_of,
     throttled_of,
+    user_id_of,
 )
 
 log = get_logger(__name__)
@@ -95,15 +96,38 @@ class MailProcessor:
         self._now = clock
         self._rng = rng or random.Random()
         self._queue_routes = {queue: lane.route for queue, lane in topology.lanes().items()}
+        # who may publish into each send queue, for the tenants that name their publishers
+        self._queue_publishers = {
+            queue: allowed
+            for queue, (tenant, _) in self._queue_routes.items()
+            if (allowed := settings.publishers(tenant)) is not None
+        }
 
     def route_of(self, queue: str) -> tuple[str, str]:
         """(tenant, app) of a send queue (any of its lanes)."""
         return self._queue_routes[queue]
 
+    def forbidden(self, delivery: Delivery) -> DeadLetter | None:
+        """The dead letter for a delivery its route's tenant does not accept from its
+        publisher: the tenant names its ``publishers``, and the broker-validated
+        ``user_id`` is none of them (nor this installation's own user), or is missing."""
+        allowed = self._queue_publishers.get(delivery.queue)
+        if allowed is None:
+            return None
+        user_id = user_id_of(delivery.properties)
+        if user_id in allowed:
+            return None
+        tenant = self._queue_routes[delivery.queue][0]
+        who = f"user {user_id!r}" if user_id is not None else "no user_id"
+        return DeadLetter("forbidden", f"published with {who}, not a publisher of {tenant}")
+
     def claim_key(self, delivery: Delivery) -> str | None:
-        """The send-claim key the delivery's properties name (mail id and round), if any."""
+        """The send-claim key the delivery's properties name (mail id and round), if any.
+
+        None for a delivery that is to be dead-lettered ``forbidden``: it takes no claim.
+        """
         mail_id = delivery.properties.message_id
-        if not isinstance(mail_id, str) or not mail_id:
+        if not isinstance(mail_id, str) or not mail_id or self.forbidden(delivery) is not None:
             return None
         route = self._queue_routes[delivery.queue]
         return self._claims.key(route, mail_id, round_of(delivery.properties))
@@ -120,6 +144,10 @@ class MailProcessor:
         structlog.contextvars.bind_contextvars(
             mail_id=delivery.properties.message_id, tenant=tenant, app=app, attempt=attempt
         )
+        # Before any claim, template or server: a mail the tenant does not accept from its
+        # publisher. One that was claimed on arrival passed this check in ``claim_key``.
+        if claim is None and (forbidden := self.forbidden(delivery)) is not None:
+            return Processed(delivery, _readable(delivery), attempt, forbidden, tenant, app)
         try:
             mail = decode_container(delivery.body)
         except ContainerError as exc:
@@ -255,6 +283,14 @@ class MailProcessor:
         recipients = list(dict.fromkeys(envelope_address(r) for r in mail.recipients))
         reply = sending.send(config.smtp, envelope_address(sender), recipients, message)
         return Sent(reply, msg_id, rendered.subject)
+
+
+def _readable(delivery: Delivery) -> MailContainer | None:
+    """The mail in ``delivery``, if it holds one; else None."""
+    try:
+        return decode_container(delivery.body)
+    except ContainerError:
+        return None
 
 
 def _permanent(exc: Exception) -> DeadLetter:

@@ -85,6 +85,7 @@ class SendWorker:
         self._settings = settings
         self._clock = clock
         self._topology = Topology.from_settings(settings)
+        self._user = settings.broker_user  # the user_id of the mails it moves on
         self._renderer = renderer = TemplateRenderer(
             settings.templates_dir, RenderLimits.of(settings)
         )
@@ -394,7 +395,7 @@ class SendWorker:
             else:
                 batcher.add(event, lambda failed: self._settle(processed, failed))
 
-        moved = mail_publication(self._topology, processed)
+        moved = mail_publication(self._topology, processed, self._user)
         if moved is None:
             record_event(None)
         else:

@@ -91,6 +91,8 @@ class Producer:
         self._timeout = settings.publish_timeout.total_seconds()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._keeps: dict[tuple[str, str], int] = {}  # per route, see _keep_seconds
+        # the validated user_id of every mail: who publishes it (the broker checks it)
+        self._user = settings.broker_user
         self._broker: Broker | None = broker
         self._owns_broker = broker is None
 
@@ -156,7 +158,7 @@ class Producer:
             # the worker that receives it early holds it on a timer until then
             due = math.ceil(mail.not_before.timestamp() * 1000)
             headers = {**(headers or {}), DUE_HEADER: due}
-        properties = mail_properties(str(mail.id), round=round, headers=headers)
+        properties = mail_properties(str(mail.id), round=round, headers=headers, user_id=self._user)
         seconds = self._topology.delay.release_seconds(waits) if waits > 0 else 0
         if seconds > 0:
             exchange = self._topology.schedule_exchange

@@ -59,8 +59,12 @@ class ControlMessage(BaseModel):
         """When it was given, in milliseconds: the copy it makes carries this mark."""
         return int(self.at.timestamp() * 1000)
 
-    def publication(self, exchange: str) -> Publication:
-        """This message, ready to publish to the control exchange."""
+    def publication(self, exchange: str, user_id: str | None = None) -> Publication:
+        """This message, ready to publish to the control exchange.
+
+        ``user_id``: the publishing connection's user (``Settings.broker_user``), which the
+        broker validates, so the stream shows who appended it.
+        """
         return Publication(
             exchange,
             "",
@@ -70,6 +74,7 @@ class ControlMessage(BaseModel):
                 delivery_mode=2,
                 message_id=str(uuid.uuid4()),
                 type=f"rohrpost.control.{self.action}",
+                user_id=user_id,
             ),
         )
 

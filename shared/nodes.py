@@ -41,6 +41,17 @@ def _redact_one(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+def broker_user(url: str) -> str:
+    """The user name a connection to ``url`` (or its first node) logs in as.
+
+    As pika reads it: the URL's user name, unquoted; ``guest`` when the URL names none.
+    It is the ``user_id`` rohrpost's publishes carry, which RabbitMQ validates.
+    """
+    nodes = split_nodes(url) or [url]
+    username = urlsplit(nodes[0]).username
+    return unquote(username) if username is not None else "guest"
+
+
 def broker_addresses(value: object) -> str:
     """The broker addresses ``value`` gives, checked, as the text Settings keep.
 
@@ -91,9 +102,10 @@ def _check(node: str, which: str) -> None:
 
 
 def _check_cluster(nodes: list[str]) -> None:
-    """The nodes of one cluster: each listed once, all with the same virtual host."""
+    """The nodes of one cluster: each listed once, all with the same virtual host and user."""
     seen: set[tuple[str, int]] = set()
     vhost = _vhost(urlsplit(nodes[0]))
+    user = broker_user(nodes[0])
     for position, node in enumerate(nodes, 1):
         parts = urlsplit(node)
         which = _which(position, node, len(nodes))
@@ -106,6 +118,11 @@ def _check_cluster(nodes: list[str]) -> None:
             raise ValueError(
                 f"{which}: virtual host {_vhost(parts)!r}, but address 1 names {vhost!r}; "
                 "the nodes of one cluster serve the same virtual hosts"
+            )
+        if broker_user(node) != user:
+            raise ValueError(
+                f"{which}: user {broker_user(node)!r}, but address 1 names {user!r}; "
+                "every node is to be reached as the same user (the user_id of publishes)"
             )
 
 

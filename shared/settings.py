@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,7 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rohrpost.shared.container import Address, Name, describe_validation_error
 from rohrpost.shared.delay import DelayLevels
 from rohrpost.shared.errors import ConfigError
-from rohrpost.shared.nodes import broker_addresses, redact_url, split_nodes
+from rohrpost.shared.nodes import broker_addresses, broker_user, redact_url, split_nodes
 from rohrpost.shared.rate import Rate, parse_rate
 from rohrpost.shared.timeparse import parse_duration
 
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "AppConfig",
     "Backoff",
+    "BrokerUser",
     "Duration",
     "MaxRate",
     "Settings",
@@ -149,12 +151,43 @@ class AppConfig(BaseModel):
     )
 
 
+#: The longest AMQP short string, which ``user_id`` is.
+_MAX_USER_BYTES = 255
+
+
+def _broker_user_name(value: str) -> str:
+    """A RabbitMQ user name as a ``user_id`` can carry it: 1 to 255 UTF-8 bytes, one line."""
+    if not value or value.strip() != value:
+        raise ValueError("a broker user name is not empty and has no surrounding spaces")
+    if len(value.encode("utf-8", "surrogatepass")) > _MAX_USER_BYTES:
+        raise ValueError(f"a broker user name has at most {_MAX_USER_BYTES} bytes (UTF-8)")
+    if not value.isprintable():
+        raise ValueError(f"{value!r}: a broker user name has no control characters")
+    return value
+
+
+BrokerUser = Annotated[str, AfterValidator(_broker_user_name)]
+
+
 class TenantConfig(BaseModel):
     """One tenant and its applications."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     apps: dict[Name, AppConfig] = Field(default_factory=dict)
+    publishers: tuple[BrokerUser, ...] = Field(
+        default=(),
+        description="RabbitMQ users allowed to submit this tenant's mails (their publishes' "
+        "validated user_id); empty: anyone who may publish to the submit exchanges.",
+    )
+
+    @field_validator("publishers")
+    @classmethod
+    def _check_publishers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+        return value
 
 
 Role = Literal["viewer", "operator", "admin"]
@@ -400,6 +433,19 @@ class Settings(BaseSettings):
             for app, app_config in config.apps.items()
             if app_config.enabled
         )
+
+    @property
+    def broker_user(self) -> str:
+        """The RabbitMQ user this installation connects as: the user_id of its publishes."""
+        return broker_user(self.broker_url.get_secret_value())
+
+    def publishers(self, tenant: str) -> frozenset[str] | None:
+        """Who may submit ``tenant``'s mails: its ``publishers`` and this installation's
+        own user (which re-publishes them), or None when anyone may (none listed)."""
+        config = self.tenants.get(tenant)
+        if config is None or not config.publishers:
+            return None
+        return frozenset((*config.publishers, self.broker_user))
 
     def app(self, tenant: str, app: str) -> AppConfig | None:
         """The configuration of tenant/app, or None when it is not configured."""

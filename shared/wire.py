@@ -19,7 +19,8 @@ ACTOR_HEADER = "x-rohrpost-actor"
 #: Dead letters edited by an operator: who, and when (Unix seconds).
 EDITED_BY_HEADER = "x-rohrpost-edited-by"
 EDITED_AT_HEADER = "x-rohrpost-edited-at"
-#: Dead letters: why (``invalid``, ``rejected``, ``max_attempts``, ``template_error`` …).
+#: Dead letters: why (``invalid``, ``forbidden``, ``rejected``, ``max_attempts``,
+#: ``template_error`` …).
 REASON_HEADER = "x-rohrpost-reason"
 #: Dead letters and retries: the last SMTP reply or exception.
 ERROR_HEADER = "x-rohrpost-error"
@@ -56,8 +57,13 @@ def mail_properties(
     attempt: int = 1,
     round: int = 0,
     headers: Mapping[str, Any] | None = None,
+    user_id: str | None = None,
 ) -> pika.BasicProperties:
     """Properties for a mail message: persistent, JSON, ``message_id`` = mail id.
+
+    ``user_id``: the user name of the publishing connection (``Settings.broker_user``).
+    RabbitMQ refuses a publish whose ``user_id`` is another user's, so a worker can tell
+    who submitted a mail, for tenants that name their ``publishers``.
 
     Headers are built fresh, never copied: brokers before 4.0.1 drop a message whose
     ``x-death`` shows it already expired from the same queue, so a republished mail
@@ -75,8 +81,15 @@ def mail_properties(
         message_id=mail_id,
         timestamp=int(time.time()),
         type="rohrpost.mail.v1",
+        user_id=user_id,
         headers=table or None,
     )
+
+
+def user_id_of(properties: Any) -> str | None:
+    """The validated user name a delivered mail was published by; None when it names none."""
+    user_id = properties.user_id
+    return user_id if isinstance(user_id, str) else None
 
 
 def attempt_of(properties: Any) -> int:

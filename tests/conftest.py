@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import pika
 import pytest
@@ -177,6 +178,38 @@ def redis_url() -> Iterator[str]:
         "tests can start a container.",
         pytrace=False,
     )
+
+
+#: What a RabbitMQ user may configure, write and read (``rabbitmqctl set_permissions``).
+Permissions = tuple[str, str, str]
+EVERYTHING: Permissions = (".*", ".*", ".*")
+
+
+@pytest.fixture
+def broker_user(broker_url: str) -> Iterator[Callable[..., str]]:
+    """RabbitMQ users of this test, deleted afterwards: ``make(password, permissions=…)``
+    returns the broker URL that logs in as a new user (permissions on vhost ``/``)."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("needs a local rabbitmqctl to create a user")
+    made: list[str] = []
+
+    def make(password: str, permissions: Permissions = EVERYTHING) -> str:
+        user = f"rp-test-{uuid.uuid4().hex[:8]}"
+        ctl = ["rabbitmqctl", "-q"]
+        subprocess.run([*ctl, "add_user", user, password], check=True, capture_output=True)
+        made.append(user)
+        subprocess.run(
+            [*ctl, "set_permissions", "-p", "/", user, *permissions],
+            check=True,
+            capture_output=True,
+        )
+        parts = urlsplit(broker_url)
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
+
+    yield make
+    for user in made:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=False, capture_output=True)
 
 
 def delete_redis_keys(url: str, namespace: str) -> None:

@@ -6,11 +6,9 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -164,32 +162,6 @@ def test_a_traceback_shows_no_local_variables_and_no_secret() -> None:
 
 # ASCII secrets are covered above; these need escaping in JSON, URLs and reprs.
 SECRETS = ["pässwört-Grüße-€-ß", 'q"uo\\te-ä%40-@:/?#']
-
-
-@pytest.fixture
-def broker_user(broker_url: str) -> Iterator[Callable[[str], str]]:
-    """A RabbitMQ user with the given password; returns the broker URL that logs in as it."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("needs a local rabbitmqctl to create a user")
-    made: list[str] = []
-
-    def make(password: str) -> str:
-        user = f"rp-test-{uuid.uuid4().hex[:8]}"
-        ctl = ["rabbitmqctl", "-q"]
-        subprocess.run([*ctl, "add_user", user, password], check=True, capture_output=True)
-        made.append(user)
-        subprocess.run(
-            [*ctl, "set_permissions", "-p", "/", user, ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-        parts = urlsplit(broker_url)
-        host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
-
-    yield make
-    for user in made:
-        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=False, capture_output=True)
 
 
 def _forms(secret: str) -> list[str]:

@@ -181,6 +181,7 @@ def send_now(session: OperatorSession, mail_id: uuid.UUID, store: HistoryStore |
         attempt=mail.attempts + 1,
         round=mail_round,
         headers={SEND_NOW_HEADER: message.mark},
+        user_id=session.user,
     )
     queue = session.topology.send_queue(mail.tenant, mail.app, container.priority)
     session.confirm(
@@ -286,6 +287,7 @@ def _move_back(session: OperatorSession, found: MailHistory, mail_id: uuid.UUID,
                 attempt=attempt_of(message.properties),
                 round=round_of(message.properties),
                 headers={**carried_headers(message.properties), RELEASED_HEADER: mark},
+                user_id=session.user,
             )
             lane = topology.send_queue(tenant, app, priority_of(message.body))
             session.confirm(

@@ -165,7 +165,9 @@ class DeadLetterQueue:
                 EDITED_BY_HEADER: self._session.actor,
                 EDITED_AT_HEADER: int(time.time()),
             }
-            properties = mail_properties(mail_id, round=letter.round, headers=headers)
+            properties = mail_properties(
+                mail_id, round=letter.round, headers=headers, user_id=self._session.user
+            )
             self._session.confirm(
                 self._session.publish(Publication("", letter.queue, body, properties)),
                 f"storing the edited dead letter {mail_id}",

@@ -31,6 +31,7 @@ from rohrpost.shared.wire import (
 REASONS = (
     "invalid",
     "misrouted",
+    "forbidden",
     "template_error",
     "rejected",
     "unencodable",

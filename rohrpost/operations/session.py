@@ -36,6 +36,8 @@ class OperatorSession:
         self.settings = settings
         self.topology = Topology.from_settings(settings)
         self.actor = actor or default_actor()
+        #: the broker user it connects as: the validated user_id of the mails it publishes
+        self.user = settings.broker_user
         self._timeout = settings.publish_timeout.total_seconds()
         self._broker: Broker | None = None
         self._producer: Producer | None = None
@@ -109,7 +111,7 @@ class OperatorSession:
     def control(self, message: ControlMessage) -> None:
         """Append ``message`` to the control stream every worker follows."""
         self.confirm(
-            self.publish(message.publication(self.topology.control_exchange)),
+            self.publish(message.publication(self.topology.control_exchange, self.user)),
             f"{message.action} on the control stream",
         )
 
