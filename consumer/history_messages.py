@@ -36,6 +36,7 @@ from rohrpost.shared.wire import (
     REASON_HEADER,
     header_text,
     round_of,
+    user_id_of,
 )
 
 #: Why a message was set aside: it could not be read, or the store refused it.
@@ -145,6 +146,7 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         return [_event_record(MailEvent.model_validate_json(delivery.body), settings)]
     mail, text = read_archived(delivery.body)
     _require_own_route(delivery, mail, settings)
+    _require_publisher(delivery, mail, settings)
     if mail.created_at is None:
         mail = mail.model_copy(update={"created_at": _published_at(delivery)})
     assert mail.created_at is not None
@@ -192,6 +194,19 @@ def _require_own_route(delivery: Delivery, mail: ArchivedMail, settings: Setting
     raise ContainerError(
         f"tenant/app: a mail for {mail.tenant}/{mail.app} published with routing key {key!r}"
     )
+
+
+def _require_publisher(delivery: Delivery, mail: ArchivedMail, settings: Settings) -> None:
+    """ContainerError for a submitted container its tenant does not accept from the broker
+    user that published it (the tenant names its ``publishers``): the worker dead-letters
+    it ``forbidden``; archived, a forger knowing a mail's id could give it new content."""
+    allowed = settings.publishers(mail.tenant)
+    if allowed is None:
+        return
+    user_id = user_id_of(delivery.properties)
+    if user_id not in allowed:
+        who = f"user {user_id!r}" if user_id is not None else "no user_id"
+        raise ContainerError(f"tenant: published with {who}, not a publisher of {mail.tenant}")
 
 
 def _event_record(event: MailEvent, settings: Settings) -> HistoryRecord:

@@ -8,6 +8,7 @@ else (dead letter ``forbidden``), while rohrpost's own re-publishes stay accepte
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from pika import frame
 from pydantic import SecretStr
 
 from rohrpost.catcher import MailCatcher
+from rohrpost.consumer.history import HistoryConsumer
 from rohrpost.consumer.outcome import Processed, Retry, mail_publication
 from rohrpost.operations import DeadLetterFilter, DeadLetterQueue, OperatorSession
 from rohrpost.producer.client import Producer
@@ -28,12 +30,14 @@ from rohrpost.shared.amqp import Delivery
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.control import ControlMessage
 from rohrpost.shared.errors import ConfigError
+from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.framing import PublishFramer
 from rohrpost.shared.nodes import broker_addresses
 from rohrpost.shared.nodes import broker_user as user_of
 from rohrpost.shared.settings import Settings, settings_from_mapping
+from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
-from rohrpost.shared.wire import ERROR_HEADER, REASON_HEADER, mail_properties
+from rohrpost.shared.wire import ERROR_HEADER, REASON_HEADER, ROUND_HEADER, mail_properties
 from tests.conftest import (
     Permissions,
     WorkerThread,
@@ -244,3 +248,59 @@ def test_the_broker_user_is_read_as_pika_reads_it_and_the_same_on_every_node() -
     assert user_of("amqp://a:x@rabbit-1/%2F,amqp://a:y@rabbit-2/%2F") == "a"
     with pytest.raises(ValueError, match="user 'b', but address 1 names 'a'"):
         broker_addresses(["amqp://a:x@rabbit-1/%2F", "amqp://b:x@rabbit-2/%2F"])
+
+
+def test_a_forger_knowing_a_mails_id_changes_nothing_of_its_history(
+    publishers: tuple[Settings, str, str], store_url: str, store: HistoryStore
+) -> None:
+    # Ids go out in Message-ID. Another broker user publishes a container under a real
+    # mail's id, as a new round with other content; the worker dead-letters it forbidden
+    # (its event names the id). The mail's history stays the publisher's mail.
+    settings, allowed, other = publishers
+    settings = settings.model_copy(update={"store_url": SecretStr(store_url)})
+    topology = Topology.from_settings(settings)
+    due = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    with Producer(as_user(settings, allowed)) as producer:
+        mail_id = producer.submit(mail(subject="the real one", not_before=due))
+    forged = json.dumps(mail(id=str(mail_id), subject="forged")).encode()
+    publish_as(
+        other,
+        topology.submit_exchange,
+        "acme.billing",
+        forged,
+        user_id=user_of(other),
+        type="rohrpost.mail.v1",
+        headers={ROUND_HEADER: 1},
+    )
+    refused = MailEvent(
+        kind=EventKind.DEAD_LETTERED,
+        mail_id=mail_id,
+        tenant="acme",
+        app="billing",
+        round=1,
+        attempt=1,
+        reason="forbidden",
+        error=f"published with user {user_of(other)!r}, not a publisher of acme",
+    )
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        channel.basic_publish("", topology.history_queue, *refused_message(refused))
+    consumer = HistoryConsumer(settings, store)
+    thread = threading.Thread(target=consumer.run, kwargs={"drain": True})
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    history = store.mail(mail_id)
+    assert history is not None
+    assert (history.mail.status, history.mail.subject) == ("scheduled", "the real one")
+    assert [e.kind for e in history.events] == ["submitted", "scheduled", "dead_lettered"]
+    rejected = topology.history_rejected_queue
+    with admin_channel(settings.broker_url.get_secret_value()) as channel:
+        _, properties, body = channel.basic_get(rejected, auto_ack=True)
+    assert body == forged
+    assert "not a publisher of acme" in str((properties.headers or {}).get(ERROR_HEADER))
+
+
+def refused_message(event: MailEvent) -> tuple[bytes, pika.BasicProperties]:
+    """The worker's ``forbidden`` event, as one event message (a worker batches it)."""
+    body = event.model_dump_json().encode()
+    return body, pika.BasicProperties(type="rohrpost.event.dead_lettered", delivery_mode=2)

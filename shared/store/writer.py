@@ -261,7 +261,8 @@ class HistoryWriter:
                 if state is None:
                     state = states[mail_id.int] = _Mail.create(record.event)
                 _require_same_route(state, record.event)
-                state.apply(record)
+                if not _refused_copy(state, record.event):
+                    state.apply(record)
             sink.save_mails(conn, list(states.values()))
             sink.insert_events(conn, new_events)
             add_counts(conn, tally((e.tenant, e.app, e.kind.value, e.at) for e in new_events))
@@ -325,6 +326,20 @@ def _require_same_route(state: _Mail, event: MailEvent) -> None:
         )
 
 
+#: The dead-letter reason of a mail its tenant does not accept from its publisher.
+FORBIDDEN = "forbidden"
+
+
+def _refused_copy(state: _Mail, event: MailEvent) -> bool:
+    """True for a ``forbidden`` dead letter naming a mail a publisher submitted: a copy
+    someone else published under its id, refused; kept as an event, the mail unchanged."""
+    return (
+        event.kind is EventKind.DEAD_LETTERED
+        and event.reason == FORBIDDEN
+        and state.row["created_at"] is not None
+    )
+
+
 def _save_invalid(conn: Connection, found: list[MailEvent]) -> list[MailEvent]:
     """Keep (dead_lettered) or forget (purged, replaced by an edit) invalid dead letters."""
     new = []
@@ -336,7 +351,8 @@ def _save_invalid(conn: Connection, found: list[MailEvent]) -> list[MailEvent]:
             if conn.execute(select(column).where(column == event.event_id)).first():
                 continue
             conn.execute(insert(invalid_letters), [_invalid_row(event, digest)])
-            _end_named_mail(conn, event)
+            if event.reason != FORBIDDEN:  # a forger's message names no mail of its own
+                _end_named_mail(conn, event)
             new.append(event)
         elif event.kind in (EventKind.PURGED, EventKind.EDITED):
             conn.execute(
