@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rohrpost.shared.container import PRIORITIES
+from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.settings import Settings, settings_from_mapping
 
 #: How long the worker waits for the broker to confirm that its consumers are cancelled.
@@ -86,7 +87,15 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     for name in argv[1:]:
-        print(f"{name}: {budget_of_file(Path(name)).explain()}")
+        try:
+            budget = budget_of_file(Path(name))
+        except (OSError, tomllib.TOMLDecodeError, ConfigError) as exc:
+            print(
+                f"error: {name}: {exc.strerror if isinstance(exc, OSError) else exc}",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"{name}: {budget.explain()}")
     return 0
 
 

@@ -847,3 +847,14 @@ def test_the_version_label_and_image_tag_are_the_package_version(
     assert worker["metadata"]["labels"]["app.kubernetes.io/version"] == version
     (container,) = worker["spec"]["template"]["spec"]["containers"]
     assert container["image"].endswith(f":{version}")
+
+
+def test_the_drain_budget_script_names_a_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing, broken = tmp_path / "missing.toml", tmp_path / "broken.toml"
+    broken.write_text("prefetch = [")
+    assert drain_budget.main(["drain_budget.py", str(missing)]) == 2
+    assert f"error: {missing}: No such file or directory" in capsys.readouterr().err
+    assert drain_budget.main(["drain_budget.py", str(broken)]) == 2
+    assert f"error: {broken}: " in capsys.readouterr().err
