@@ -140,41 +140,20 @@ def mail_publication(
     delivery = processed.delivery
     mail_id = str(processed.mail.id) if processed.mail else delivery.properties.message_id
     headers: dict[str, object] = {**carried_headers(delivery.properties)}
+    attempt = processed.attempt
     match outcome:
         case Retry(delay, error):
             headers[ERROR_HEADER] = header_text(error)
-            properties = mail_properties(
-                mail_id,
-                attempt=processed.attempt + 1,
-                round=processed.round,
-                headers=headers,
-                user_id=user_id,
-            )
+            attempt += 1
+            target = _delayed(topology, processed, delay)
         case Redelay(delay, why):
             if why in (RATE_LIMITED, THROTTLED):
                 headers[LIMITED_HEADER] = 1  # it waited its turn: not behind those waiting
             if why == THROTTLED:
                 headers[THROTTLED_HEADER] = throttled_of(delivery.properties) + 1
-            properties = mail_properties(
-                mail_id,
-                attempt=processed.attempt,
-                round=processed.round,
-                headers=headers,
-                user_id=user_id,
-            )
+            target = _delayed(topology, processed, delay)
         case Held():
-            return Publication(
-                "",
-                topology.held_queue(processed.tenant, processed.app),
-                delivery.body,
-                mail_properties(
-                    mail_id,
-                    attempt=processed.attempt,
-                    round=processed.round,
-                    headers=headers,
-                    user_id=user_id,
-                ),
-            )
+            target = ("", topology.held_queue(processed.tenant, processed.app))
         case DeadLetter(reason, error):
             headers = {
                 REASON_HEADER: reason,
@@ -183,24 +162,22 @@ def mail_publication(
                 DEAD_AT_HEADER: int(time.time()),
                 QUEUE_HEADER: delivery.queue,
             }
-            return Publication(
-                topology.dead_exchange,
-                topology.route_key(processed.tenant, processed.app),
-                delivery.body,
-                mail_properties(
-                    mail_id,
-                    attempt=processed.attempt,
-                    round=processed.round,
-                    headers=headers,
-                    user_id=user_id,
-                ),
-            )
+            target = (topology.dead_exchange, topology.route_key(processed.tenant, processed.app))
         case _:
             return None
-    # back into the mail's own lane once the delay is over
+    properties = mail_properties(
+        mail_id, attempt=attempt, round=processed.round, headers=headers, user_id=user_id
+    )
+    return Publication(*target, delivery.body, properties)
+
+
+def _delayed(topology: Topology, processed: Processed, delay: int) -> tuple[str, str]:
+    """Exchange and routing key that bring the mail back into its own lane after ``delay``."""
     priority = processed.mail.priority if processed.mail else DEFAULT_PRIORITY
-    key = topology.delayed_key(delay, processed.tenant, processed.app, priority)
-    return Publication(topology.delay.entry_exchange, key, delivery.body, properties)
+    return (
+        topology.delay.entry_exchange,
+        topology.delayed_key(delay, processed.tenant, processed.app, priority),
+    )
 
 
 #: How much of a dead letter that is not a mail container its event carries (characters).
