@@ -35,8 +35,8 @@ from rohrpost.shared.wire import (
     ERROR_HEADER,
     REASON_HEADER,
     header_text,
+    publisher_refused,
     round_of,
-    user_id_of,
 )
 
 #: Why a message was set aside: it could not be read, or the store refused it.
@@ -200,13 +200,9 @@ def _require_publisher(delivery: Delivery, mail: ArchivedMail, settings: Setting
     """ContainerError for a submitted container its tenant does not accept from the broker
     user that published it (the tenant names its ``publishers``): the worker dead-letters
     it ``forbidden``; archived, a forger knowing a mail's id could give it new content."""
-    allowed = settings.publishers(mail.tenant)
-    if allowed is None:
-        return
-    user_id = user_id_of(delivery.properties)
-    if user_id not in allowed:
-        who = f"user {user_id!r}" if user_id is not None else "no user_id"
-        raise ContainerError(f"tenant: published with {who}, not a publisher of {mail.tenant}")
+    why = publisher_refused(delivery.properties, settings.publishers(mail.tenant), mail.tenant)
+    if why is not None:
+        raise ContainerError(f"tenant: {why}")
 
 
 def _event_record(event: MailEvent, settings: Settings) -> HistoryRecord:

@@ -44,13 +44,14 @@ from rohrpost.shared.logs import get_logger
 from rohrpost.shared.settings import AppConfig, Settings
 from rohrpost.shared.topology import Topology
 from rohrpost.shared.wire import (
+    FORBIDDEN,
     RELEASED_HEADER,
     SEND_NOW_HEADER,
     attempt_of,
     mark_of,
+    publisher_refused,
     round_of,
     throttled_of,
-    user_id_of,
 )
 
 log = get_logger(__name__)
@@ -112,14 +113,9 @@ class MailProcessor:
         publisher: the tenant names its ``publishers``, and the broker-validated
         ``user_id`` is none of them (nor this installation's own user), or is missing."""
         allowed = self._queue_publishers.get(delivery.queue)
-        if allowed is None:
-            return None
-        user_id = user_id_of(delivery.properties)
-        if user_id in allowed:
-            return None
         tenant = self._queue_routes[delivery.queue][0]
-        who = f"user {user_id!r}" if user_id is not None else "no user_id"
-        return DeadLetter("forbidden", f"published with {who}, not a publisher of {tenant}")
+        why = publisher_refused(delivery.properties, allowed, tenant)
+        return None if why is None else DeadLetter(FORBIDDEN, why)
 
     def claim_key(self, delivery: Delivery) -> str | None:
         """The send-claim key the delivery's properties name (mail id and round), if any.

@@ -92,6 +92,23 @@ def user_id_of(properties: Any) -> str | None:
     return user_id if isinstance(user_id, str) else None
 
 
+#: The dead-letter reason of a mail its tenant does not accept from its publisher.
+FORBIDDEN = "forbidden"
+
+
+def publisher_refused(properties: Any, allowed: frozenset[str] | None, tenant: str) -> str | None:
+    """Why ``tenant`` does not accept a mail published with ``properties``: it names its
+    publishers (``allowed``, see ``Settings.publishers``; None: anyone) and the
+    broker-validated ``user_id`` is none of them, or missing. None when it accepts it."""
+    if allowed is None:
+        return None
+    user_id = user_id_of(properties)
+    if user_id in allowed:
+        return None
+    who = f"user {user_id!r}" if user_id is not None else "no user_id"
+    return f"published with {who}, not a publisher of {tenant}"
+
+
 def attempt_of(properties: Any) -> int:
     """The attempt number a delivered mail carries (1 when absent, malformed or absurd)."""
     return _int_header(properties, ATTEMPT_HEADER, 1)

@@ -35,6 +35,7 @@ from rohrpost.shared.store.tables import (
     mails,
     operator_actions,
 )
+from rohrpost.shared.wire import FORBIDDEN
 
 #: Status a kind of event puts a mail in, and how strongly (higher wins within a round).
 STATUS_OF: dict[EventKind, tuple[str, int]] = {
@@ -324,10 +325,6 @@ def _require_same_route(state: _Mail, event: MailEvent) -> None:
             f"event {event.kind.value} for {event.tenant}/{event.app} names mail "
             f"{event.mail_id} of {row['tenant']}/{row['app']}"
         )
-
-
-#: The dead-letter reason of a mail its tenant does not accept from its publisher.
-FORBIDDEN = "forbidden"
 
 
 def _refused_copy(state: _Mail, event: MailEvent) -> bool:
