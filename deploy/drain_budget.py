@@ -8,10 +8,11 @@ consumes (three per route: the high, normal and bulk lanes), sent ``threads`` at
 time. Each mail costs one SMTP transaction; when its server does not answer at all,
 one ``timeout`` of that server (smtplib gives up on the connection or the greeting,
 the mail is retried later, the next mail connects anew). Then the worker waits up to
-10 s for the broker to confirm the cancel and up to ``publish_timeout`` for its last
-confirms. So, per worker process:
+10 s for the broker to confirm the cancel, up to ``publish_timeout`` for its last
+confirms and 5 s for the broker to answer the connection's close (one that does not
+answer is then cut off). So, per worker process:
 
-    ceil(prefetch * 3 * routes / threads) * slowest SMTP timeout + 10 s + publish_timeout
+    ceil(prefetch * 3 * routes / threads) * slowest SMTP timeout + 10 s + publish_timeout + 5 s
 
 With ``--processes N`` the N processes drain side by side: the same bound. A server
 that answers is much faster (rounds * its time per mail; tests/test_deploy.py measures
@@ -27,6 +28,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from rohrpost.shared.broker import CLOSE_HANDSHAKE_SECONDS
 from rohrpost.shared.container import PRIORITIES
 from rohrpost.shared.errors import ConfigError
 from rohrpost.shared.settings import Settings, settings_from_mapping
@@ -51,8 +53,13 @@ class DrainBudget:
 
     @property
     def seconds(self) -> float:
-        """The bound: the rounds at the slowest timeout, the cancel, the last confirms."""
-        return self.rounds * self.mail_seconds + CANCEL_SECONDS + self.publish_timeout
+        """The bound: the rounds at the slowest timeout, cancel, last confirms, close."""
+        return (
+            self.rounds * self.mail_seconds
+            + CANCEL_SECONDS
+            + self.publish_timeout
+            + CLOSE_HANDSHAKE_SECONDS
+        )
 
     @classmethod
     def of(cls, settings: Settings) -> DrainBudget:
@@ -72,6 +79,7 @@ class DrainBudget:
         return (
             f"ceil({self.held} held / {self.threads} threads) = {self.rounds} rounds"
             f" x {self.mail_seconds:g} s + {CANCEL_SECONDS:g} s + {self.publish_timeout:g} s"
+            f" + {CLOSE_HANDSHAKE_SECONDS:g} s"
             f" = {self.seconds:g} s"
         )
 

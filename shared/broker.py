@@ -70,6 +70,10 @@ _CONNECT_TIMEOUT = 10.0
 #: (a node just died), even if the other queues took it (rabbitmq-server #4888):
 #: 1,100 of 10,000 mails in one run of `python -m bench cluster`.
 _NACK_DELAYS = (0.5, 1.0, 2.0, 4.0)
+#: How long close() waits for the broker to answer the connection's close before it
+#: drops the connection: a frozen link or a hung node never answers, and the process
+#: would not exit until heartbeats gave up on it (a minute or more).
+CLOSE_HANDSHAKE_SECONDS = 5.0
 
 
 _WRITE_CHUNK = 256 * 1024
@@ -169,7 +173,10 @@ class Broker:
         """
         if timeout is None:
             timeout = _CONNECT_TIMEOUT * len(self._nodes)
-        self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}/io")
+        # A daemon: close() ends it; one left running (close() never called, or a node
+        # that hangs even the dropped connection) must not keep the process from exiting.
+        # Whoever needs a publish confirmed waits for its future.
+        self._thread = threading.Thread(target=self._run_loop, name=f"{self._name}/io", daemon=True)
         self._ioloop.add_callback_threadsafe(self._connect)
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
@@ -186,8 +193,15 @@ class Broker:
             self._ioloop.close()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Wait (up to ``timeout``) for outstanding confirms, then close the connection."""
-        if self._thread is None:
+        """Wait (up to ``timeout``) for outstanding confirms, then close the connection.
+
+        The broker then has ``CLOSE_HANDSHAKE_SECONDS`` seconds to answer the close; if it does
+        not (a frozen link, a hung node), the connection is dropped, so the I/O thread
+        always ends and the process can exit. Publishes still unconfirmed fail with
+        BrokerUnavailable either way.
+        """
+        thread = self._thread
+        if thread is None:
             return
         done = threading.Event()
 
@@ -201,7 +215,15 @@ class Broker:
         self._call(check)
         done.wait(timeout)
         self._call(self._shutdown)
-        self._thread.join(timeout)
+        thread.join(CLOSE_HANDSHAKE_SECONDS)
+        if thread.is_alive():
+            log.warning(
+                "the broker did not answer the close; dropping the connection",
+                node=redact_url(self._nodes[self._node]),
+                waited_seconds=CLOSE_HANDSHAKE_SECONDS,
+            )
+            self._ioloop.add_callback_threadsafe(self._drop)
+            thread.join(CLOSE_HANDSHAKE_SECONDS)
         self._thread = None
 
     @property
@@ -559,6 +581,18 @@ class Broker:
             connection.close()
         elif connection is not None and connection.is_closing:
             return
+        else:
+            self._fail_all(BrokerUnavailable("broker connection closed"))
+            self._ioloop.stop()
+
+    def _drop(self) -> None:
+        """Cut the connection without the broker's answer (as a missed heartbeat does)."""
+        self._closing = True
+        connection = self._state.connection
+        if connection is not None and not connection.is_closed:
+            # pika's own way to end a connection whose peer went silent: the stream
+            # closes and _on_connection_closed stops the loop.
+            connection._terminate_stream(BrokerUnavailable("the broker did not answer the close"))
         else:
             self._fail_all(BrokerUnavailable("broker connection closed"))
             self._ioloop.stop()

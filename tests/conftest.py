@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -386,6 +387,24 @@ def rohrpost_command(config: Path, *args: str) -> list[str]:
         "json",
         *args,
     ]
+
+
+def stop_process(process: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """SIGTERM ``process`` and return its (stdout, stderr) once it exited.
+
+    One that does not exit within ``timeout`` is killed with its whole process group
+    (start it with ``start_new_session=True``, so a supervisor's children go too) and
+    fails the test with the end of its stderr: nothing keeps running into later tests.
+    """
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{process.args!r} did not exit {timeout:g}s after SIGTERM: {stderr[-3000:]}")
+    return stdout, stderr
 
 
 def drain(settings: Settings, **worker_options: Any) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     get,
     postgres_database,
     rohrpost_command,
+    stop_process,
     wait_until,
     write_config,
 )
@@ -211,6 +212,7 @@ def test_no_secret_reaches_a_log_line_a_metric_cli_output_or_a_stored_row(
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,
         )
         outputs: list[str] = []
         try:
@@ -240,9 +242,7 @@ def test_no_secret_reaches_a_log_line_a_metric_cli_output_or_a_stored_row(
             ):
                 outputs.append(cli(*args))
         finally:
-            run.send_signal(signal.SIGTERM)
-            stdout, stderr = run.communicate(timeout=60)
-            outputs += [stdout, stderr]
+            outputs += stop_process(run)
         engine = create_engine(database_url)
         with engine.connect() as conn:
             for table in ("mails", "events", "mail_recipients", "mail_tags", "operator_actions"):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 from pydantic import SecretStr
 
 from rohrpost.catcher import MailCatcher, free_port
@@ -17,7 +18,7 @@ from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
-from tests.conftest import declare, rohrpost_command, write_config
+from tests.conftest import declare, get, rohrpost_command, wait_until, write_config
 from tests.tcpproxy import TcpProxy
 
 
@@ -188,3 +189,46 @@ def test_a_child_that_cannot_start_is_restarted_with_growing_waits_and_no_traceb
     for slot in {line["slot"] for line in died}:
         delays = [line["restart_in_seconds"] for line in died if line["slot"] == slot]
         assert delays == [1.0, 2.0, 4.0][: len(delays)]
+
+
+@pytest.mark.parametrize("command", ["worker", "history-consumer"])
+def test_sigterm_stops_a_process_whose_broker_stopped_answering(
+    command: str,
+    broker_url: str,
+    make_settings: Callable[..., Settings],
+    catcher: MailCatcher,
+    tmp_path: Path,
+) -> None:
+    """A frozen link (a hung node, a dead network path) never answers the close: the
+    process drops the connection after a few seconds instead of waiting for heartbeats
+    (before: it hung in the interpreter's exit, the I/O thread waiting for a close-ok)."""
+    parts = urlsplit(broker_url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+        credentials = parts.netloc.rpartition("@")[0]
+        proxied = parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+        port = free_port()
+        settings = make_settings(broker_url=proxied, metrics_port=port)
+        declare(settings)
+        config = write_config(settings, tmp_path / "rohrpost.toml")
+        with Producer(settings) as producer:
+            producer.submit(mails(1)[0])
+        process = subprocess.Popen(
+            rohrpost_command(config, command), stderr=subprocess.PIPE, text=True
+        )
+        try:
+            # the history consumer serves its endpoints on metrics_port + 1
+            ready = f"http://127.0.0.1:{port + (command == 'history-consumer')}/readyz"
+            wait_until(lambda: get(ready)[0] == 200, timeout=60)
+            if command == "worker":
+                catcher.wait_for(lambda got: len(got) == 1, timeout=60)
+            proxy.freeze()
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=90)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert process.returncode == 0, stderr[-2000:]
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "the broker did not answer the close; dropping the connection" in events
+    assert "Traceback" not in stderr
