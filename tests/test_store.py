@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,10 +13,15 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
 from rohrpost.shared.container import MailContainer, parse_container
-from rohrpost.shared.errors import StoreError
+from rohrpost.shared.errors import StoreError, StoreUnavailable
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.store import HistoryRecord, HistoryStore, MailFilter
-from rohrpost.shared.store.database import create_store_engine, head_revision, migrate
+from rohrpost.shared.store.database import (
+    POSTGRESQL_DEFAULTS,
+    create_store_engine,
+    head_revision,
+    migrate,
+)
 from rohrpost.shared.store.history import PurgeBatches
 from rohrpost.shared.store.tables import events, mail_recipients, mail_tags, mails, metadata
 
@@ -570,3 +576,31 @@ def test_purge_batches_shrink_after_a_slow_batch_and_grow_after_quick_ones() -> 
     for _ in range(50):
         batches.took(0.01)
     assert batches.size == 5000
+
+
+def test_a_postgresql_store_gets_bounded_connect_and_dead_peer_timeouts(postgres_url: str) -> None:
+    """libpq's defaults wait for a silent server or a vanished host for hours."""
+    defaults = create_store_engine(postgres_url)
+    chosen = create_store_engine(f"{postgres_url}?keepalives_idle=5&connect_timeout=3")
+    try:
+        with defaults.connect() as conn:
+            parameters = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        for name, value in POSTGRESQL_DEFAULTS.items():
+            assert parameters[name] == str(value), name
+        with chosen.connect() as conn:
+            parameters = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert (parameters["keepalives_idle"], parameters["connect_timeout"]) == ("5", "3")
+        assert parameters["tcp_user_timeout"] == "60000"  # the others keep their defaults
+    finally:
+        defaults.dispose()
+        chosen.dispose()
+
+
+def test_a_postgresql_server_that_accepts_but_never_answers_is_unavailable_not_a_hang() -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    port = silent.getsockname()[1]
+    try:
+        with pytest.raises(StoreUnavailable):
+            HistoryStore.open(f"postgresql+psycopg://rohrpost@127.0.0.1:{port}/history")
+    finally:
+        silent.close()

@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from rohrpost.shared.errors import StoreError, StoreUnavailable
@@ -30,9 +30,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: libpq settings a PostgreSQL store gets unless its URL sets them (``?connect_timeout=``
+#: and so on). Without them a server that accepts the connection but never answers, or a
+#: host that vanished without a reset, holds the caller for as long as the kernel's
+#: TCP defaults allow (hours): the history consumer would stop archiving, still report
+#: itself ready, and not exit on SIGTERM. With them a connection attempt gives up after
+#: 10 s, and a dead peer is noticed within about a minute (keepalives probe an idle
+#: connection, tcp_user_timeout bounds data the peer never acknowledges).
+POSTGRESQL_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+
+
 def create_store_engine(url: str) -> Engine:
     """An engine for ``url`` (``sqlite:///file.db`` or ``postgresql+psycopg://…``)."""
-    engine = create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = {k: v for k, v in POSTGRESQL_DEFAULTS.items() if k not in parsed.query}
+    engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
