@@ -14,6 +14,7 @@ is left, so ``rohrpost run --drain`` returns with every mail sent *and* archived
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -65,15 +66,42 @@ class RestartBackoff:
         return delay
 
 
-def _on_signals(handlers: dict[signal.Signals, Callable[[], None]]) -> None:
-    for signum, action in handlers.items():
+#: Exit status of a process a second Ctrl-C stopped at once (128 + SIGINT, as shells do).
+FORCED_EXIT = 128 + signal.SIGINT
 
-        def handler(
-            _signum: int, _frame: FrameType | None, action: Callable[[], None] = action
-        ) -> None:
-            action()
 
-        signal.signal(signum, handler)
+def _on_signals(stop: Callable[[], None], force: Callable[[], None] | None = None) -> None:
+    """SIGTERM and a first SIGINT (Ctrl-C) call ``stop``, a graceful stop; a second
+    SIGINT calls ``force`` (default: exit at once with FORCED_EXIT).
+
+    A graceful stop finishes the mails in hand, which takes up to a send timeout per
+    round of them: an operator at a terminal can cut it short. What was not finished
+    is not acked, so the broker hands it to another worker (a mail in the middle of
+    its SMTP transaction may then be sent twice, as after SIGKILL).
+    """
+    interrupted = False
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        stop()
+
+    def on_sigint(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            log.info("stopping; Ctrl-C again stops at once, unfinished mails back to the queue")
+            stop()
+        elif force is not None:
+            force()
+        else:
+            _exit_now()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def _exit_now() -> None:
+    log.warning("second Ctrl-C: stopping at once; what was in hand goes back to the queue")
+    os._exit(FORCED_EXIT)  # no clean-up: nothing unfinished was acked
 
 
 def _serve(
@@ -107,7 +135,7 @@ def _run_here(
     metrics_port: int,
 ) -> None:
     """Run ``service`` in this process until SIGTERM/SIGINT (or drained), serving its endpoints."""
-    _on_signals({signal.SIGTERM: service.stop, signal.SIGINT: service.stop})
+    _on_signals(service.stop)
     endpoints = _serve(settings, metrics_port, registry, service.readiness)
     try:
         service.run(drain=drain)
@@ -144,7 +172,7 @@ def _worker_main(settings: Settings, drain: bool, _workers_done: EventLike) -> N
     from rohrpost.consumer.worker import SendWorker
 
     worker = SendWorker(settings, metrics=Metrics())  # multiprocess mode: values go to files
-    _on_signals({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop})
+    _on_signals(worker.stop)
     _exit_on_error(lambda: worker.run(drain=drain), "worker")
 
 
@@ -152,7 +180,7 @@ def _history_main(settings: Settings, drain: bool, workers_done: EventLike) -> N
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
     collect_garbage_seldom()
     consumer = HistoryConsumer(settings, metrics=Metrics())
-    _on_signals({signal.SIGTERM: consumer.stop, signal.SIGINT: consumer.stop})
+    _on_signals(consumer.stop)
     _exit_on_error(
         lambda: consumer.run(drain=drain, drain_when=workers_done.is_set), "history consumer"
     )
@@ -212,9 +240,18 @@ class Supervisor:
         """Ask every child to finish what it is doing and exit."""
         self._stopping = True
 
+    def _force(self) -> None:
+        """A second Ctrl-C: kill every child (SIGKILL) and exit at once."""
+        for process in self._processes:
+            if process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        _exit_now()
+
     def run(self) -> int:
         """Supervise until stopped or, draining, until every child is done; return exit code."""
-        _on_signals({signal.SIGTERM: self.stop, signal.SIGINT: self.stop})
+        _on_signals(self.stop, self._force)
         self._metrics_dir = tempfile.mkdtemp(prefix="rohrpost-metrics-")
         # Children read it when they import prometheus-client, so it is set first.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir

@@ -8,6 +8,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import pytest
@@ -18,7 +19,7 @@ from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.topology import Topology
-from tests.conftest import declare, get, rohrpost_command, wait_until, write_config
+from tests.conftest import declare, drain, get, rohrpost_command, wait_until, write_config
 from tests.tcpproxy import TcpProxy
 
 
@@ -232,3 +233,63 @@ def test_sigterm_stops_a_process_whose_broker_stopped_answering(
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert "the broker did not answer the close; dropping the connection" in events
     assert "Traceback" not in stderr
+
+
+def _lines_until(stream: IO[str], event: str) -> list[dict[str, object]]:
+    """JSON log lines read from ``stream`` up to the first whose event is ``event``."""
+    lines: list[dict[str, object]] = []
+    while not lines or lines[-1].get("event") != event:
+        line = stream.readline()
+        assert line, f"the process ended before logging {event!r}: {lines[-5:]}"
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_second_ctrl_c_stops_at_once_and_what_was_in_hand_is_sent_later(
+    processes: int, make_settings: Callable[..., Settings], catcher: MailCatcher, tmp_path: Path
+) -> None:
+    """The first Ctrl-C finishes the mails in hand (a slow server: seconds each); the
+    second cuts that short, as an operator at a terminal expects, and loses nothing."""
+    catcher.latency = 3.0
+    settings = make_settings(prefetch=6, threads=2)
+    declare(settings)
+    config = write_config(settings, tmp_path / "rohrpost.toml")
+    with Producer(settings) as producer:
+        ids = [producer.submit(mail) for mail in mails(6)]
+    command = rohrpost_command(config, "worker", "--processes", str(processes))
+    worker = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stderr is not None
+        started = _lines_until(worker.stderr, "worker started")
+        children = [int(str(x["pid"])) for x in started if x["event"] == "process started"]
+        assert len(children) == (processes if processes > 1 else 0)
+        catcher.wait_for(lambda got: len(got) >= 1, timeout=60)  # sending, 3 s a mail
+        worker.send_signal(signal.SIGINT)  # only the process named: no terminal's group
+        _lines_until(
+            worker.stderr,
+            "stopping; Ctrl-C again stops at once, unfinished mails back to the queue",
+        )
+        worker.send_signal(signal.SIGINT)
+        _, rest = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 128 + signal.SIGINT
+    assert "second Ctrl-C: stopping at once" in rest
+    assert '"worker stopped"' not in rest  # it did not wait for the slow server
+    for pid in children:  # the supervisor killed its children before it went
+
+        def gone(pid: int = pid) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert wait_until(gone, timeout=30)
+    catcher.latency = 0.0
+    drain(settings)  # another worker: the mails the first one held were not lost
+    assert {f"<{i}@acme.example>" for i in ids} <= set(message_ids(catcher))
