@@ -29,6 +29,7 @@ from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import BrokerUnavailable
 from rohrpost.shared.logs import configure_logging
 from rohrpost.shared.settings import Settings, redact_url, settings_from_mapping
+from rohrpost.shared.state import forget_namespace_keys
 from rohrpost.shared.store import HistoryStore, MailHistory
 from rohrpost.shared.topology import Topology
 
@@ -234,6 +235,8 @@ def _run(settings: Settings, catcher: MailCatcher, *, keep: bool, console_port: 
         store.close()
         with admin_channel(url) as channel:
             topology.delete(channel)
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        forget_namespace_keys(redis_url, settings.namespace)  # the mail ids and send claims
 
 
 def _report(

@@ -145,3 +145,20 @@ class SharedState:
         if client is not None:
             client.close()
             self._local.client = None
+
+
+def forget_namespace_keys(redis_url: str | None, namespace: str) -> int | None:
+    """Delete every key of ``namespace`` in the Redis at ``redis_url``; how many.
+
+    None when there is no Redis (``redis_url`` empty) or it cannot be reached: the keys
+    then expire by themselves (each has the retention of its app).
+    """
+    if not redis_url:
+        return None
+    state = SharedState(redis_url)
+    try:
+        return state.forget_namespace(namespace)
+    except StateUnavailable:
+        return None
+    finally:
+        state.close()

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from pika.exceptions import ChannelClosedByBroker
 
 from rohrpost.catcher import MailCatcher
@@ -245,7 +246,7 @@ def test_the_demo_without_a_broker_says_how_to_start_one() -> None:
     assert "rohrpost demo --broker-url amqp://" in result.stderr
 
 
-def test_the_demo_runs_the_whole_pipeline(broker_url: str) -> None:
+def test_the_demo_runs_the_whole_pipeline(broker_url: str, redis_url: str) -> None:
     result = run("demo", "--broker-url", broker_url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all mails ended as expected" in result.stdout
@@ -254,6 +255,11 @@ def test_the_demo_runs_the_whole_pipeline(broker_url: str) -> None:
     namespace = result.stdout.split("namespace '")[1].split("'")[0]
     with admin_channel(broker_url) as channel, pytest.raises(ChannelClosedByBroker):
         channel.queue_declare(f"{namespace}.send.acme.shop", passive=True)  # cleaned up
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{namespace}:*")) == []  # ids and claims too
+    finally:
+        client.close()
 
 
 def test_every_command_has_help() -> None:

@@ -41,7 +41,7 @@ def topology_delete(ctx: CliContext, yes: bool) -> None:
     Asks first, unless --yes.
     """
     from rohrpost.shared.broker import admin_channel
-    from rohrpost.shared.state import SharedState, StateUnavailable
+    from rohrpost.shared.state import forget_namespace_keys
     from rohrpost.shared.topology import Topology
 
     settings = ctx.settings()
@@ -54,14 +54,12 @@ def topology_delete(ctx: CliContext, yes: bool) -> None:
         Topology.from_settings(settings).delete(channel)
     forgotten = ""
     if settings.redis_url is not None:
-        state = SharedState(settings.redis_url.get_secret_value())
-        try:
-            keys = state.forget_namespace(settings.namespace)
-            forgotten = f" and its {plural(keys, 'shared-state key')}"
-        except StateUnavailable:
-            forgotten = " (its shared-state keys in Redis were not reachable; they expire)"
-        finally:
-            state.close()
+        keys = forget_namespace_keys(settings.redis_url.get_secret_value(), settings.namespace)
+        forgotten = (
+            " (its shared-state keys in Redis were not reachable; they expire)"
+            if keys is None
+            else f" and its {plural(keys, 'shared-state key')}"
+        )
     click.echo(f"deleted namespace '{settings.namespace}'{forgotten}")
 
 
