@@ -220,6 +220,32 @@ Tag = Annotated[
     AfterValidator(_no_control_characters),
     _NO_CONTROL,
 ]
+#: Bidirectional formatting characters: in a file name they disguise its extension
+#: ("invoice\u202efdp.exe" shows as "invoiceexe.pdf"), the classic attachment spoof.
+_BIDI_CONTROL = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _file_name(value: str) -> str:
+    value = _no_control_characters(value)
+    if found := _BIDI_CONTROL.search(value):
+        raise ValueError(
+            f"must not contain bidirectional formatting characters, which disguise a file's "
+            f"type (U+{ord(found.group()):04X} at position {found.start() + 1})"
+        )
+    return value
+
+
+FileName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=998),
+    AfterValidator(_file_name),
+    Field(
+        json_schema_extra={
+            "pattern": r"^[^\u0000-\u001f\u007f-\u009f\u2028\u2029"
+            r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*$"
+        }
+    ),
+]
 TemplateName = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"),
@@ -239,7 +265,7 @@ class Attachment(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    filename: HeaderText = Field(min_length=1, max_length=255)
+    filename: FileName
     content_type: str = Field(
         default="application/octet-stream",
         # RFC 6838 restricted-name, ASCII only: type and subtype of 1-127 characters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import string
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -221,3 +222,32 @@ def test_mail_ids_are_random_version_4_and_a_forked_child_never_repeats_its_pare
     os.close(write)
     assert child_id != new_mail_id()
     assert child_id not in ids
+
+
+@pytest.mark.parametrize(
+    ("filename", "why"),
+    [
+        ("invoice\u202efdp.exe", r"bidirectional formatting characters.*U\+202E at position 8"),
+        ("a\u2066b.pdf", r"bidirectional.*U\+2066"),
+        ("a\rb.txt", "CR or LF"),
+        ("", "at least 1 character"),
+    ],
+)
+def test_an_attachment_name_that_disguises_its_type_is_refused(filename: str, why: str) -> None:
+    attachment = {"filename": filename, "content": "aGk="}
+    with pytest.raises(ContainerError, match=rf"attachments\.0\.filename: .*{why}"):
+        parse_container(mail(attachments=[attachment]))
+    if filename:  # producers in other languages check the same with the JSON Schema
+        assert re.fullmatch(_FILENAME_PATTERN, filename) is None
+
+
+def test_attachment_names_in_any_script_are_fine() -> None:
+    for filename in ("Rechnung März.pdf", "فاتورة.pdf", "請求書 2026.xlsx", "a..b.txt", ".profile"):
+        parsed = parse_container(mail(attachments=[{"filename": filename, "content": "aGk="}]))
+        assert parsed.attachments[0].filename == filename
+        assert re.fullmatch(_FILENAME_PATTERN, filename)
+
+
+_FILENAME_PATTERN = MailContainer.model_json_schema()["$defs"]["Attachment"]["properties"][
+    "filename"
+]["pattern"]
