@@ -37,6 +37,7 @@ from rohrpost.shared.wire import (
     header_text,
     publisher_refused,
     round_of,
+    user_id_of,
 )
 
 #: Why a message was set aside: it could not be read, or the store refused it.
@@ -156,7 +157,7 @@ def records_from(delivery: Delivery, settings: Settings) -> list[HistoryRecord]:
         event_id=uuid.uuid5(mail.id, f"submitted.{round_}"),
         kind=EventKind.SUBMITTED if round_ == 0 else EventKind.RESUBMITTED,
         at=mail.created_at if round_ == 0 else _published_at(delivery),
-        actor=_actor(delivery),
+        actor=_actor(delivery, settings),
         **common,
     )
     app = settings.app(mail.tenant, mail.app)
@@ -230,7 +231,12 @@ def _published_at(delivery: Delivery) -> datetime:
     return timestamp_datetime(delivery.properties.timestamp) or datetime.now(UTC)
 
 
-def _actor(delivery: Delivery) -> str | None:
+def _actor(delivery: Delivery, settings: Settings) -> str | None:
+    """The operator a re-submitted container names, believed only from rohrpost's own
+    tools: they publish as the installation's broker user (RabbitMQ validates user_id),
+    while a tenant's service could otherwise stamp "resubmitted by <anyone>" on its mails."""
+    if user_id_of(delivery.properties) != settings.broker_user:
+        return None
     actor = (delivery.properties.headers or {}).get(ACTOR_HEADER)
     if isinstance(actor, bytes):
         return actor.decode(errors="replace")

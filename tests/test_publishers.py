@@ -37,7 +37,13 @@ from rohrpost.shared.nodes import broker_user as user_of
 from rohrpost.shared.settings import Settings, settings_from_mapping
 from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology, queue_depths
-from rohrpost.shared.wire import ERROR_HEADER, REASON_HEADER, ROUND_HEADER, mail_properties
+from rohrpost.shared.wire import (
+    ACTOR_HEADER,
+    ERROR_HEADER,
+    REASON_HEADER,
+    ROUND_HEADER,
+    mail_properties,
+)
 from tests.conftest import (
     Permissions,
     WorkerThread,
@@ -304,3 +310,45 @@ def refused_message(event: MailEvent) -> tuple[bytes, pika.BasicProperties]:
     """The worker's ``forbidden`` event, as one event message (a worker batches it)."""
     body = event.model_dump_json().encode()
     return body, pika.BasicProperties(type="rohrpost.event.dead_lettered", delivery_mode=2)
+
+
+def test_only_rohrposts_own_user_names_who_resubmitted_a_mail(
+    make_settings: Callable[..., Settings],
+    namespace: str,
+    broker_user: Callable[..., str],
+    store_url: str,
+    store: HistoryStore,
+) -> None:
+    # A tenant's service could stamp x-rohrpost-actor on its own mails, and their
+    # timelines would say an operator re-submitted them.
+    tenant = broker_user("pw-tenant", publisher_permissions(namespace))
+    settings = make_settings(store_url=store_url)
+    declare(settings)
+    topology = Topology.from_settings(settings)
+    stamped = {"tenant's service": tenant, "operator tool": settings.broker_url.get_secret_value()}
+    ids = {}
+    for who, url in stamped.items():
+        ids[who] = uuid.uuid4()
+        publish_as(
+            url,
+            topology.submit_exchange,
+            "acme.billing",
+            json.dumps(mail(id=str(ids[who]))).encode(),
+            user_id=user_of(url),
+            type="rohrpost.mail.v1",
+            headers={ROUND_HEADER: 1, ACTOR_HEADER: "ops-admin"},
+        )
+    consumer = HistoryConsumer(settings, store)
+    thread = threading.Thread(target=consumer.run, kwargs={"drain": True})
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    actors = {}
+    for who, mail_id in ids.items():
+        history = store.mail(mail_id)
+        assert history is not None
+        actors[who] = [(e.kind, e.actor) for e in history.events]
+    assert actors == {
+        "tenant's service": [("resubmitted", None)],
+        "operator tool": [("resubmitted", "ops-admin")],
+    }
