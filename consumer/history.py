@@ -20,13 +20,14 @@ import gc
 import queue
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.history_messages import UNSTORABLE, Part, Rejection, describe, read
+from rohrpost.shared.background import BackgroundWorker, wait_bounded
 from rohrpost.shared.broker import Broker, Delivery, Publication, admin_channel
 from rohrpost.shared.errors import BrokerUnavailable, StoreError, StoreUnavailable
 from rohrpost.shared.events import EventKind, MailEvent
@@ -45,6 +46,13 @@ _BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
 _EMPTY_POLLS_TO_DRAIN = 3
 #: Allocations between two young-generation collections (CPython's default: 700).
 _GC_THRESHOLD = 20_000
+#: After SIGTERM, how long the batch being written may still take. A store that stopped
+#: answering (a frozen link, a lock) then holds it for ever: it is left unacknowledged,
+#: the broker delivers it again, and writes are idempotent.
+STOP_WAIT_SECONDS = 10.0
+#: A write that has not returned for this long makes ``/readyz`` say so: a store that
+#: stopped answering reports no error. A batch takes well under a second.
+WRITE_STALL_SECONDS = 30.0
 
 
 def collect_garbage_seldom() -> None:
@@ -87,10 +95,16 @@ class HistoryConsumer:
         self._batches = PurgeBatches()
         self._empty_polls = 0
         self._leaving = False
+        self._writing_since: float | None = None
+        self._give_up_at: float | None = None  # on a write, once stopping
+        self._left_behind = False
         self.written = 0
 
     def stop(self) -> None:
-        """Finish the current batch (if the store takes it) and return; signal-safe."""
+        """Finish the current batch (if the store takes it within ``STOP_WAIT_SECONDS``)
+        and return; signal-safe."""
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + STOP_WAIT_SECONDS
         self._stopping = True
 
     def readiness(self) -> str | None:
@@ -99,6 +113,9 @@ class HistoryConsumer:
             return self._start_error  # the store or the broker: whichever failed the start
         if self._broker is None or not self._broker.connected:
             return "not connected to the broker"
+        since = self._writing_since
+        if since is not None and (waited := time.monotonic() - since) > WRITE_STALL_SECONDS:
+            return f"history store: a write has not returned for {waited:.0f} s"
         return self._store_error
 
     def run(self, *, drain: bool = False, drain_when: Callable[[], bool] | None = None) -> None:
@@ -173,37 +190,66 @@ class HistoryConsumer:
         """
         beside = store.engine.dialect.name == "postgresql"
         self._leaving = False
-        with (
-            ThreadPoolExecutor(1, thread_name_prefix="history-writer") as writer,
-            ThreadPoolExecutor(1, thread_name_prefix="history-purge") as purger,
-        ):
-            writing: Future[bool] | None = None
-            purging: Future[None] | None = None
-            try:
-                while not self._stopping:
-                    batch = self._collect()
-                    purging = self._purge_beside(store, purger, purging) if beside else None
-                    if batch:
-                        self._empty_polls = 0
-                        decoded = self._decode(batch)
-                        if writing is not None and not writing.result():
-                            return  # stopping while the store was down: the broker redelivers
-                        writing = writer.submit(self._archive, broker, store, batch, *decoded)
-                        if beside or not self._purge_due():
-                            continue
-                    # Idle, or a purge batch is due: the store is this thread's for now.
-                    if writing is not None:
-                        if not writing.result():
-                            return
-                        writing = None
-                    if not batch and self._drained(probe):
-                        return
-                    if not beside:
-                        self._purge_step(store)
-            finally:
-                self._leaving = True  # the purge thread ends after its current batch
+        # Daemon threads, waited for with a bound once stopping (rohrpost.shared.background).
+        writer = BackgroundWorker("history-writer")
+        purger = BackgroundWorker("history-purge")
+        writing: Future[bool] | None = None
+        purging: Future[None] | None = None
+        try:
+            while not self._stopping:
+                batch = self._collect()
+                purging = self._purge_beside(store, purger, purging) if beside else None
+                if batch:
+                    self._empty_polls = 0
+                    decoded = self._decode(batch)
+                    if writing is not None and not self._written(writing):
+                        return  # stopping while the store was down: the broker redelivers
+                    writing = writer.submit(self._archive, broker, store, batch, *decoded)
+                    if beside or not self._purge_due():
+                        continue
+                # Idle, or a purge batch is due: the store is this thread's for now.
                 if writing is not None:
-                    writing.result()
+                    if not self._written(writing):
+                        return
+                    writing = None
+                if not batch and self._drained(probe):
+                    return
+                if not beside:
+                    self._purge_step(store)
+        finally:
+            self._leave(writing, purging)
+            writer.close()
+            purger.close()
+
+    def _leave(self, writing: Future[bool] | None, purging: Future[None] | None) -> None:
+        """Let the write and the purge batch under way finish (bounded once stopping)."""
+        self._leaving = True  # the purge thread ends after its current batch
+        if writing is not None:
+            self._written(writing)
+        if purging is not None:
+            wait_bounded(purging, deadline=lambda: self._give_up_at)
+
+    def _written(self, writing: Future[bool]) -> bool:
+        """Whether the batch ``writing`` was written and acked; False when stopped meanwhile.
+
+        Once stopping, writes get ``STOP_WAIT_SECONDS`` more; one still running then
+        is left behind, its batch unacknowledged. Meanwhile the ready gauge follows
+        ``readiness`` (a stalled write, a store outage).
+        """
+        if wait_bounded(writing, deadline=lambda: self._give_up_at, tick=self._report_readiness):
+            self._report_readiness()
+            return writing.result()
+        if not self._left_behind:
+            self._left_behind = True
+            log.warning(
+                "the history store did not finish the batch being written; leaving it "
+                "unacknowledged for the broker to deliver again",
+                waited_seconds=STOP_WAIT_SECONDS,
+            )
+        return False
+
+    def _report_readiness(self) -> None:
+        self.metrics.ready.labels("history").set(0 if self.readiness() else 1)
 
     def _collect(self) -> list[Delivery]:
         batch: list[Delivery] = []
@@ -277,7 +323,12 @@ class HistoryConsumer:
         failures = 0
         while True:
             try:
-                self._count(store.write_new(records))
+                self._writing_since = time.monotonic()
+                try:
+                    new = store.write_new(records)
+                finally:
+                    self._writing_since = None
+                self._count(new)
                 self._store_error = None
                 return True
             except StoreUnavailable as exc:
@@ -360,7 +411,7 @@ class HistoryConsumer:
         return self._empty_polls >= _EMPTY_POLLS_TO_DRAIN
 
     def _purge_beside(
-        self, store: HistoryStore, purger: ThreadPoolExecutor, purging: Future[None] | None
+        self, store: HistoryStore, purger: BackgroundWorker, purging: Future[None] | None
     ) -> Future[None]:
         """The purge thread's next round (it purges if one is due), once the last ended."""
         if purging is not None and not purging.done():

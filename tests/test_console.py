@@ -6,6 +6,7 @@ viewer may not see or do; the store or broker down.
 
 from __future__ import annotations
 
+import gc
 import html
 import json
 import re
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,12 +24,15 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from sqlalchemy import make_url
 
 from rohrpost.catcher import MailCatcher, free_port
 from rohrpost.console.app import create_app
+from rohrpost.console.pages import READ_SECONDS
 from rohrpost.console.passwords import hash_password, verify
 from rohrpost.console.server import check_binding
 from rohrpost.console.site import PAGES
+from rohrpost.operations.service import OperatorService
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.errors import ConfigError
@@ -40,6 +45,7 @@ from tests.conftest import (
     declare,
     drain,
     get,
+    postgres_database,
     publish_raw,
     rohrpost_command,
     wait_until,
@@ -60,6 +66,7 @@ from tests.console_helpers import (
     logged_in,
     mail,
 )
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
 BAD = "nobody@customer.example"
@@ -670,6 +677,49 @@ async def test_a_store_that_cannot_be_reached_shows_a_banner_not_a_500(
         assert "RabbitMQ cannot be reached" in page.text
         assert "hunter2-secret" not in page.text
         assert (await local.get("/api/v1/mails")).status_code == 503
+
+
+@pytest.mark.timeout(300)
+async def test_a_store_that_stopped_answering_is_a_banner_and_pages_end_with_503(
+    make_settings: Callable[..., Settings], postgres_url: str
+) -> None:
+    """PostgreSQL behind a frozen link: the store's check never returns. Before, every
+    page waited behind it (the banners' check held their lock) for as long as the link
+    stayed frozen; now the banner says so after a few seconds and a page that reads the
+    store ends with 503 within READ_SECONDS."""
+    with postgres_database(postgres_url) as database:
+        HistoryStore.open(database, migrate_schema=True).close()
+        url = make_url(database)
+        with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+            proxied = url.set(host="127.0.0.1", port=proxy.port)
+            settings = make_settings(store_url=proxied.render_as_string(hide_password=False))
+            declare(settings)
+            service = OperatorService(settings)
+            transport = httpx.ASGITransport(app=create_app(settings, service))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1", timeout=None
+            ) as local:
+                assert (await local.get("/tenants")).status_code == 200  # the store's connection
+                proxy.freeze()
+                await anyio.sleep(6)  # the banners' last answer is no longer fresh
+                with anyio.fail_after(READ_SECONDS + 60):
+                    page = await local.get("/tenants")
+                assert page.status_code == 503, page.text
+                assert "the history store has not answered for" in page.text
+                proxy.drop()  # its connections fail now: the page and the banner recover
+                with anyio.fail_after(60):
+                    while True:
+                        page = await local.get("/tenants")
+                        if page.status_code == 200 and 'class="banner"' not in page.text:
+                            break
+                        await anyio.sleep(1)
+            service.close()
+            # The check that hung had its connection checked out while the banner's
+            # failure disposed of the engine: the old pool takes it back and nobody closes
+            # it; collected here, quietly, rather than in a later test.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
 
 
 # Local mode: no users, loopback only

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -13,13 +14,25 @@ from urllib.parse import urlsplit
 
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import make_url
 
 from rohrpost.catcher import MailCatcher, free_port
+from rohrpost.consumer.history import STOP_WAIT_SECONDS, WRITE_STALL_SECONDS, HistoryConsumer
 from rohrpost.producer.client import Producer
 from rohrpost.shared.broker import admin_channel
 from rohrpost.shared.settings import Settings
+from rohrpost.shared.store import HistoryStore
 from rohrpost.shared.topology import Topology
-from tests.conftest import declare, drain, get, rohrpost_command, wait_until, write_config
+from tests.conftest import (
+    declare,
+    drain,
+    get,
+    postgres_database,
+    rohrpost_command,
+    stop_process,
+    wait_until,
+    write_config,
+)
 from tests.tcpproxy import TcpProxy
 
 
@@ -293,3 +306,64 @@ def test_a_second_ctrl_c_stops_at_once_and_what_was_in_hand_is_sent_later(
     catcher.latency = 0.0
     drain(settings)  # another worker: the mails the first one held were not lost
     assert {f"<{i}@acme.example>" for i in ids} <= set(message_ids(catcher))
+
+
+@pytest.mark.timeout(300)
+def test_a_history_consumer_whose_store_stopped_answering_says_so_and_stops_on_sigterm(
+    make_settings: Callable[..., Settings], postgres_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL behind a frozen link (or a server that hangs: its kernel still answers
+    keepalives): a write never returns. /readyz says so, and SIGTERM leaves the batch
+    unacknowledged within seconds (before: ready throughout, and no exit at all, the
+    writer thread joined at exit). Nothing is lost: the next consumer archives it."""
+    with postgres_database(postgres_url) as database:
+        url = make_url(database)
+        with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+            proxied = url.set(host="127.0.0.1", port=proxy.port)
+            port = free_port()
+            settings = make_settings(
+                store_url=proxied.render_as_string(hide_password=False), metrics_port=port
+            )
+            declare(settings)
+            config = write_config(settings, tmp_path / "rohrpost.toml")
+            process = subprocess.Popen(
+                rohrpost_command(config, "history-consumer"),
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            ready = f"http://127.0.0.1:{port + 1}/readyz"  # a history consumer's port
+            try:
+                wait_until(lambda: get(ready)[0] == 200, timeout=60)
+                store = HistoryStore.open(database)
+                with Producer(settings) as producer:
+                    first = producer.submit(mails(1)[0])
+                    wait_until(lambda: store.mail(first), timeout=60)
+                    proxy.freeze()
+                    second = producer.submit(mails(1)[0])
+                _, body = wait_until(
+                    lambda: (answer := get(ready))[0] == 503 and answer,
+                    timeout=WRITE_STALL_SECONDS + 60,
+                )
+                assert "history store: a write has not returned for" in body
+                started = time.monotonic()
+                _, stderr = stop_process(process, timeout=90)
+                took = time.monotonic() - started
+            finally:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.communicate()
+        assert process.returncode == 0, stderr[-2000:]
+        # the write's grace, then the broker's close
+        assert took < STOP_WAIT_SECONDS + 30, took
+        events = [json.loads(line)["event"] for line in stderr.splitlines() if line[:1] == "{"]
+        assert any(event.startswith("the history store did not finish") for event in events)
+        assert "Traceback" not in stderr
+        # The proxy is gone; the batch waited in the history queue for the next consumer.
+        HistoryConsumer(settings.model_copy(update={"store_url": SecretStr(database)})).run(
+            drain=True
+        )
+        try:
+            assert store.mail(second) is not None
+        finally:
+            store.close()

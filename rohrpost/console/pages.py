@@ -8,13 +8,15 @@ dict; a dict with ``redirect`` ends an action (HTML: 303 there, with the message
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from pydantic_core import to_jsonable_python
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
@@ -38,6 +40,10 @@ T = TypeVar("T")
 API = "/api/v1"
 #: The landing page and the navigation, in order.
 LANDING = "/overview"
+#: How long a page that only reads waits for the store or the broker. One that stopped
+#: answering (a frozen link, a hung server) would hold the page until TCP gives up, for
+#: ever where the peer's kernel still answers; an action is waited for to its end.
+READ_SECONDS = 30.0
 NAVIGATION = [
     ("Overview", "/overview"),
     ("Dead letters", "/dead-letters"),
@@ -95,8 +101,19 @@ class ViewContext:
         return permission_allowed(self.actor, action, resource)
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a blocking operation (store, broker) off the event loop."""
-        return await run_in_threadpool(function, *args)
+        """Run a blocking operation (store, broker) off the event loop.
+
+        A read (GET) that has not returned within ``READ_SECONDS`` is a 503; its thread
+        is left to finish by itself.
+        """
+        work = functools.partial(function, *args)
+        if self.request.method not in ("GET", "HEAD"):
+            return await anyio.to_thread.run_sync(work)
+        with anyio.move_on_after(READ_SECONDS):
+            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        raise Problem(
+            503, f"the history store or RabbitMQ did not answer within {READ_SECONDS:g} s"
+        )
 
 
 View = Callable[[ViewContext], Awaitable[dict[str, Any]]]
