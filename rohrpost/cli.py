@@ -92,6 +92,7 @@ SERVER_MODULES = frozenset(
         "psycopg",
         "starlette",
         "uvicorn",
+        "anyio",
     }
 )
 
