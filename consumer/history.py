@@ -33,6 +33,7 @@ from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.probe import QueueProbe
+from rohrpost.shared.repair import TopologyRepair
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
@@ -87,6 +88,7 @@ class HistoryConsumer:
         self._batches = PurgeBatches()
         self._empty_polls = 0
         self._leaving = False
+        self._repair = TopologyRepair(self._topology, settings.broker_url.get_secret_value())
         self.written = 0
 
     def stop(self) -> None:
@@ -99,7 +101,7 @@ class HistoryConsumer:
             return self._start_error  # the store or the broker: whichever failed the start
         if self._broker is None or not self._broker.connected:
             return "not connected to the broker"
-        return self._store_error
+        return self._repair.reason(self._broker) or self._store_error
 
     def run(self, *, drain: bool = False, drain_when: Callable[[], bool] | None = None) -> None:
         """Consume until ``stop()``, or with ``drain`` until the history queue is empty.
@@ -150,7 +152,12 @@ class HistoryConsumer:
             url = settings.broker_url.get_secret_value()
             with admin_channel(url) as channel:
                 self._topology.declare(channel)
-            broker = Broker(url, name=f"rohrpost-history:{settings.namespace}", republish=False)
+            broker = Broker(
+                url,
+                name=f"rohrpost-history:{settings.namespace}",
+                republish=False,
+                on_blocked=lambda reason: self.metrics.broker_blocked.set(reason is not None),
+            )
             broker.start()
         except BaseException:
             if self._store is None:
@@ -181,6 +188,8 @@ class HistoryConsumer:
             purging: Future[None] | None = None
             try:
                 while not self._stopping:
+                    self._repair.check(broker)
+                    self.metrics.ready.labels("history").set(1 if self.readiness() is None else 0)
                     batch = self._collect()
                     purging = self._purge_beside(store, purger, purging) if beside else None
                     if batch:
