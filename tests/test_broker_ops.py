@@ -230,3 +230,34 @@ def test_rohrpost_run_under_an_alarm_is_not_ready_and_ends_on_sigterm(
     # publish_timeout (20 s in the tests) for the last outcomes, then the dropped close
     assert took < 60, took
     assert "the broker blocks publishing" in stderr
+
+
+def test_dead_letters_are_refused_not_dropped_by_a_full_dead_letter_queue(
+    node: OwnNode,
+    node_settings: Settings,
+    worker_thread: Callable[..., WorkerThread],
+    catcher: MailCatcher,
+) -> None:
+    catcher.always("gone@example.com", "550 5.1.1 no such user", stage="rcpt")
+    namespace = node_settings.namespace
+    # an operator's policy: a length limit, and no overflow (RabbitMQ drops the oldest)
+    node.ctl(
+        "set_policy",
+        "--apply-to",
+        "queues",
+        f"{namespace}-len",
+        rf"^{namespace}\.dead\.",
+        '{"max-length": 1}',
+    )
+    try:
+        handle = worker_thread(node_settings)
+        wait_until(lambda: handle.worker.readiness() is None)
+        with Producer(node_settings) as producer:
+            for i in range(4):
+                producer.submit(mail(i, to="gone@example.com"))
+        time.sleep(10)  # more than the queue takes: it refuses, the worker keeps them
+        found: list[object] = []
+        wait_until(lambda: found.extend(dead_letters(node_settings)) or len(found) >= 4, 90)
+        assert len(found) == 4
+    finally:
+        node.ctl("clear_policy", f"{namespace}-len")
