@@ -228,6 +228,18 @@ class Broker:
         thread = self._thread
         if thread is None:
             return
+        if self._state.blocked is not None:
+            # RabbitMQ reads nothing from a blocked connection until the alarm clears: no
+            # confirm and no close-ok will come, so waiting for them only delays the exit.
+            log.warning(
+                "closing a connection the broker blocks; what it did not confirm fails",
+                reason=self._state.blocked,
+                unconfirmed=self.pending(),
+            )
+            self._ioloop.add_callback_threadsafe(self._drop)
+            thread.join(CLOSE_HANDSHAKE_SECONDS)
+            self._thread = None
+            return
         done = threading.Event()
 
         def check() -> None:

@@ -261,3 +261,17 @@ def test_dead_letters_are_refused_not_dropped_by_a_full_dead_letter_queue(
         assert len(found) == 4
     finally:
         node.ctl("clear_policy", f"{namespace}-len")
+
+
+def test_a_producer_closes_at_once_while_the_broker_blocks_it(
+    node_settings: Settings, alarm: Callable[[bool], None]
+) -> None:
+    producer = Producer(node_settings).connect()
+    alarm(True)
+    with pytest.raises(NotConfirmed, match="RabbitMQ blocks publishing"):
+        producer.submit(mail(1))  # publish_timeout 3 s
+    started = time.monotonic()
+    producer.close()  # no confirm and no close-ok come from a blocked connection
+    took = time.monotonic() - started
+    # before: 10 s waiting for the confirm, then 5 s for the close handshake
+    assert took < 10, took
