@@ -34,6 +34,7 @@ from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.probe import QueueProbe
+from rohrpost.shared.repair import TopologyRepair
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.store import HistoryRecord, HistoryStore
@@ -98,6 +99,7 @@ class HistoryConsumer:
         self._writing_since: float | None = None
         self._give_up_at: float | None = None  # on a write, once stopping
         self._left_behind = False
+        self._repair = TopologyRepair(self._topology, settings.broker_url.get_secret_value())
         self.written = 0
 
     def stop(self) -> None:
@@ -113,6 +115,8 @@ class HistoryConsumer:
             return self._start_error  # the store or the broker: whichever failed the start
         if self._broker is None or not self._broker.connected:
             return "not connected to the broker"
+        if repair := self._repair.reason(self._broker):
+            return repair
         since = self._writing_since
         if since is not None and (waited := time.monotonic() - since) > WRITE_STALL_SECONDS:
             return f"history store: a write has not returned for {waited:.0f} s"
@@ -167,7 +171,12 @@ class HistoryConsumer:
             url = settings.broker_url.get_secret_value()
             with admin_channel(url) as channel:
                 self._topology.declare(channel)
-            broker = Broker(url, name=f"rohrpost-history:{settings.namespace}", republish=False)
+            broker = Broker(
+                url,
+                name=f"rohrpost-history:{settings.namespace}",
+                republish=False,
+                on_blocked=lambda reason: self.metrics.broker_blocked.set(reason is not None),
+            )
             broker.start()
         except BaseException:
             if self._store is None:
@@ -197,6 +206,8 @@ class HistoryConsumer:
         purging: Future[None] | None = None
         try:
             while not self._stopping:
+                self._repair.check(broker)
+                self._report_readiness()
                 batch = self._collect()
                 purging = self._purge_beside(store, purger, purging) if beside else None
                 if batch:

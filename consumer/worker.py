@@ -48,11 +48,12 @@ from rohrpost.consumer.smtp import SmtpTransport
 from rohrpost.shared.broker import Broker, Delivery, admin_channel
 from rohrpost.shared.container import PRIORITIES, Priority, decode_container
 from rohrpost.shared.control import ControlState
-from rohrpost.shared.errors import BrokerUnavailable, ContainerError
+from rohrpost.shared.errors import BrokerUnavailable, ContainerError, NotConfirmed, Unroutable
 from rohrpost.shared.idempotency import Claim, SendClaims
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.metrics import Metrics
 from rohrpost.shared.probe import QueueProbe
+from rohrpost.shared.repair import TopologyRepair
 from rohrpost.shared.settings import Settings
 from rohrpost.shared.startup import start_with_retries
 from rohrpost.shared.state import SharedState
@@ -69,6 +70,9 @@ _EMPTY_POLLS_TO_DRAIN = 3
 _CLAIM_BATCH = 500
 #: How often a stopping worker looks whether its last outcomes are confirmed.
 _SETTLE_POLL_SECONDS = 0.01
+#: How long a mail whose move the broker refused (a full or deleted queue) stays with
+#: the worker before it goes back to its queue: not straight back into another attempt.
+REQUEUE_DELAY_SECONDS = 5.0
 
 
 class SendWorker:
@@ -130,6 +134,8 @@ class SendWorker:
         self._stopping = False
         self._broker: Broker | None = None
         self._batcher: EventBatcher | None = None
+        self._blocked: str | None = None  # why the broker blocks publishing, while it does
+        self._repair = TopologyRepair(self._topology, settings.broker_url.get_secret_value())
 
     def stop(self) -> None:
         """Ask ``run`` to finish in-flight mails and return; safe from a signal handler."""
@@ -143,7 +149,12 @@ class SendWorker:
             return "starting"
         if self._broker is None or not self._broker.connected:
             return "not connected to the broker"
-        return None
+        if self._blocked is not None:
+            return (
+                f"RabbitMQ blocks publishing ({self._blocked}: a memory or disk alarm); "
+                "no mail is taken until it clears"
+            )
+        return self._repair.reason(self._broker)
 
     def run(self, *, drain: bool = False) -> None:
         """Consume until ``stop()``, or with ``drain`` until send and delay queues are empty.
@@ -184,7 +195,12 @@ class SendWorker:
         url = self._settings.broker_url.get_secret_value()
         with admin_channel(url) as channel:
             self._topology.declare(channel)
-        broker = Broker(url, name=f"rohrpost-worker:{self._settings.namespace}", republish=False)
+        broker = Broker(
+            url,
+            name=f"rohrpost-worker:{self._settings.namespace}",
+            republish=False,
+            on_blocked=self._on_blocked,
+        )
         broker.start()
         try:
             self._broker = broker
@@ -196,8 +212,20 @@ class SendWorker:
             raise
         return broker
 
+    def _on_blocked(self, reason: str | None) -> None:
+        """The broker blocks (``reason``) or unblocks publishing: on the I/O thread.
+
+        While it blocks, no outcome can be recorded, so the worker stops taking mails
+        (as for a pause: those it holds and has not begun go back to their queue; the
+        outcomes of those being sent wait), and takes them again once it unblocks.
+        """
+        self._blocked = reason
+        self.metrics.broker_blocked.set(0 if reason is None else 1)
+        self._follow_pauses()
+
     def _follow_pauses(self) -> None:
-        """Consume exactly the send queues of routes that are not paused."""
+        """Consume exactly the send queues of routes that are not paused (none while the
+        broker blocks publishing)."""
         broker = self._broker
         if broker is None or not self._consuming_started:
             return
@@ -205,8 +233,9 @@ class SendWorker:
             for tenant, app in self._topology.routes:
                 paused = self._control.is_paused(tenant, app)
                 self.metrics.route_paused.labels(tenant, app).set(1 if paused else 0)
+                halted = paused or self._blocked is not None
                 for priority in PRIORITIES:
-                    self._follow_pause(broker, tenant, app, priority, paused=paused)
+                    self._follow_pause(broker, tenant, app, priority, paused=halted)
                 if paused != ((tenant, app) in self._paused_routes):
                     # once per change (and at start for what is paused), not per instruction
                     log.info("route paused" if paused else "route resumed", tenant=tenant, app=app)
@@ -228,6 +257,10 @@ class SendWorker:
         empty_polls = 0
         while not self._stopping:
             time.sleep(_POLL_SECONDS)
+            assert self._broker is not None
+            self._repair.check(self._broker)
+            # what `rohrpost run`'s supervisor reads to be ready (it cannot ask readiness())
+            self.metrics.ready.labels("worker").set(1 if self.readiness() is None else 0)
             if probe is None:
                 continue
             assert self._broker is not None
@@ -345,10 +378,13 @@ class SendWorker:
             while (item := self._inbox.get()) is not None:
                 delivery, claim = item
                 structlog.contextvars.clear_contextvars()
-                if self._control.is_paused(*self._processor.route_of(delivery.queue)):
+                route = self._processor.route_of(delivery.queue)
+                if self._blocked is not None or self._control.is_paused(*route):
+                    # prefetched before the pause took effect, or the broker blocks
+                    # publishing: its outcome could not be recorded now
                     self._claims.release(claim)
                     self._flow.put_back(delivery)
-                    self._put_back(delivery)  # prefetched before the pause took effect
+                    self._put_back(delivery)
                     continue
                 processed = self._processor.process(delivery, transport, claim)
                 self._record(processed)
@@ -413,10 +449,20 @@ class SendWorker:
                 log.error("sent event not confirmed", mail_id=mail_id, error=str(error))
             broker.ack(processed.delivery)
         else:
+            if isinstance(error, Unroutable):  # a queue of the topology is gone
+                self._repair.lost(f"a move came back unroutable: {error}")
             log.warning(
                 "outcome not confirmed; the mail will be redelivered",
                 mail_id=mail_id,
                 error=str(error),
             )
+            if isinstance(error, NotConfirmed):
+                # Refused (a full queue, a deleted one): not straight into another attempt.
+                def requeue() -> None:
+                    broker.nack(processed.delivery, requeue=True)
+                    self._done()
+
+                broker.call_later(REQUEUE_DELAY_SECONDS, requeue)
+                return
             broker.nack(processed.delivery, requeue=True)
         self._done()

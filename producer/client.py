@@ -248,6 +248,7 @@ class Producer:
                 self._publish_claimed(claimed, bulk, on_duplicate)
             bulk.settle_all()
         except NotConfirmed as exc:
+            bulk.abandon()
             raise SubmitManyError(
                 f"{exc} ({len(bulk.confirmed)} mails were confirmed before)", bulk.confirmed
             ) from exc
@@ -305,9 +306,17 @@ class Producer:
         try:
             future.result(timeout=self._timeout)
         except TimeoutError:
+            broker = self._require_broker()
+            why = broker.holding()
+            if broker.withdraw(future):
+                raise NotConfirmed(
+                    f"mail {mail_id}: not submitted: {why} for {self._timeout:g}s; "
+                    "nothing was published, submit it again later"
+                ) from None
+            blocked = f" ({why})" if broker.blocked else ""
             raise NotConfirmed(
-                f"mail {mail_id}: no confirm from the broker within {self._timeout:g}s; "
-                "it may or may not be queued"
+                f"mail {mail_id}: no confirm from the broker within {self._timeout:g}s"
+                f"{blocked}; it may or may not be queued"
             ) from None
 
 
@@ -394,13 +403,31 @@ class _Bulk:
             reason=str(exc),
         ) from exc
 
+    def abandon(self) -> None:
+        """Take back what was never written of the chunks still in flight; forget their ids.
+
+        The run stopped: those mails will not be published later behind the caller's back.
+        """
+        while self._in_flight:
+            submissions, batch = self._in_flight.popleft()
+            withdrawn = self._broker.withdraw_batch(batch)
+            self._ids.release([submissions[index] for index in withdrawn])
+
     def _settle_oldest(self) -> None:
         submissions, batch = self._in_flight.popleft()
         if not batch.wait(self._timeout):
+            withdrawn = self._broker.withdraw_batch(batch)
             self._ids.release(submissions)
+            if len(withdrawn) == batch.size:
+                raise NotConfirmed(
+                    f"{batch.size} mails (first {submissions[0].mail_id}) not submitted: "
+                    f"{self._broker.holding()} for {self._timeout:g}s; "
+                    "none of them was published"
+                )
+            blocked = f" ({self._broker.holding()})" if self._broker.blocked else ""
             raise NotConfirmed(
                 f"no confirm from the broker within {self._timeout:g}s for {batch.size} mails "
-                f"(first {submissions[0].mail_id}); they may or may not be queued"
+                f"(first {submissions[0].mail_id}){blocked}; they may or may not be queued"
             )
         if batch.failures:
             self._ids.release([submissions[index] for index, _ in batch.failures])

@@ -16,7 +16,7 @@ import pika
 import pika.exceptions
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
-from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed
+from rohrpost.shared.errors import BrokerUnavailable, NotConfirmed, Unroutable
 from rohrpost.shared.headers import use_tolerant_properties
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.nodes import redact_url, split_nodes
@@ -177,6 +177,7 @@ class Pending:
     returned: str | None = None
     settled: bool = False
     nacks: int = 0  # how often the broker nacked it and it was published again
+    written: bool = False  # handed to the socket once: it may be queued
 
     def settle(self, error: BaseException | None) -> None:
         if self.settled:
@@ -273,10 +274,11 @@ def _verdict(pending: Pending, acked: bool) -> BaseException | None:
     if not acked:
         times = f" {pending.nacks + 1} times" if pending.nacks else ""
         return NotConfirmed(
-            f"broker nacked the publish to {pub.exchange} ({pub.routing_key}){times}"
+            f"broker nacked the publish to {pub.exchange} ({pub.routing_key}){times}: a queue "
+            "it routes to refused it (full: x-max-length with reject-publish) or was unavailable"
         )
     if pending.returned is not None:
-        return NotConfirmed(
+        return Unroutable(
             f"no queue is bound for {pub.routing_key!r} on {pub.exchange} "
             f"({pending.returned}); is the tenant/app declared? Run `rohrpost topology declare`"
         )

@@ -8,6 +8,17 @@ through ``add_callback_threadsafe`` (the only thread-safe pika call) and get a
 Windowed asynchronous confirms of 1 KiB messages into one quorum queue measure
 15,000 to 19,000 msg/s here (``python -m bench submit``, the raw pika ceiling).
 
+While RabbitMQ blocks the connection (``connection.blocked``: a memory or disk alarm)
+publishes are held here, not written. RabbitMQ sends ``connection.blocked`` only once a
+connection published during the alarm, and from then on reads nothing more from it
+(acks, cancels, its close) until the alarm clears; what is held is written once the
+broker unblocks, and a caller that gives up first can ``withdraw`` it, and then knows it
+was never published.
+
+When the broker cancels a consumer (its queue was deleted), the consumer is set
+aside and named by ``cancelled_queues``; ``resume_cancelled`` consumes it again once
+whoever owns the topology declared the queue again.
+
 pika does not reconnect by itself. After a lost connection this class reconnects with
 backoff, re-opens consumers and, if asked to, re-publishes whatever was unconfirmed
 (at-least-once). Deliveries from an earlier connection can no longer be acked; the
@@ -45,7 +56,7 @@ from rohrpost.shared.amqp import (
     unavailable,
     unreachable,
 )
-from rohrpost.shared.errors import BrokerError, BrokerUnavailable, TopologyMissing
+from rohrpost.shared.errors import BrokerError, BrokerUnavailable, NotConfirmed, TopologyMissing
 from rohrpost.shared.framing import PublishFramer
 from rohrpost.shared.logs import get_logger
 from rohrpost.shared.nodes import redact_url, split_nodes
@@ -114,6 +125,7 @@ class _Consumer:
     handler: Callable[[Delivery], None]
     arguments: dict[str, Any] | None = None
     tag: str | None = None
+    cancelled: bool = False  # by the broker: its queue was deleted
 
 
 @dataclass
@@ -130,6 +142,8 @@ class _State:
     cancelling: Future[None] | None = None
     failures: int = 0
     nacked: set[Pending] = field(default_factory=set)  # to be published again soon
+    blocked: str | None = None  # why the broker blocks this connection's publishes
+    missing: str | None = None  # the broker closed the channel: something to use is gone
 
 
 class Broker:
@@ -146,8 +160,19 @@ class Broker:
     ``settings.broker_url`` holds them).
     """
 
-    def __init__(self, url: str, *, name: str = "rohrpost", republish: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "rohrpost",
+        republish: bool = True,
+        on_blocked: Callable[[str | None], None] | None = None,
+    ) -> None:
+        """``on_blocked(reason)`` runs on the I/O thread when the broker blocks the
+        connection's publishes, and ``on_blocked(None)`` when it unblocks them (or the
+        connection is lost)."""
         self._url = url
+        self._on_blocked_change = on_blocked
         self._nodes = split_nodes(url) or [url]
         self._node = 0  # index of the node connected to, or to be tried next
         self._missed: list[tuple[str, BaseException]] = []  # nodes that failed in a row
@@ -203,6 +228,18 @@ class Broker:
         thread = self._thread
         if thread is None:
             return
+        if self._state.blocked is not None:
+            # RabbitMQ reads nothing from a blocked connection until the alarm clears: no
+            # confirm and no close-ok will come, so waiting for them only delays the exit.
+            log.warning(
+                "closing a connection the broker blocks; what it did not confirm fails",
+                reason=self._state.blocked,
+                unconfirmed=self.pending(),
+            )
+            self._ioloop.add_callback_threadsafe(self._drop)
+            thread.join(CLOSE_HANDSHAKE_SECONDS)
+            self._thread = None
+            return
         done = threading.Event()
 
         def check() -> None:
@@ -237,6 +274,29 @@ class Broker:
         """The URL of the node connected to, without its password; None while not connected."""
         return redact_url(self._nodes[self._node]) if self.connected else None
 
+    @property
+    def blocked(self) -> str | None:
+        """Why the broker blocks publishing on this connection (``low on memory``, ``low
+        on disk``); None while it does not."""
+        return self._state.blocked
+
+    @property
+    def missing(self) -> str | None:
+        """Why the broker last closed the channel for a queue or exchange that is gone
+        (404); None once the channel works again."""
+        return self._state.missing
+
+    def holding(self) -> str:
+        """Why a publish not yet written is held here: blocked, or not connected."""
+        blocked = self._state.blocked
+        if blocked is not None:
+            return f"RabbitMQ blocks publishing ({blocked}: a memory or disk alarm)"
+        return "no connection to RabbitMQ"
+
+    def cancelled_queues(self) -> list[str]:
+        """Queues whose consumer the broker cancelled (the queue was deleted)."""
+        return [consumer.queue for consumer in list(self._state.consumers) if consumer.cancelled]
+
     def pending(self) -> int:
         """Publishes not yet confirmed (approximate when read from another thread)."""
         state = self._state
@@ -267,6 +327,53 @@ class Broker:
 
         self._call(publish_all)
         return batch
+
+    def withdraw(self, future: Future[None]) -> bool:
+        """Take back the publish of ``future`` if it was never written to the broker.
+
+        True: it was still held here (the connection blocked or lost), will never be
+        published, and ``future`` fails with NotConfirmed. False: it went out (or
+        settled) and may be queued.
+        """
+        return bool(self._withdraw(lambda pending: pending.future is future))
+
+    def withdraw_batch(self, batch: BatchConfirm) -> list[int]:
+        """Take back the publishes of ``batch`` never written to the broker; their indexes."""
+        return self._withdraw(lambda pending: pending.batch is batch)
+
+    def _withdraw(self, match: Callable[[Pending], bool]) -> list[int]:
+        taken: list[int] = []
+        done = threading.Event()
+
+        def take() -> None:
+            state = self._state
+            kept: deque[Pending] = deque()
+            for pending in state.waiting:
+                if match(pending) and not pending.written:
+                    taken.append(pending.index)
+                    pending.settle(NotConfirmed("withdrawn before it was published"))
+                else:
+                    kept.append(pending)
+            state.waiting = kept
+            done.set()
+
+        self._call(take)
+        # An I/O thread that does not answer (closed) cannot say: nothing is withdrawn.
+        return taken if done.wait(CLOSE_HANDSHAKE_SECONDS) else []
+
+    def resume_cancelled(self) -> None:
+        """Consume again the queues whose consumer the broker cancelled, and forget what
+        was ``missing``: to be called once the topology is declared again."""
+
+        def resume() -> None:
+            self._state.missing = None
+            for consumer in self._state.consumers:
+                if consumer.cancelled and self.connected:
+                    consumer.cancelled = False
+                    self._start_consumer(consumer)
+                    log.info("consuming again", queue=consumer.queue, connection=self._name)
+
+        self._call(resume)
 
     def consume(
         self,
@@ -308,6 +415,10 @@ class Broker:
             if not tags or not self.connected:
                 future.set_result(None)
                 return
+            if self._state.blocked is not None:
+                # A blocked connection is not read until the alarm clears: no cancel-ok
+                # comes. pika rejects (requeues) what is delivered to the tags from now on.
+                future.set_result(None)
             remaining = set(tags)
 
             def on_cancel_ok(frame: Any) -> None:
@@ -366,6 +477,41 @@ class Broker:
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop,
         )
+        self._state.connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._state.connection.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _on_blocked(self, _connection: Any, frame: Any) -> None:
+        reason = str(getattr(frame.method, "reason", "") or "no reason given")
+        self._state.blocked = reason
+        log.warning(
+            "the broker blocks publishing (a resource alarm); publishes wait",
+            reason=reason,
+            node=redact_url(self._nodes[self._node]),
+            connection=self._name,
+        )
+        if self._on_blocked_change is not None:
+            self._on_blocked_change(reason)
+
+    def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
+        state = self._state
+        if state.blocked is None:
+            return
+        state.blocked = None
+        log.info(
+            "the broker takes publishes again",
+            node=redact_url(self._nodes[self._node]),
+            connection=self._name,
+            waiting=len(state.waiting),
+        )
+        if self._on_blocked_change is not None:
+            self._on_blocked_change(None)
+        if self.connected:
+            self._publish_waiting()
+
+    def _publish_waiting(self) -> None:
+        waiting, self._state.waiting = self._state.waiting, deque()
+        for pending in waiting:
+            self._publish(pending)
 
     def _on_connection_open(self, connection: Any) -> None:
         node = redact_url(self._nodes[self._node])
@@ -397,6 +543,10 @@ class Broker:
         state = self._state
         state.connection = state.channel = None
         state.generation += 1
+        if state.blocked is not None:  # the next connection hears of an alarm anew
+            state.blocked = None
+            if self._on_blocked_change is not None:
+                self._on_blocked_change(None)
         if self._closing:
             self._fail_all(BrokerUnavailable("connection closed"))
             self._ioloop.stop()
@@ -422,6 +572,7 @@ class Broker:
     def _on_channel_open(self, channel: Any) -> None:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
         channel.confirm_delivery(
             self._on_confirm, callback=lambda _: self._on_channel_ready(channel)
         )
@@ -433,11 +584,23 @@ class Broker:
         state.unconfirmed.restart()
         state.failures = 0
         for consumer in state.consumers:
-            self._start_consumer(consumer)
-        waiting, state.waiting = state.waiting, deque()
-        for pending in waiting:
-            self._publish(pending)
+            if not consumer.cancelled:  # its queue is gone: resume_cancelled, once declared
+                self._start_consumer(consumer)
+        self._publish_waiting()
         self._ready.set()
+
+    def _on_consumer_cancelled(self, frame: Any) -> None:
+        """The broker cancelled a consumer: its queue was deleted (or lost its leader)."""
+        tag = frame.method.consumer_tag
+        for consumer in self._state.consumers:
+            if consumer.tag == tag:
+                consumer.tag = None
+                consumer.cancelled = True
+                log.error(
+                    "the broker cancelled the consumer of a queue (was it deleted?)",
+                    queue=consumer.queue,
+                    connection=self._name,
+                )
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         state = self._state
@@ -449,6 +612,8 @@ class Broker:
         if self._closing or connection is None or not connection.is_open:
             return
         error = self._channel_error(reason)
+        if isinstance(error, TopologyMissing):
+            state.missing = str(reason)
         log.error("broker closed the channel", reason=str(reason))
         # A channel closes for an error of ours (a missing exchange, …): publishing the
         # same again would fail the same way, so nothing is republished.
@@ -494,12 +659,13 @@ class Broker:
         state = self._state
         if pending.settled:
             return
-        if not self.connected:
+        if not self.connected or state.blocked is not None:
             if self._closing:
                 pending.settle(BrokerUnavailable("broker connection is closing"))
             else:
-                state.waiting.append(pending)
+                state.waiting.append(pending)  # until connected, or unblocked
             return
+        pending.written = True
         state.unconfirmed.track(pending)
         # One buffer per message instead of pika's three; _run_ops joins them further.
         framer = state.framer

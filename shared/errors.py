@@ -11,6 +11,7 @@
     │   ├── TopologyMissing         an exchange or queue we need does not exist
     │   ├── TopologyConflict        a queue exists with other arguments
     │   └── NotConfirmed            a publish was nacked, returned or timed out
+    │       └── Unroutable          no queue is bound for it (returned)
     ├── StoreError                  the history store failed
     │   └── StoreUnavailable        cannot reach it (down, locked, read-only): try later
     ├── RenderError                 a template is missing, broken or needs data it lacks
@@ -89,6 +90,10 @@ class TopologyConflict(BrokerError):
 
 class NotConfirmed(BrokerError):
     """The broker did not confirm a publish: nacked, unroutable, or no answer in time."""
+
+
+class Unroutable(NotConfirmed):
+    """The broker returned a publish: no queue is bound for its routing key."""
 
 
 class StoreError(RohrpostError):

@@ -121,6 +121,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.broker_blocked = Gauge(
+            "rohrpost_broker_blocked",
+            "1 while RabbitMQ blocks the process's publishing (a memory or disk alarm).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.rate_limited = Counter(
             "rohrpost_rate_limited",
             "Mails that had to wait for their turn: limit rate (max_rate of the server or "

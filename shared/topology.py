@@ -50,6 +50,11 @@ log = get_logger(__name__)
 PRECONDITION_FAILED = 406
 
 _SAFE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+#: A queue at a length limit (an operator's policy: ``max-length``) refuses what comes,
+#: and the sender keeps it, instead of dropping its oldest message (RabbitMQ's default,
+#: which a policy without ``overflow`` leaves in place): no dead letter, held mail or
+#: set-aside history message vanishes. The argument wins over a policy's ``overflow``.
+_REFUSE_WHEN_FULL = {"x-overflow": "reject-publish"}
 
 
 @dataclass(frozen=True)
@@ -236,13 +241,17 @@ class Topology:
             queues.append(
                 Queue(
                     self.dead_queue(tenant, app),
-                    {"x-delivery-limit": NO_DELIVERY_LIMIT},
+                    {"x-delivery-limit": NO_DELIVERY_LIMIT, **_REFUSE_WHEN_FULL},
                     upgradable=True,
                 )
             )
             # read like dead letters (taken and put back), so no delivery limit either
             queues.append(
-                Queue(self.held_queue(tenant, app), {"x-delivery-limit": NO_DELIVERY_LIMIT})
+                Queue(
+                    self.held_queue(tenant, app),
+                    {"x-delivery-limit": NO_DELIVERY_LIMIT, **_REFUSE_WHEN_FULL},
+                    upgradable=True,
+                )
             )
         if self.history:
             queues.append(
@@ -259,7 +268,7 @@ class Topology:
                     upgradable=True,
                 )
             )
-            queues.append(Queue(self.history_rejected_queue))
+            queues.append(Queue(self.history_rejected_queue, _REFUSE_WHEN_FULL, upgradable=True))
         queues.append(
             Queue(
                 self.control_stream, {"x-max-age": f"{self.control_retention_seconds}s"}, "stream"
@@ -376,7 +385,7 @@ def _declare_queue(channel: Any, queue: Queue) -> Any:
             "queue declared by an earlier version without its new arguments; used as it is",
             queue=queue.name,
             arguments=queue.arguments,
-            hint="add them with a policy: rabbitmqctl set_policy --apply-to quorum_queues "
+            hint="add them with a policy: rabbitmqctl set_policy --apply-to queues "
             f"<name> '^{re.escape(queue.name)}$' '{json.dumps(policy)}'",
         )
         channel = channel.connection.channel()

@@ -322,7 +322,7 @@ def test_queues_an_earlier_version_declared_with_fewer_arguments_are_used_with_a
         if r.getMessage().startswith("queue declared by an earlier version")
     }
     assert set(warned) == set(old)
-    assert all("rabbitmqctl set_policy --apply-to quorum_queues" in h for h in warned.values())
+    assert all("rabbitmqctl set_policy --apply-to queues" in h for h in warned.values())
     # everything after them was declared: a mail still reaches its send queue and history
     with Producer(settings) as producer:
         producer.submit(mail(0))

@@ -353,9 +353,9 @@ def test_a_producer_publishes_a_nacked_message_again_until_the_queue_takes_it(
 @pytest.mark.parametrize(
     ("republish_all", "republish_this", "expected"),
     [
-        (False, False, r"nacked the publish to  \([^)]*\)$"),  # a worker's move: no retry
-        (False, True, "nacked the publish to  .* 5 times$"),  # a worker's event batch
-        (True, False, "nacked the publish to  .* 5 times$"),  # a producer's mail
+        (False, False, r"nacked the publish to  \([^)]*\): a queue it"),  # a worker's move
+        (False, True, "nacked the publish to  .* 5 times: a queue it"),  # a worker's event batch
+        (True, False, "nacked the publish to  .* 5 times: a queue it"),  # a producer's mail
     ],
 )
 def test_a_nacked_publish_is_published_again_at_most_four_times_where_that_is_safe(

@@ -79,7 +79,14 @@ class OperatorSession:
         try:
             future.result(timeout=self._timeout)
         except TimeoutError:
-            raise NotConfirmed(f"{what}: no confirm within {self._timeout:g}s") from None
+            broker = self._connected()
+            why = broker.holding()
+            if broker.withdraw(future):
+                raise NotConfirmed(
+                    f"{what}: not done: {why} for {self._timeout:g}s; nothing was published"
+                ) from None
+            blocked = f" ({why})" if broker.blocked else ""
+            raise NotConfirmed(f"{what}: no confirm within {self._timeout:g}s{blocked}") from None
 
     def record(
         self,
