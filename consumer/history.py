@@ -28,7 +28,13 @@ from prometheus_client import CollectorRegistry
 
 from rohrpost.consumer.history_messages import UNSTORABLE, Part, Rejection, describe, read
 from rohrpost.shared.background import BackgroundWorker, wait_bounded
-from rohrpost.shared.broker import Broker, Delivery, Publication, admin_channel
+from rohrpost.shared.broker import (
+    Broker,
+    Delivery,
+    Publication,
+    admin_channel,
+    connection_problem,
+)
 from rohrpost.shared.errors import BrokerUnavailable, StoreError, StoreUnavailable
 from rohrpost.shared.events import EventKind, MailEvent
 from rohrpost.shared.logs import get_logger
@@ -113,8 +119,8 @@ class HistoryConsumer:
         """None when connected, consuming and able to write the store; else why not."""
         if self._broker is None and self._start_error is not None:
             return self._start_error  # the store or the broker: whichever failed the start
-        if self._broker is None or not self._broker.connected:
-            return "not connected to the broker"
+        if problem := connection_problem(self._broker):
+            return problem
         if repair := self._repair.reason(self._broker):
             return repair
         since = self._writing_since

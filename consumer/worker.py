@@ -45,7 +45,7 @@ from rohrpost.consumer.outcome import (
 from rohrpost.consumer.processor import MailProcessor
 from rohrpost.consumer.render import RenderLimits, TemplateRenderer
 from rohrpost.consumer.smtp import SmtpTransport
-from rohrpost.shared.broker import Broker, Delivery, admin_channel
+from rohrpost.shared.broker import Broker, Delivery, admin_channel, connection_problem
 from rohrpost.shared.container import PRIORITIES, Priority, decode_container
 from rohrpost.shared.control import ControlState
 from rohrpost.shared.errors import BrokerUnavailable, ContainerError, NotConfirmed, Unroutable
@@ -147,8 +147,8 @@ class SendWorker:
             return "stopping"
         if not self._consuming_started:
             return "starting"
-        if self._broker is None or not self._broker.connected:
-            return "not connected to the broker"
+        if problem := connection_problem(self._broker):
+            return problem
         if self._blocked is not None:
             return (
                 f"RabbitMQ blocks publishing ({self._blocked}: a memory or disk alarm); "

@@ -45,6 +45,11 @@ def unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {_cause(exc)}")
 
 
+def lost(url: str, exc: BaseException) -> BrokerUnavailable:
+    """A BrokerUnavailable saying the connection to ``url`` was lost, and why."""
+    return BrokerUnavailable(f"lost the connection to RabbitMQ at {redact_url(url)}: {_cause(exc)}")
+
+
 def unreachable(failures: list[tuple[str, BaseException]]) -> BrokerUnavailable:
     """A BrokerUnavailable naming every node tried (without passwords) and why each failed."""
     if len(failures) == 1:

@@ -53,6 +53,7 @@ from rohrpost.shared.amqp import (
     Publication,
     admin_channel,
     connection_parameters,
+    lost,
     unavailable,
     unreachable,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "Publication",
     "admin_channel",
     "connection_parameters",
+    "connection_problem",
     "unavailable",
 ]
 
@@ -143,7 +145,16 @@ class _State:
     failures: int = 0
     nacked: set[Pending] = field(default_factory=set)  # to be published again soon
     blocked: str | None = None  # why the broker blocks this connection's publishes
+    disconnected: str | None = None  # why the last connection (attempt) failed, until one works
     missing: str | None = None  # the broker closed the channel: something to use is gone
+
+
+def connection_problem(broker: Broker | None) -> str | None:
+    """For ``/readyz``: None while ``broker`` is connected, else that it is not, and why."""
+    if broker is not None and broker.connected:
+        return None
+    why = broker.disconnected if broker is not None else None
+    return f"not connected to the broker: {why}" if why else "not connected to the broker"
 
 
 class Broker:
@@ -273,6 +284,12 @@ class Broker:
     def node(self) -> str | None:
         """The URL of the node connected to, without its password; None while not connected."""
         return redact_url(self._nodes[self._node]) if self.connected else None
+
+    @property
+    def disconnected(self) -> str | None:
+        """Why the connection was lost or the last attempt to reconnect failed (the node
+        refused the user, a vhost is gone, nothing listens); None while connected."""
+        return None if self.connected else self._state.disconnected
 
     @property
     def blocked(self) -> str | None:
@@ -556,7 +573,7 @@ class Broker:
         self._requeue_unconfirmed(unavailable(node, reason))
         # The node may be gone: the others are tried first, starting with the next.
         self._node = (self._node + 1) % len(self._nodes)
-        self._schedule_reconnect(reason)
+        self._schedule_reconnect(lost(node, reason))
 
     def _next_delay(self) -> float:
         """The next wait before reconnecting: longer after each failure in a row."""
@@ -565,6 +582,7 @@ class Broker:
         return delay
 
     def _schedule_reconnect(self, reason: BaseException) -> None:
+        self._state.disconnected = str(reason) or repr(reason)
         delay = self._next_delay()
         log.info("reconnecting to broker", in_seconds=delay, reason=str(reason))
         self._ioloop.call_later(delay, self._connect)
@@ -583,6 +601,7 @@ class Broker:
         state.framer = PublishFramer(channel.channel_number, state.connection.params.frame_max)
         state.unconfirmed.restart()
         state.failures = 0
+        state.disconnected = None
         for consumer in state.consumers:
             if not consumer.cancelled:  # its queue is gone: resume_cancelled, once declared
                 self._start_consumer(consumer)

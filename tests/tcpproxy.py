@@ -44,6 +44,10 @@ class TcpProxy:
     def kill(self) -> None:
         """Die as a broker node does: drop every connection and refuse new ones."""
         self._closed = True
+        # shutdown wakes the accept() under way; close alone lets it take one more
+        # connection (a client reconnecting at once got through a "dead" node)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self.drop()
 
@@ -66,6 +70,9 @@ class TcpProxy:
             try:
                 client, _ = self._listener.accept()
             except OSError:
+                return
+            if self._closed:
+                client.close()
                 return
             try:
                 server = socket.create_connection(self._target, timeout=10)

@@ -367,3 +367,35 @@ def test_a_history_consumer_whose_store_stopped_answering_says_so_and_stops_on_s
             assert store.mail(second) is not None
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("command", ["worker", "history-consumer"])
+def test_readyz_says_why_the_broker_connection_is_gone(
+    command: str, broker_url: str, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """An operator reading /readyz learns the cause (here: nothing listens any more;
+    as well a user refused, a vhost deleted), not just "not connected"."""
+    parts = urlsplit(broker_url)
+    port = free_port()
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+        credentials = parts.netloc.rpartition("@")[0]
+        proxied = parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+        settings = make_settings(broker_url=proxied, metrics_port=port)
+        declare(settings)
+        config = write_config(settings, tmp_path / "rohrpost.toml")
+        process = subprocess.Popen(
+            rohrpost_command(config, command), stderr=subprocess.PIPE, text=True
+        )
+        try:
+            ready = f"http://127.0.0.1:{port + (command == 'history-consumer')}/readyz"
+            wait_until(lambda: get(ready)[0] == 200, timeout=60)
+            proxy.kill()  # the node is gone: connections dropped, new ones refused
+            _, body = wait_until(
+                lambda: (answer := get(ready))[0] == 503 and "refused" in answer[1] and answer,
+                timeout=60,
+            )
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+    assert body.startswith("not ready: not connected to the broker: cannot reach RabbitMQ at ")
+    assert "Connection refused" in body and "***" in body  # the URL without its password
