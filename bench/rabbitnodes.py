@@ -62,22 +62,27 @@ def _run(argv: list[str], env: dict[str, str], timeout: float = 120) -> str:
 
 @dataclass(frozen=True)
 class Node:
-    """One extra node: its name, ports and directories."""
+    """One extra node: its name, ports and directories (under ``base``, by default this
+    cluster's; tests/ownnode.py gives a node of its own a temporary one)."""
 
     index: int
     amqp_port: int
+    base: Path = BASE
+    prefix: str = PREFIX
+    #: Erlang distribution port; 0: ``amqp_port + 20000``
+    dist: int = 0
 
     @property
     def name(self) -> str:
-        return f"{PREFIX}{self.index}@localhost"
+        return f"{self.prefix}{self.index}@localhost"
 
     @property
     def dist_port(self) -> int:
-        return self.amqp_port + 20000
+        return self.dist or self.amqp_port + 20000
 
     @property
     def home(self) -> Path:
-        return BASE / f"node{self.index}"
+        return self.base / f"node{self.index}"
 
     @property
     def pid_file(self) -> Path:
@@ -123,7 +128,7 @@ class Node:
             "log.console = false\n"
             "log.file.level = info\n"
         )
-        shutil.chown(BASE, "rabbitmq", "rabbitmq")
+        shutil.chown(self.base, "rabbitmq", "rabbitmq")
         for path in [self.home, *self.home.rglob("*")]:
             shutil.chown(path, "rabbitmq", "rabbitmq")
 
