@@ -13,6 +13,16 @@ import contextlib
 import socket
 import threading
 import time
+from urllib.parse import urlsplit
+
+
+def node_url(url: str, port: int) -> str:
+    """``url`` with another port on 127.0.0.1, its credentials kept: a node of the same
+    "cluster", or the URL that reaches ``url``'s server through a proxy on ``port``."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 class TcpProxy:

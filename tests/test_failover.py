@@ -32,7 +32,7 @@ from rohrpost.shared.settings import Settings, redact_url
 from rohrpost.shared.store import HistoryStore, MailFilter
 from rohrpost.shared.topology import Topology
 from tests.conftest import EventLog, WorkerThread, rohrpost_command, wait_until, write_config
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import TcpProxy, node_url
 
 
 def mail(i: int) -> dict[str, object]:
@@ -43,14 +43,6 @@ def mail(i: int) -> dict[str, object]:
         "subject": f"#{i}",
         "text": "x",
     }
-
-
-def node_url(broker_url: str, port: int) -> str:
-    """``broker_url`` with another port on 127.0.0.1: a node of the same "cluster"."""
-    parts = urlsplit(broker_url)
-    auth = parts.netloc.rpartition("@")[0]
-    netloc = f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"
-    return parts._replace(netloc=netloc).geturl()
 
 
 def password_shown(text: str, url: str) -> bool:

@@ -33,7 +33,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import TcpProxy, node_url
 
 
 def mails(count: int) -> list[dict[str, object]]:
@@ -47,6 +47,11 @@ def mails(count: int) -> list[dict[str, object]]:
         }
         for i in range(count)
     ]
+
+
+def readyz(command: str, metrics_port: int) -> str:
+    """The /readyz of a ``rohrpost`` process (a history consumer's is on metrics_port + 1)."""
+    return f"http://127.0.0.1:{metrics_port + (command == 'history-consumer')}/readyz"
 
 
 def message_ids(catcher: MailCatcher) -> list[str]:
@@ -145,8 +150,7 @@ def test_a_worker_waits_for_a_broker_that_is_not_up_yet_and_then_sends(
     declare(settings)
     port = free_port()
     parts = urlsplit(broker_url)
-    credentials = parts.netloc.rpartition("@")[0]
-    later = parts._replace(netloc=f"{credentials}@127.0.0.1:{port}").geturl()
+    later = node_url(broker_url, port)
     config = write_config(
         settings.model_copy(update={"broker_url": SecretStr(later)}), tmp_path / "rohrpost.toml"
     )
@@ -218,8 +222,7 @@ def test_sigterm_stops_a_process_whose_broker_stopped_answering(
     (before: it hung in the interpreter's exit, the I/O thread waiting for a close-ok)."""
     parts = urlsplit(broker_url)
     with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
-        credentials = parts.netloc.rpartition("@")[0]
-        proxied = parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+        proxied = node_url(broker_url, proxy.port)
         port = free_port()
         settings = make_settings(broker_url=proxied, metrics_port=port)
         declare(settings)
@@ -230,8 +233,7 @@ def test_sigterm_stops_a_process_whose_broker_stopped_answering(
             rohrpost_command(config, command), stderr=subprocess.PIPE, text=True
         )
         try:
-            # the history consumer serves its endpoints on metrics_port + 1
-            ready = f"http://127.0.0.1:{port + (command == 'history-consumer')}/readyz"
+            ready = readyz(command, port)
             wait_until(lambda: get(ready)[0] == 200, timeout=60)
             if command == "worker":
                 catcher.wait_for(lambda got: len(got) == 1, timeout=60)
@@ -332,7 +334,7 @@ def test_a_history_consumer_whose_store_stopped_answering_says_so_and_stops_on_s
                 text=True,
                 start_new_session=True,
             )
-            ready = f"http://127.0.0.1:{port + 1}/readyz"  # a history consumer's port
+            ready = readyz("history-consumer", port)
             try:
                 wait_until(lambda: get(ready)[0] == 200, timeout=60)
                 store = HistoryStore.open(database)
@@ -378,8 +380,7 @@ def test_readyz_says_why_the_broker_connection_is_gone(
     parts = urlsplit(broker_url)
     port = free_port()
     with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
-        credentials = parts.netloc.rpartition("@")[0]
-        proxied = parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+        proxied = node_url(broker_url, proxy.port)
         settings = make_settings(broker_url=proxied, metrics_port=port)
         declare(settings)
         config = write_config(settings, tmp_path / "rohrpost.toml")
@@ -387,7 +388,7 @@ def test_readyz_says_why_the_broker_connection_is_gone(
             rohrpost_command(config, command), stderr=subprocess.PIPE, text=True
         )
         try:
-            ready = f"http://127.0.0.1:{port + (command == 'history-consumer')}/readyz"
+            ready = readyz(command, port)
             wait_until(lambda: get(ready)[0] == 200, timeout=60)
             proxy.kill()  # the node is gone: connections dropped, new ones refused
             _, body = wait_until(
