@@ -247,29 +247,27 @@ class Broker:
                 reason=self._state.blocked,
                 unconfirmed=self.pending(),
             )
-            self._ioloop.add_callback_threadsafe(self._drop)
+        else:
+            done = threading.Event()
+
+            def check() -> None:
+                state = self._state
+                if not state.unconfirmed and not state.waiting and not state.nacked:
+                    done.set()
+                elif not self._closing:
+                    self._ioloop.call_later(0.02, check)
+
+            self._call(check)
+            done.wait(timeout)
+            self._call(self._shutdown)
             thread.join(CLOSE_HANDSHAKE_SECONDS)
-            self._thread = None
-            return
-        done = threading.Event()
-
-        def check() -> None:
-            state = self._state
-            if not state.unconfirmed and not state.waiting and not state.nacked:
-                done.set()
-            elif not self._closing:
-                self._ioloop.call_later(0.02, check)
-
-        self._call(check)
-        done.wait(timeout)
-        self._call(self._shutdown)
-        thread.join(CLOSE_HANDSHAKE_SECONDS)
+            if thread.is_alive():
+                log.warning(
+                    "the broker did not answer the close; dropping the connection",
+                    node=redact_url(self._nodes[self._node]),
+                    waited_seconds=CLOSE_HANDSHAKE_SECONDS,
+                )
         if thread.is_alive():
-            log.warning(
-                "the broker did not answer the close; dropping the connection",
-                node=redact_url(self._nodes[self._node]),
-                waited_seconds=CLOSE_HANDSHAKE_SECONDS,
-            )
             self._ioloop.add_callback_threadsafe(self._drop)
             thread.join(CLOSE_HANDSHAKE_SECONDS)
         self._thread = None
